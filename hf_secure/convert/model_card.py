@@ -1,0 +1,69 @@
+"""The README.md model card written next to a converted checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_EMBEDDING_TEXT = {
+    "client": (
+        "The client keeps the token embedding table and the LM head. The server receives permuted "
+        "input embeddings and returns permuted final hidden states; it never sees token ids or logits."
+    ),
+    "server": (
+        "The server keeps the token embedding table and the LM head with the vocabulary permuted. "
+        "The client sends permuted token ids and receives permuted logits. A vocabulary permutation is a "
+        "substitution cipher: token frequencies and, for open-weight models, the embedding rows themselves "
+        "reveal it."
+    ),
+}
+
+
+def model_card(section: dict, source: str) -> str:
+    embeddings = section["embeddings"]
+    return f"""---
+library_name: transformers
+tags:
+- hf_secure
+- private-inference
+- {section['protocol']}
+---
+
+# Permuted checkpoint for private inference (hf_secure, protocol `{section['protocol']}`)
+
+Converted from `{source}` by [hf_secure](https://pypi.org/project/hf-secure/) {section.get('hf_secure_version', '')}.
+The weights are rewritten so that the server computes on hidden states permuted by a secret
+permutation of the hidden dimension (STIP, ePrint 2023/1763). Key fingerprint:
+`{section['key_fingerprint']}`. **No key material is in this repository.**
+
+## How to run it
+
+Server (needs no hf_secure code; plain transformers loads this folder):
+
+    hf-secure serve <this repo or folder> --port 8000
+
+Client (needs the key file from the model owner):
+
+    hf-secure keys import client.key.safetensors
+    python -c "from transformers import pipeline; import hf_secure; \\
+      print(pipeline('secure-{'text-generation' if section['family'] != 'bert' else 'feature-extraction'}', model='<repo>', server_url='http://HOST:8000')('Hello'))"
+
+## Threat model
+
+Embeddings: {embeddings}. {_EMBEDDING_TEXT[embeddings]}
+
+- The server sees every hidden state in a permuted basis, and the queries, keys, values, attention
+  probabilities and FFN activations up to a fixed permutation per layer. Attention patterns,
+  sequence length and timing are visible.
+- A permutation is not encryption. For a model whose original weights are public, the permutation
+  is recovered by matching rows of these weights against the public ones, and published attacks
+  (arXiv 2505.18332, arXiv 2605.04901) recover prompts from permuted hidden states almost exactly.
+- Do not use this protocol where the prompt must stay confidential against a capable server, nor for
+  public-weight models; use it to keep casual observers and logs from plaintext, or combine it with
+  a cryptographic protocol.
+"""
+
+
+def write_model_card(folder: str | Path, section: dict, source: str) -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(model_card(section, source))
+    return path

@@ -1,0 +1,44 @@
+"""Errors raised by hf_secure.
+
+Every error derives from :class:`HfSecureError`, which deliberately does *not* derive from
+``ValueError``/``OSError``/``RuntimeError``. transformers' pipeline loader swallows those and
+retries with the classes named in ``config.architectures``; for a converted checkpoint that would
+load the permuted weights as a plain model and return garbage instead of failing. Our errors
+propagate instead: fail closed.
+"""
+
+
+class HfSecureError(Exception):
+    """Base class of every error hf_secure raises on purpose."""
+
+
+class MissingKeyError(HfSecureError):
+    """No key was given and none with the model's fingerprint is in the local key store."""
+
+
+class KeyMismatchError(HfSecureError):
+    """The key belongs to another model (fingerprint differs from the checkpoint's)."""
+
+
+class CorruptKeyError(HfSecureError):
+    """The key file cannot be read or its content does not match its own fingerprint."""
+
+
+class TamperedCheckpointError(HfSecureError):
+    """The checkpoint's weight files do not match the digests recorded at conversion."""
+
+
+class UnsupportedModelError(HfSecureError):
+    """The architecture (or a feature of it) is not supported by the requested protocol."""
+
+
+class UnknownOptionError(HfSecureError):
+    """An option name or value that hf_secure does not know."""
+
+
+class ServerError(HfSecureError):
+    """The computing server rejected a request, lost a session, or cannot be reached."""
+
+
+class KeyMaterialUploadError(HfSecureError):
+    """An upload to the Hub would have included key material."""

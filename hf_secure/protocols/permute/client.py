@@ -1,0 +1,117 @@
+"""The client's side of the permute protocol: its key and the transforms it applies.
+
+Two ways to place the token embedding and the LM head, fixed at conversion:
+
+``embeddings="client"``
+    The client keeps the embedding table (and LM head). It sends ``x Pi`` where ``x`` are the token
+    embeddings, and receives the permuted final hidden states ``h Pi``; it computes the logits
+    itself as ``(h Pi) (W_head[:, pi])^T``. Key: ``hidden`` permutation, ``embed_tokens``,
+    ``lm_head`` (when not tied to the embedding) and ``lm_head_bias`` (when present).
+
+``embeddings="server"``
+    The server keeps both with their rows permuted by a vocabulary permutation ``sigma``. The
+    client sends ``sigma^-1(ids)`` and receives logits permuted by ``sigma``. Key: ``hidden`` and
+    ``vocab`` permutations only.
+
+In both modes the client can also ask for the final hidden states, which it un-permutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import CorruptKeyError, UnknownOptionError
+
+EMBEDDING_MODES = ("client", "server")
+
+
+def check_embedding_mode(mode: str) -> str:
+    if mode not in EMBEDDING_MODES:
+        raise UnknownOptionError(f"embeddings must be one of {EMBEDDING_MODES}, got {mode!r}")
+    return mode
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype)
+    return inv
+
+
+def is_permutation(perm: torch.Tensor) -> bool:
+    return (
+        perm.dtype == torch.int64
+        and perm.dim() == 1
+        and torch.equal(torch.sort(perm).values, torch.arange(perm.numel()))
+    )
+
+
+@dataclass
+class PermuteKey:
+    """The client key of a permuted model."""
+
+    embeddings: str
+    hidden: torch.Tensor
+    vocab: torch.Tensor | None = None
+    embed_tokens: torch.Tensor | None = None
+    lm_head: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("hidden", "vocab", "embed_tokens", "lm_head", "lm_head_bias")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "PermuteKey":
+        if meta.get("protocol") != "permute":
+            raise CorruptKeyError(f"not a permute key (protocol {meta.get('protocol')!r})")
+        key = cls(embeddings=check_embedding_mode(meta.get("embeddings", "")), **tensors)
+        if not is_permutation(key.hidden):
+            raise CorruptKeyError("key field 'hidden' is not a permutation")
+        if key.embeddings == "server" and (key.vocab is None or not is_permutation(key.vocab)):
+            raise CorruptKeyError("a server-embedding key needs a 'vocab' permutation")
+        if key.embeddings == "client" and key.embed_tokens is None:
+            raise CorruptKeyError("a client-embedding key needs 'embed_tokens'")
+        return key
+
+
+class PermuteClient:
+    """Applies the key: builds what the server receives and reads what it returns."""
+
+    def __init__(self, key: PermuteKey, dtype: torch.dtype = torch.float32):
+        self.key = key
+        self.embeddings = key.embeddings
+        self.hidden = key.hidden
+        self.hidden_inv = inverse(key.hidden)
+        if key.embeddings == "server":
+            self.vocab_inv = inverse(key.vocab)
+            self.vocab_size = key.vocab.numel()
+        else:
+            self.embed = key.embed_tokens.to(dtype)
+            self.vocab_size = self.embed.shape[0]
+            head = key.lm_head if key.lm_head is not None else key.embed_tokens
+            # Logits straight from permuted hidden states: (h Pi) (W[:, pi])^T = h W^T.
+            self.head_permuted = head.to(dtype)[:, self.hidden].contiguous()
+            self.head_bias = key.lm_head_bias.to(dtype) if key.lm_head_bias is not None else None
+
+    def encode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What the server receives instead of the private tokens or embeddings."""
+        if inputs_embeds is not None:
+            return {"inputs_embeds": inputs_embeds[..., self.hidden]}
+        if self.embeddings == "server":
+            return {"input_ids": self.vocab_inv[input_ids]}
+        return {"inputs_embeds": torch.nn.functional.embedding(input_ids, self.embed)[..., self.hidden]}
+
+    def server_output(self, want: str) -> str:
+        """Which tensor to ask the server for: ``want`` is "logits" or "hidden"."""
+        return "logits" if want == "logits" and self.embeddings == "server" else "hidden"
+
+    def decode(self, tensor: torch.Tensor, want: str) -> torch.Tensor:
+        """Turn the server's permuted output into the plaintext model's output."""
+        if want == "hidden":
+            return tensor[..., self.hidden_inv]
+        if self.embeddings == "server":
+            return tensor[..., self.vocab_inv]
+        logits = tensor.to(self.head_permuted.dtype) @ self.head_permuted.T
+        return logits + self.head_bias if self.head_bias is not None else logits
