@@ -42,3 +42,11 @@ class ServerError(HfSecureError):
 
 class KeyMaterialUploadError(HfSecureError):
     """An upload to the Hub would have included key material."""
+
+
+class InvalidRequestError(HfSecureError):
+    """A request to the server is malformed (wrong tensors, shapes, dtypes or session state)."""
+
+
+class UnknownSessionError(InvalidRequestError):
+    """The request names a session the server does not hold (expired, evicted, or server restarted)."""

@@ -38,8 +38,6 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 logger = logging.getLogger("hub_stub")
 
-REPO_TYPES = ("model", "dataset", "space")
-
 # /api/{type}s/{repo_id}[/{action}[/{rest}]]  (repo_id is "user/name", or a legacy single "name")
 _API_REPO_RE = re.compile(
     r"^/api/(models|datasets|spaces)/([^/]+/[^/]+|[^/]+)"
@@ -227,6 +225,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     """Routes one request to the handler that emulates the matching Hub endpoint."""
 
     hub: LocalHub
+    query: dict[str, str]  # the request's query parameters (last value of each)
     protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects; every answer carries a Content-Length
     timeout = 30  # an idle keep-alive connection is closed after this many seconds
 
@@ -262,7 +261,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> bool:
         self.send_response(status)
         headers = {"Content-Type": "application/json", **(headers or {})}
         headers.setdefault("Content-Length", str(len(body)))
@@ -271,9 +270,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
+        return True
 
-    def _json(self, obj, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), headers)
+    def _json(self, obj, status: int = 200, headers: dict[str, str] | None = None) -> bool:
+        return self._send(status, json.dumps(obj).encode(), headers)
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
@@ -305,11 +305,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo(json.loads(body or b"{}"))
         if method == "POST" and path == "/api/validate-yaml":
-            return self._json({"errors": [], "warnings": []}) or True
+            return self._json({"errors": [], "warnings": []})
         if method == "GET" and path == "/api/whoami-v2":
-            return self._whoami() or True
+            return self._whoami()
         if method == "POST" and path.startswith("/api/telemetry/"):
-            return self._json({}) or True
+            return self._json({})
 
         if m := _API_REPO_RE.match(path):
             repo_type, repo_id, action, rest = m.group(1)[:-1], m.group(2), m.group(3), m.group(4) or ""
@@ -330,7 +330,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             if action == "refs" and method == "GET":
                 sha = repo.commits[-1].sha
                 return self._json({"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": sha}],
-                                   "converts": [], "tags": []}) or True
+                                   "converts": [], "tags": []})
             return False
 
         if method in ("GET", "HEAD") and (m := _RESOLVE_RE.match(path)):
@@ -346,12 +346,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         self.hub._create_repo(repo_type, repo_id, private)
-        self._json({"url": self.hub._repo_url(repo_type, repo_id), "name": repo_id, "id": repo_id})
-        return True
+        return self._json({"url": self.hub._repo_url(repo_type, repo_id), "name": repo_id, "id": repo_id})
 
-    def _whoami(self) -> None:
+    def _whoami(self) -> bool:
         """GET /api/whoami-v2: any token is accepted and belongs to user "user"."""
-        self._json({"type": "user", "id": "0", "name": "user", "fullname": "Local User", "orgs": [],
+        return self._json({"type": "user", "id": "0", "name": "user", "fullname": "Local User", "orgs": [],
                     "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
 
     def _repo_info(self, repo: _Repo, revision: str) -> bool:
@@ -366,18 +365,16 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         }
         if repo.repo_type == "model":
             info["library_name"] = "transformers"
-        self._json(info)
-        return True
+        return self._json(info)
 
     def _preupload(self, repo: _Repo, revision: str, payload: dict) -> bool:
         """POST /api/{type}s/{repo_id}/preupload/{rev}: every file is uploaded "regular" (inline base64)."""
         files = self.hub._get_commit(repo, revision).files
-        self._json({"files": [
+        return self._json({"files": [
             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
              "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
             for f in payload.get("files", [])
         ], "commitOid": repo.commits[-1].sha})
-        return True
 
     def _commit(self, repo: _Repo, revision: str, body: bytes) -> bool:
         """POST /api/{type}s/{repo_id}/commit/{rev}: NDJSON lines `{"key": header|file|deletedFile|deletedFolder}`."""
@@ -413,9 +410,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         commit = _Commit(self.hub._new_sha(repo.repo_id, summary), files, summary, _now_iso())
         repo.commits.append(commit)
         url = self.hub._repo_url(repo.repo_type, repo.repo_id)
-        self._json({"success": True, "commitOid": commit.sha, "commitUrl": f"{url}/commit/{commit.sha}",
+        return self._json({"success": True, "commitOid": commit.sha, "commitUrl": f"{url}/commit/{commit.sha}",
                     "pullRequestUrl": None, "hookOutput": ""})
-        return True
 
     @staticmethod
     def _entries(files: dict[str, bytes], under: str, recursive: bool) -> list[dict]:
@@ -443,16 +439,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if sub and sub not in files and not any(p.startswith(sub.rstrip("/") + "/") for p in files):
             raise HubError(404, f"Path {sub} not found", "EntryNotFound")
         recursive = self.query.get("recursive", "false").lower() in ("1", "true")
-        self._json(self._entries(files, sub, recursive))
-        return True
+        return self._json(self._entries(files, sub, recursive))
 
     def _paths_info(self, repo: _Repo, revision: str, body: bytes) -> bool:
         """POST /api/{type}s/{repo_id}/paths-info/{rev} (form data `paths=...`): info of the existing paths."""
         files = self.hub._get_commit(repo, revision).files
         form = parse_qs(body.decode())
         entries = {e["path"]: e for e in self._entries(files, "", recursive=True)}
-        self._json([entries[p] for p in form.get("paths", []) if p in entries])
-        return True
+        return self._json([entries[p] for p in form.get("paths", []) if p in entries])
 
     def _resolve(self, repo: _Repo, revision: str, path: str) -> bool:
         """GET/HEAD /[{type}s/]{repo_id}/resolve/{rev}/{path}: file content with ETag + X-Repo-Commit."""
@@ -474,6 +468,5 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             end = int(rng.group(2)) if rng.group(2) else len(content) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
             content, status = content[start:end + 1], 206
-        self._send(status, content, headers)
-        return True
+        return self._send(status, content, headers)
 

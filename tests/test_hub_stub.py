@@ -11,11 +11,18 @@ import httpx2
 import pytest
 import torch
 import transformers
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import _http as hf_http
 
 from hub_stub import LocalHub
+
+
+@pytest.fixture(autouse=True)
+def _online_in_this_process(monkeypatch):
+    """Even with HF_HUB_OFFLINE=1 in the environment, let this process talk to the (local) hub."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
 
 TINY_CONFIG = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
 
@@ -134,7 +141,8 @@ def test_errors_look_like_the_hub(tmp_path):
         info = api.model_info("user/empty")
         assert [s.rfilename for s in info.siblings] == ["a/b.txt"] and info.sha == hub.commits("user/empty")[-1]
         assert [f.path for f in api.list_repo_tree("user/empty")] == ["a"]
-        assert Path(hf_hub_download("user/empty", "a/b.txt", endpoint=hub.endpoint, cache_dir=tmp_path)).read_bytes() == b"hello"
+        downloaded = hf_hub_download("user/empty", "a/b.txt", endpoint=hub.endpoint, cache_dir=tmp_path)
+        assert Path(downloaded).read_bytes() == b"hello"
         api.delete_file("a/b.txt", repo_id="user/empty")
         assert hub.files("user/empty") == {}
         assert hub.unhandled == []

@@ -1,0 +1,68 @@
+"""``hf-secure serve``: the HTTP service around :class:`~hf_secure.server.runtime.ModelServer`.
+
+Routes (bodies are safetensors messages, see :mod:`hf_secure.server.wire`):
+
+* ``GET /v1/info`` -- protocol, key fingerprint, weight digests, available outputs (JSON).
+* ``POST /v1/sessions`` -- open a KV-cache session (JSON ``{"session_id": ...}``).
+* ``DELETE /v1/sessions/{id}`` -- drop a session.
+* ``POST /v1/forward?session_id=&past_length=&output=&logits_to_keep=`` -- run the model on the
+  tensors in the body; the answer carries the outputs and metadata ``length`` (cached tokens).
+
+Malformed requests get 400 with ``{"error": ...}``, unknown sessions 404; nothing is logged of
+the tensors themselves.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import InvalidRequestError, UnknownSessionError
+from . import wire
+from .runtime import OUTPUTS, ModelServer
+
+def create_app(server: ModelServer) -> FastAPI:
+    app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""))
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(_: Request, exc: InvalidRequestError):
+        status = 404 if isinstance(exc, UnknownSessionError) else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.get("/v1/info")
+    def info():
+        return server.info()
+
+    @app.post("/v1/sessions")
+    def open_session():
+        return {"session_id": server.open_session()}
+
+    @app.delete("/v1/sessions/{session_id}")
+    def close_session(session_id: str):
+        return {"closed": server.close_session(session_id)}
+
+    @app.post("/v1/forward")
+    async def forward(
+        request: Request,
+        session_id: str | None = None,
+        past_length: int = 0,
+        output: str = "hidden",
+        logits_to_keep: int = 0,
+    ):
+        if output not in OUTPUTS:
+            raise InvalidRequestError(f"output must be one of {OUTPUTS}")
+        inputs, _ = wire.decode(await request.body())
+        outputs, length = await run_in_threadpool(server.forward, inputs, session_id, past_length, output, logits_to_keep)
+        return Response(wire.encode(outputs, {"length": str(length)}), media_type=wire.CONTENT_TYPE)
+
+    return app
+
+
+
+
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, **server_kwargs) -> None:
+    import uvicorn
+
+    app = create_app(ModelServer(folder, **server_kwargs))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

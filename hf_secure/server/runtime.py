@@ -1,0 +1,186 @@
+"""The server's model runtime, shared by the HTTP service and the in-process backend.
+
+The server loads a converted checkpoint with plain transformers Auto classes (no hf_secure model
+code), after checking its weight files against the digests in ``config.json``. It never holds a
+key: what it receives is already permuted, and what it returns is permuted.
+
+Causal models keep one KV cache per session. Every forward names the number of tokens the client
+believes are cached (``past_length``): a shorter value crops the cache (a new generation that
+reuses a prefix), a longer one is an error (the server lost state, e.g. it restarted).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from ..errors import InvalidRequestError, TamperedCheckpointError, UnknownSessionError
+from ..integrity import verify_weights
+from ..protocols.permute.rewrite import family_of
+
+OUTPUTS = ("hidden", "logits")
+INPUT_NAMES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+
+
+def read_section(config) -> dict:
+    section = getattr(config, "hf_secure", None)
+    if not isinstance(section, dict) or "protocol" not in section:
+        raise TamperedCheckpointError("config.json has no 'hf_secure' section: not a converted checkpoint")
+    return section
+
+
+@dataclass
+class Session:
+    cache: DynamicCache
+    length: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ModelServer:
+    """Runs one converted checkpoint for many clients."""
+
+    def __init__(
+        self,
+        folder: str,
+        dtype: torch.dtype = torch.float32,
+        max_sessions: int = 64,
+        session_ttl_s: float = 900.0,
+    ):
+        config = AutoConfig.from_pretrained(folder)
+        self.section = read_section(config)
+        verify_weights(folder, self.section.get("weights", {}))
+        architecture = (config.architectures or [""])[0]
+        self.causal = family_of(config).causal
+        self.has_lm_head = architecture.endswith(("ForCausalLM", "LMHeadModel"))
+        loader = AutoModelForCausalLM if self.has_lm_head else AutoModel
+        self.model = loader.from_pretrained(folder, dtype=dtype).eval()
+        self.config = self.model.config
+        self.max_sessions = max_sessions
+        self.session_ttl_s = session_ttl_s
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- sessions ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {
+            "protocol": self.section["protocol"],
+            "version": self.section["version"],
+            "key_fingerprint": self.section["key_fingerprint"],
+            "embeddings": self.section["embeddings"],
+            "family": self.section["family"],
+            "weights": self.section["weights"],
+            "outputs": ["hidden", "logits"] if self.has_lm_head else ["hidden"],
+            "sessions": self.causal,
+        }
+
+    def open_session(self) -> str:
+        if not self.causal:
+            raise InvalidRequestError("this model is not causal: it has no sessions, call forward without one")
+        with self._lock:
+            self._expire()
+            while len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)
+            sid = secrets.token_hex(16)
+            self._sessions[sid] = Session(DynamicCache(config=self.config))
+            return sid
+
+    def close_session(self, sid: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(sid, None) is not None
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, sess in self._sessions.items() if now - sess.last_used > self.session_ttl_s]:
+            del self._sessions[sid]
+
+    # -- compute ----------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        session_id: str | None = None,
+        past_length: int = 0,
+        output: str = "hidden",
+        logits_to_keep: int = 0,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Run the model on already-transformed inputs; return (outputs, cached length)."""
+        if output not in OUTPUTS or (output == "logits" and not self.has_lm_head):
+            raise InvalidRequestError(f"output {output!r} not available; this server offers {self.info()['outputs']}")
+        if logits_to_keep < 0:
+            raise InvalidRequestError("logits_to_keep must be >= 0")
+        kwargs = self._validate(inputs, past_length)
+        with self._lock, torch.inference_mode():
+            cache = None
+            if session_id is not None:
+                session = self._sessions.get(session_id)
+                if session is None:
+                    raise UnknownSessionError(f"unknown or expired session {session_id!r}")
+                if past_length > session.length:
+                    raise InvalidRequestError(
+                        f"session holds {session.length} tokens but the request continues after {past_length}"
+                    )
+                if past_length < session.length:
+                    session.cache.crop(past_length)
+                cache = session.cache
+                self._sessions.move_to_end(session_id)
+                session.last_used = time.monotonic()
+            elif past_length:
+                raise InvalidRequestError("past_length without a session")
+            if self.causal:
+                kwargs.update(past_key_values=cache, use_cache=cache is not None)
+            result = self._run(kwargs, output, logits_to_keep)
+            if cache is not None:
+                session.length = cache.get_seq_length()
+                return result, session.length
+            return result, 0
+
+    def _run(self, kwargs: dict, output: str, logits_to_keep: int) -> dict[str, torch.Tensor]:
+        if output == "logits":
+            return {"logits": self.model(**kwargs, logits_to_keep=logits_to_keep).logits}
+        out = self.model.base_model(**kwargs)
+        hidden = out.last_hidden_state
+        result = {"hidden": hidden[:, -logits_to_keep:] if logits_to_keep else hidden}
+        if getattr(out, "pooler_output", None) is not None:
+            result["pooled"] = out.pooler_output
+        return result
+
+    def _validate(self, inputs: dict[str, torch.Tensor], past_length: int) -> dict[str, torch.Tensor]:
+        unknown = set(inputs) - set(INPUT_NAMES)
+        if unknown:
+            raise InvalidRequestError(f"unknown inputs {sorted(unknown)}; expected some of {INPUT_NAMES}")
+        if ("input_ids" in inputs) == ("inputs_embeds" in inputs):
+            raise InvalidRequestError("send exactly one of input_ids and inputs_embeds")
+        if "input_ids" in inputs:
+            ids = inputs["input_ids"]
+            if ids.dtype != torch.int64 or ids.dim() != 2 or ids.numel() == 0:
+                raise InvalidRequestError("input_ids must be a non-empty int64 tensor [batch, seq]")
+            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+                raise InvalidRequestError(f"input_ids out of range [0, {self.config.vocab_size})")
+            batch, seq = ids.shape
+        else:
+            embeds = inputs["inputs_embeds"]
+            if not embeds.is_floating_point() or embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
+                raise InvalidRequestError(f"inputs_embeds must be float [batch, seq, {self.config.hidden_size}]")
+            if embeds.shape[0] == 0 or embeds.shape[1] == 0:
+                raise InvalidRequestError("inputs_embeds is empty")
+            if not torch.isfinite(embeds).all():
+                raise InvalidRequestError("inputs_embeds contains NaN or infinity")
+            inputs = {**inputs, "inputs_embeds": embeds.to(self.model.dtype)}
+            batch, seq = embeds.shape[:2]
+        expected = {"attention_mask": past_length + seq, "position_ids": seq, "token_type_ids": seq}
+        for name, length in expected.items():
+            t = inputs.get(name)
+            if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (batch, length)):
+                raise InvalidRequestError(f"{name} must be int64 [{batch}, {length}], got {t.dtype} {tuple(t.shape)}")
+        positions = inputs.get("position_ids")
+        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if limit and (past_length + seq > limit or (positions is not None and (positions.min() < 0 or positions.max() >= limit))):
+            raise InvalidRequestError(f"sequence longer than the model's {limit} positions")
+        if "token_type_ids" in inputs and self.section["family"] != "bert":
+            raise InvalidRequestError("token_type_ids only apply to BERT models")
+        return dict(inputs)
