@@ -88,7 +88,9 @@ def convert_permute(
         key = _client_embedding_key(model, hidden)
         server = model.base_model
         # The server never receives the vocabulary: its embedding table shrinks to one zero row.
-        server.set_input_embeddings(torch.nn.Embedding(1, config.hidden_size, dtype=model.dtype))
+        placeholder = torch.nn.Embedding(1, config.hidden_size, dtype=model.dtype)
+        torch.nn.init.zeros_(placeholder.weight)
+        server.set_input_embeddings(placeholder)
         state = server.state_dict()
     else:
         key = PermuteKey(embeddings="server", hidden=hidden, vocab=vocab)

@@ -7,8 +7,11 @@ every transport failure to :class:`~hf_secure.errors.ServerError` within its tim
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
+from ..accounting import Accounting
 from ..errors import InvalidRequestError, ServerError
 from . import wire
 from .runtime import ModelServer
@@ -19,6 +22,7 @@ class InProcessBackend:
 
     def __init__(self, server: ModelServer):
         self.server = server
+        self.stats = Accounting()
 
     def info(self) -> dict:
         return self.server.info()
@@ -30,10 +34,13 @@ class InProcessBackend:
         self.server.close_session(session_id)
 
     def forward(self, inputs, session_id=None, past_length=0, output="hidden", logits_to_keep=0):
+        start = time.perf_counter()
         try:
-            return self.server.forward(inputs, session_id, past_length, output, logits_to_keep)
+            outputs, length = self.server.forward(inputs, session_id, past_length, output, logits_to_keep)
         except InvalidRequestError as exc:
             raise ServerError(f"server rejected the request: {exc}") from exc
+        self.stats.record(_nbytes(inputs), _nbytes(outputs), time.perf_counter() - start)
+        return outputs, length
 
 
 class HttpBackend:
@@ -42,6 +49,7 @@ class HttpBackend:
     def __init__(self, url: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, timeout=timeout)
+        self.stats = Accounting()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -70,13 +78,19 @@ class HttpBackend:
         if session_id is not None:
             params["session_id"] = session_id
         body = wire.encode(inputs)
+        start = time.perf_counter()
         response = self._request("POST", "/v1/forward", params=params, content=body,
                                  headers={"content-type": wire.CONTENT_TYPE})
         try:
             outputs, meta = wire.decode(response.content)
         except InvalidRequestError as exc:
             raise ServerError(f"server {self.url} sent a malformed answer: {exc}") from exc
+        self.stats.record(len(body), len(response.content), time.perf_counter() - start)
         return outputs, int(meta.get("length", 0))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,153 @@
+"""The ``hf-secure`` command line.
+
+    hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
+    hf-secure serve DIR --port P
+    hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
+    hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL]
+    hf-secure push DIR REPO_ID
+    hf-secure demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import HfSecureError
+
+
+def _convert(args) -> None:
+    from .convert import convert_permute
+
+    section = convert_permute(args.src, args.out, args.key_out, embeddings=args.embeddings,
+                              permute_internal=not args.no_internal, seed=args.seed, revision=args.revision)
+    print(f"converted {args.src} -> {args.out}")
+    print(f"client key -> {args.key_out} (fingerprint {section['key_fingerprint']})")
+    print("give the key only to clients; `hf-secure serve` needs the folder alone")
+
+
+def _serve(args) -> None:
+    import torch
+
+    from .hub import resolve_folder
+    from .server.app import serve
+
+    folder = resolve_folder(args.model, revision=args.revision)
+    print(f"serving {folder} on http://{args.host}:{args.port}", flush=True)
+    serve(folder, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
+          max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
+
+
+def _keys(args) -> None:
+    from .keys import KeyStore
+
+    store = KeyStore()
+    if args.keys_command == "import":
+        print(f"imported {store.import_key(args.file)} into {store.root}")
+    elif args.keys_command == "list":
+        for row in store.list():
+            print(f"{row['fingerprint']}  {row['protocol']}  {row['model']}")
+    elif args.keys_command == "remove":
+        if not store.remove(args.fingerprint):
+            raise HfSecureError(f"no key {args.fingerprint} in {store.root}")
+        print(f"removed {args.fingerprint}")
+
+
+def _generate(args) -> None:
+    from transformers import pipeline
+
+    generator = pipeline("secure-text-generation", model=args.model, key=args.key, server_url=args.server_url)
+    result = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(result[0]["generated_text"])
+    print(json.dumps(generator.secure_stats))
+
+
+def _push(args) -> None:
+    from .hub import push_converted
+
+    info = push_converted(args.folder, args.repo_id, private=args.private or None)
+    print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, embeddings=args.embeddings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-secure", description="Private inference for transformers models")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint for a protocol")
+    protocols = convert.add_subparsers(dest="protocol", required=True)
+    permute = protocols.add_parser("permute", help="STIP: permute the hidden dimension")
+    permute.add_argument("src", help="local folder or Hub id")
+    permute.add_argument("--out", required=True, help="output model folder")
+    permute.add_argument("--key-out", required=True, help="client key file (outside the model folder)")
+    permute.add_argument("--embeddings", choices=("client", "server"), default="client",
+                         help="who holds token embeddings and LM head (default: client)")
+    permute.add_argument("--no-internal", action="store_true",
+                         help="do not permute FFN units, head order and within-head dimensions")
+    permute.add_argument("--seed", type=int, default=None, help="seed (testing only; default: OS randomness)")
+    permute.add_argument("--revision", default=None)
+    permute.set_defaults(func=_convert)
+
+    serve = sub.add_parser("serve", help="run the HTTP server for a converted checkpoint")
+    serve.add_argument("model", help="converted folder or Hub id")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept")
+    serve.add_argument("--revision", default=None)
+    serve.set_defaults(func=_serve)
+
+    keys = sub.add_parser("keys", help="the local key store")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    imp = keys_sub.add_parser("import", help="verify a key file and add it to the store")
+    imp.add_argument("file")
+    keys_sub.add_parser("list", help="list stored keys")
+    rem = keys_sub.add_parser("remove", help="delete a stored key")
+    rem.add_argument("fingerprint")
+    keys.set_defaults(func=_keys)
+
+    gen = sub.add_parser("generate", help="generate text privately")
+    gen.add_argument("model", help="converted folder or Hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--key", default=None, help="key file (default: look it up in the key store)")
+    gen.add_argument("--server-url", default=None, help="default: run the server part in this process")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.set_defaults(func=_generate)
+
+    push = sub.add_parser("push", help="upload a converted checkpoint (never its key) to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=_push)
+
+    demo = sub.add_parser("demo", help="convert, serve and generate privately, end to end")
+    demo.add_argument("--model", default=None, help="source model (default: the embedded demo GPT-2)")
+    demo.add_argument("--prompt", default=None)
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--embeddings", choices=("client", "server"), default="client")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except HfSecureError as exc:
+        print(f"hf-secure: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

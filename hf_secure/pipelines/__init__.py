@@ -1,0 +1,68 @@
+"""Secure pipelines, registered with transformers' pipeline registry on ``import hf_secure``.
+
+``pipeline("secure-text-generation", model=DIR, key=KEYFILE)`` and
+``pipeline("secure-feature-extraction", model=DIR, key=KEYFILE)`` behave like their plain
+counterparts. ``key`` may be omitted once the key is in the local key store
+(``hf-secure keys import``); ``server_url`` reaches ``hf-secure serve`` instead of running the
+server part in this process; ``timeout`` bounds every server call.
+"""
+
+from __future__ import annotations
+
+from transformers import FeatureExtractionPipeline, TextGenerationPipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from ..errors import UnknownOptionError
+from ..modeling import SecureModel, SecureModelForCausalLM
+
+
+class _SecurePipelineMixin:
+    """Binds the key and server to the model that ``pipeline()`` loaded, and refuses plain models."""
+
+    secure_model_class: type
+
+    def __init__(self, *args, key=None, server_url=None, timeout: float = 60.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.check_model_type(None)
+        if self.model.engine is None:
+            self.model.bind(key=key, server_url=server_url, timeout=timeout)
+        elif key is not None or server_url is not None:
+            raise UnknownOptionError("the model is already bound to a key and server; pass key/server_url once")
+
+    def check_model_type(self, supported_models):
+        if not isinstance(self.model, self.secure_model_class):
+            raise UnknownOptionError(
+                f"{self.task or 'this pipeline'} needs a {self.secure_model_class.__name__} (a converted checkpoint), "
+                f"got {type(self.model).__name__}"
+            )
+
+    @property
+    def secure_stats(self) -> dict:
+        """Rounds, bytes each way and server time since the model was bound."""
+        return self.model.backend.stats.snapshot()
+
+
+class SecureTextGenerationPipeline(_SecurePipelineMixin, TextGenerationPipeline):
+    secure_model_class = SecureModelForCausalLM
+
+
+class SecureFeatureExtractionPipeline(_SecurePipelineMixin, FeatureExtractionPipeline):
+    secure_model_class = SecureModel
+
+
+def register_pipelines() -> None:
+    PIPELINE_REGISTRY.register_pipeline(
+        "secure-text-generation",
+        pipeline_class=SecureTextGenerationPipeline,
+        pt_model=SecureModelForCausalLM,
+        type="text",
+    )
+    PIPELINE_REGISTRY.register_pipeline(
+        "secure-feature-extraction",
+        pipeline_class=SecureFeatureExtractionPipeline,
+        pt_model=SecureModel,
+        type="text",
+    )
+
+
+__all__ = ["SecureFeatureExtractionPipeline", "SecureTextGenerationPipeline", "register_pipelines"]

@@ -1,0 +1,53 @@
+"""Start ``hf-secure serve`` as a child process and wait until it answers (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from ..errors import ServerError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(folder: str, port: int | None = None, startup_timeout_s: float = 120.0, env: dict | None = None):
+    """Yield ``(process, url)`` of a server for ``folder`` on loopback; stop it on exit."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "hf_secure.cli", "serve", str(folder), "--port", str(port)]
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise ServerError(f"server exited with code {proc.returncode}: {log.read()[-2000:]}")
+            try:
+                httpx.get(url + "/v1/info", timeout=1.0).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"server did not answer within {startup_timeout_s} s") from None
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
