@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import _http as hf_http
 
-from hub_stub import LocalHub
+from .hub_stub import LocalHub
 
 
 @pytest.fixture(autouse=True)

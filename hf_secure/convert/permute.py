@@ -83,9 +83,10 @@ def convert_permute(
         for _ in range(config.num_hidden_layers)
     ]
 
+    key_id = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.uint8)
     state = model.state_dict()
     if embeddings == "client":
-        key = _client_embedding_key(model, hidden)
+        key = _client_embedding_key(model, hidden, key_id)
         server = model.base_model
         # The server never receives the vocabulary: its embedding table shrinks to one zero row.
         placeholder = torch.nn.Embedding(1, config.hidden_size, dtype=model.dtype)
@@ -93,7 +94,7 @@ def convert_permute(
         server.set_input_embeddings(placeholder)
         state = server.state_dict()
     else:
-        key = PermuteKey(embeddings="server", hidden=hidden, vocab=vocab)
+        key = PermuteKey(embeddings="server", hidden=hidden, key_id=key_id, vocab=vocab)
         server = model
 
     global_perms = {"hidden": hidden} if vocab is None else {"hidden": hidden, "vocab": vocab}
@@ -146,7 +147,7 @@ def convert_permute(
     return section
 
 
-def _client_embedding_key(model, hidden: torch.Tensor) -> PermuteKey:
+def _client_embedding_key(model, hidden: torch.Tensor, key_id: torch.Tensor) -> PermuteKey:
     """The client-held embedding table and LM head, in the original basis."""
     embed = model.get_input_embeddings().weight.detach().clone()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -155,7 +156,8 @@ def _client_embedding_key(model, hidden: torch.Tensor) -> PermuteKey:
         lm_head = head.weight.detach().clone()
     if head is not None and getattr(head, "bias", None) is not None:
         lm_head_bias = head.bias.detach().clone()
-    return PermuteKey(embeddings="client", hidden=hidden, embed_tokens=embed, lm_head=lm_head, lm_head_bias=lm_head_bias)
+    return PermuteKey(embeddings="client", hidden=hidden, key_id=key_id, embed_tokens=embed, lm_head=lm_head,
+                      lm_head_bias=lm_head_bias)
 
 
 def _copy_companions(src, out: Path, revision: str | None, causal: bool) -> None:

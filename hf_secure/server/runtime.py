@@ -156,6 +156,8 @@ class ModelServer:
         if ("input_ids" in inputs) == ("inputs_embeds" in inputs):
             raise InvalidRequestError("send exactly one of input_ids and inputs_embeds")
         if "input_ids" in inputs:
+            if self.section["embeddings"] == "client":
+                raise InvalidRequestError("this checkpoint keeps token embeddings on the client: send inputs_embeds")
             ids = inputs["input_ids"]
             if ids.dtype != torch.int64 or ids.dim() != 2 or ids.numel() == 0:
                 raise InvalidRequestError("input_ids must be a non-empty int64 tensor [batch, seq]")

@@ -53,13 +53,14 @@ class PermuteKey:
 
     embeddings: str
     hidden: torch.Tensor
+    key_id: torch.Tensor  # 16 random bytes: keys of two conversions never share a fingerprint
     vocab: torch.Tensor | None = None
     embed_tokens: torch.Tensor | None = None
     lm_head: torch.Tensor | None = None
     lm_head_bias: torch.Tensor | None = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("hidden", "vocab", "embed_tokens", "lm_head", "lm_head_bias")
+        names = ("hidden", "key_id", "vocab", "embed_tokens", "lm_head", "lm_head_bias")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @classmethod
