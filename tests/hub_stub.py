@@ -310,6 +310,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             return self._whoami()
         if method == "POST" and path.startswith("/api/telemetry/"):
             return self._json({})
+        if method == "GET" and path == "/api/agent-harnesses":
+            # huggingface_hub asks for this registry when it thinks an AI agent drives it; none here.
+            return self._json({"error": "no agent-harness registry on the LocalHub"}, 404)
 
         if m := _API_REPO_RE.match(path):
             repo_type, repo_id, action, rest = m.group(1)[:-1], m.group(2), m.group(3), m.group(4) or ""

@@ -1,0 +1,60 @@
+"""push_to_hub of converted checkpoints against a local Hub stand-in, and loading them back by repo id."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from hf_secure.errors import KeyMaterialUploadError
+from hf_secure.hub import push_converted
+from hf_secure.modeling import SecureModelForCausalLM
+
+from .hub_stub import LocalHub
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with LocalHub() as local:
+        local.patch_in_process(monkeypatch, tmp_path / "hub-cache")
+        yield local
+        assert local.unhandled == []
+
+
+def test_push_and_load_back(hub, tiny):
+    plain, folder, key = tiny("gpt2", "client")
+    push_converted(folder, "owner/secure-gpt2", token="x")
+    files = hub.files("owner/secure-gpt2")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    assert "Threat model" in card and "permute" in card and "No key material" in card
+    assert not any("key" in name for name in files)
+
+    secure = SecureModelForCausalLM.from_pretrained("owner/secure-gpt2", key=key)
+    ids = torch.arange(5, 14)[None]
+    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(secure.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+    # The client model's own push_to_hub uploads the converted checkpoint, never its key.
+    secure.push_to_hub("owner/copy", token="x")
+    assert hub.files("owner/copy")["model.safetensors"] == files["model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["client.key.safetensors", "weights.safetensors"])
+def test_push_refuses_key_material(hub, tiny, tmp_path, name):
+    _, folder, key = tiny("gpt2", "server")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    shutil.copy(key, copy / name)  # a key under an innocent name is caught by its metadata
+    with pytest.raises(KeyMaterialUploadError, match=name):
+        push_converted(copy, "owner/leaky", token="x")
+    with pytest.raises(KeyError):
+        hub.files("owner/leaky")  # nothing was created, let alone uploaded
+
+
+def test_push_refuses_unconverted_model(hub, tiny, tmp_path):
+    plain, _, _ = tiny("gpt2", "server")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(KeyMaterialUploadError, match="not a converted"):
+        push_converted(tmp_path / "plain", "owner/plain", token="x")
