@@ -368,10 +368,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
 
     def batch(source_ids, bs, generator):
-        starts = torch.randint(0, len(source_ids) - block - 1, (bs,), generator=generator)
-        x = torch.stack([source_ids[s:s + block] for s in starts.tolist()])
-        y = torch.stack([source_ids[s + 1:s + 1 + block] for s in starts.tolist()])
-        return x, y
+        # GPT2LMHeadModel shifts labels internally, so labels == input_ids.
+        starts = torch.randint(0, len(source_ids) - block, (bs,), generator=generator)
+        return torch.stack([source_ids[s:s + block] for s in starts.tolist()])
 
     val_gen = torch.Generator().manual_seed(args.seed + 1)
     val_batches = [batch(val, args.batch_size, val_gen) for _ in range(8)]
@@ -379,7 +378,7 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def evaluate():
         model.eval()
-        losses = [model(input_ids=x, labels=y).loss.item() for x, y in val_batches]
+        losses = [model(input_ids=x, labels=x).loss.item() for x in val_batches]
         model.train()
         return sum(losses) / len(losses)
 
@@ -404,8 +403,8 @@ def main(argv=None) -> int:
                   f"in {args.minutes:g} min", flush=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, max_steps if max_steps < 10**9 else 10**4)
-        x, y = batch(train, args.batch_size, gen)
-        loss = model(input_ids=x, labels=y).loss
+        x = batch(train, args.batch_size, gen)
+        loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

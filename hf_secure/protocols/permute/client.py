@@ -39,6 +39,12 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[..., index]``, as one memory-bound copy (index_select on a 2-D view is ~4x faster)."""
+    flat = tensor.reshape(-1, tensor.shape[-1]).index_select(1, index)
+    return flat.view(*tensor.shape[:-1], index.numel())
+
+
 def is_permutation(perm: torch.Tensor) -> bool:
     return (
         perm.dtype == torch.int64
@@ -89,8 +95,9 @@ class PermuteClient:
             self.vocab_inv = inverse(key.vocab)
             self.vocab_size = key.vocab.numel()
         else:
-            self.embed = key.embed_tokens.to(dtype)
-            self.vocab_size = self.embed.shape[0]
+            # Rows looked up already permuted: E[ids][:, pi] = E[:, pi][ids].
+            self.embed_permuted = key.embed_tokens.to(dtype)[:, self.hidden].contiguous()
+            self.vocab_size = self.embed_permuted.shape[0]
             head = key.lm_head if key.lm_head is not None else key.embed_tokens
             # Logits straight from permuted hidden states: (h Pi) (W[:, pi])^T = h W^T.
             self.head_permuted = head.to(dtype)[:, self.hidden].contiguous()
@@ -99,10 +106,10 @@ class PermuteClient:
     def encode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """What the server receives instead of the private tokens or embeddings."""
         if inputs_embeds is not None:
-            return {"inputs_embeds": inputs_embeds[..., self.hidden]}
+            return {"inputs_embeds": gather_last(inputs_embeds, self.hidden)}
         if self.embeddings == "server":
             return {"input_ids": self.vocab_inv[input_ids]}
-        return {"inputs_embeds": torch.nn.functional.embedding(input_ids, self.embed)[..., self.hidden]}
+        return {"inputs_embeds": torch.nn.functional.embedding(input_ids, self.embed_permuted)}
 
     def server_output(self, want: str) -> str:
         """Which tensor to ask the server for: ``want`` is "logits" or "hidden"."""
@@ -111,8 +118,8 @@ class PermuteClient:
     def decode(self, tensor: torch.Tensor, want: str) -> torch.Tensor:
         """Turn the server's permuted output into the plaintext model's output."""
         if want == "hidden":
-            return tensor[..., self.hidden_inv]
+            return gather_last(tensor, self.hidden_inv)
         if self.embeddings == "server":
-            return tensor[..., self.vocab_inv]
+            return gather_last(tensor, self.vocab_inv)
         logits = tensor.to(self.head_permuted.dtype) @ self.head_permuted.T
         return logits + self.head_bias if self.head_bias is not None else logits
