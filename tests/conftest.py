@@ -22,17 +22,17 @@ TOL = 1e-4  # fp32: the permuted model computes the same sums in another order
 VOCAB = 211
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, vocab_size: int = VOCAB):
     if family == "gpt2":
-        return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
+        return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=128,
                           bos_token_id=1, eos_token_id=2)
     if family == "llama":
         return LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=112, vocab_size=VOCAB, max_position_embeddings=128,
+                           intermediate_size=112, vocab_size=vocab_size, max_position_embeddings=128,
                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if family == "bert":
         return BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=112,
-                          vocab_size=VOCAB, max_position_embeddings=128)
+                          vocab_size=vocab_size, max_position_embeddings=128)
     raise KeyError(family)
 
 
@@ -47,10 +47,10 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
                     module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
 
 
-def make_tiny(family: str, folder: Path, seed: int = 0):
+def make_tiny(family: str, folder: Path, seed: int = 0, vocab_size: int = VOCAB):
     torch.manual_seed(seed)
     loader = AutoModel if family == "bert" else AutoModelForCausalLM
-    model = loader.from_config(tiny_config(family)).eval()
+    model = loader.from_config(tiny_config(family, vocab_size)).eval()
     randomize_norms(model, seed)
     model.save_pretrained(folder)
     return model
