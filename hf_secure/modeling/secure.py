@@ -16,6 +16,7 @@ weight digests, in process and over HTTP alike.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrain
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from ..errors import KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
-from ..hub import resolve_folder
+from ..hub import push_converted, resolve_folder
 from ..keys import resolve_key
 from ..protocols.permute.client import PermuteClient, PermuteKey
 from ..server.backends import HttpBackend, InProcessBackend
@@ -167,15 +168,11 @@ class SecurePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, **kwargs):
         """Copy the converted checkpoint (never the key) to ``save_directory``."""
-        import shutil
-
         shutil.copytree(self.folder, save_directory, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(".cache", ".git*"))
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the converted checkpoint and its model card; key material is refused."""
-        from ..hub import push_converted
-
         return push_converted(self.folder, repo_id, **kwargs)
 
 
