@@ -17,7 +17,10 @@ from .convert import convert_permute
 from .server.process import served
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-gpt2"
-DEMO_PROMPT = "It was a bright cold day, and"
+DEMO_PROMPT = "It is a truth universally acknowledged"
+# Greedy decoding with a repetition penalty: deterministic, so the private run must reproduce the
+# plaintext tokens exactly, and readable from a 2M-parameter model.
+GENERATION = {"do_sample": False, "repetition_penalty": 1.3}
 
 
 def run_demo(model: str | None = None, prompt: str | None = None, max_new_tokens: int = 32,
@@ -35,14 +38,14 @@ def run_demo(model: str | None = None, prompt: str | None = None, max_new_tokens
         plain = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         ids = tokenizer(prompt, return_tensors="pt")
         start = time.perf_counter()
-        reference = plain.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        reference = plain.generate(**ids, max_new_tokens=max_new_tokens, **GENERATION)
         plain_s = time.perf_counter() - start
 
         with served(str(folder)) as (_, url):
             print(f"[2/4] server started at {url} (it holds no key)")
             generator = pipeline("secure-text-generation", model=str(folder), key=str(key), server_url=url)
             start = time.perf_counter()
-            result = generator(prompt, max_new_tokens=max_new_tokens, do_sample=False, return_tensors=True)
+            result = generator(prompt, max_new_tokens=max_new_tokens, return_tensors=True, **GENERATION)
             secure_s = time.perf_counter() - start
             stats = generator.secure_stats
             with torch.no_grad():

@@ -1,0 +1,123 @@
+"""Messages between parties over torch.distributed, checked and counted.
+
+Every message is a fixed-size header followed by the tensor. The header carries a magic number,
+the session id, a dtype code and the shape, so a receiver that expects something else (another
+session, another shape or dtype) fails with a clear error instead of reading garbage. A peer that
+dies closes its sockets: gloo raises at once and we turn it into :class:`PartyFailedError`; a
+peer that hangs runs into the process group's timeout.
+
+Accounting: bytes sent and received, messages, and rounds (one round = one wait for a peer's
+message; an exchange, where both sides send then receive, is one round), per scope (a layer name)
+and per party.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import HfSecureError
+
+MAGIC = 0x6866736563  # "hfsec"
+MAX_DIMS = 6
+_DTYPES = [torch.int64, torch.float32, torch.float64, torch.int32, torch.uint8, torch.bool, torch.int8]
+_HEADER_LEN = 4 + MAX_DIMS
+
+
+class PartyFailedError(HfSecureError):
+    """A peer died, timed out, or sent a message that does not belong to this protocol step."""
+
+
+@dataclass
+class ScopeStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+
+class Channel:
+    """Point-to-point tensor messages for one party of a session."""
+
+    def __init__(self, rank: int, session: int, group=None):
+        self.rank = rank
+        self.session = session
+        self.group = group
+        self.stats: dict[str, ScopeStats] = defaultdict(ScopeStats)
+        self._scope = "setup"
+
+    @contextlib.contextmanager
+    def scope(self, name: str):
+        """Attribute the communication inside the block to ``name`` (e.g. "layer.3.attention")."""
+        previous, self._scope = self._scope, name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats[name].seconds += time.perf_counter() - start
+            self._scope = previous
+
+    def _header(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() > MAX_DIMS:
+            raise PartyFailedError(f"cannot send a {tensor.dim()}-d tensor (max {MAX_DIMS})")
+        shape = list(tensor.shape) + [-1] * (MAX_DIMS - tensor.dim())
+        return torch.tensor([MAGIC, self.session, _DTYPES.index(tensor.dtype), tensor.dim(), *shape], dtype=torch.int64)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as exc:  # gloo: connection closed by peer, timeout
+            raise PartyFailedError(f"party {self.rank}: peer failed or timed out ({str(exc).splitlines()[0]})") from exc
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        tensor = tensor.contiguous()
+        self._call(dist.send, self._header(tensor), to, self.group)
+        self._call(dist.send, tensor, to, self.group)
+        stats = self.stats[self._scope]
+        stats.bytes_sent += tensor.numel() * tensor.element_size()
+        stats.messages += 1
+
+    def recv(self, frm: int, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        self._call(dist.recv, header, frm, self.group)
+        magic, session, dtype_code, ndim = header[:4].tolist()
+        if magic != MAGIC:
+            raise PartyFailedError(f"party {self.rank}: message from {frm} is not an hf_secure message")
+        if session != self.session:
+            raise PartyFailedError(f"party {self.rank}: message from {frm} belongs to session {session}, not {self.session}")
+        if not 0 <= dtype_code < len(_DTYPES) or not 0 <= ndim <= MAX_DIMS:
+            raise PartyFailedError(f"party {self.rank}: malformed header from {frm}")
+        got_shape = tuple(header[4 : 4 + ndim].tolist())
+        got_dtype = _DTYPES[dtype_code]
+        if shape is not None and tuple(shape) != got_shape:
+            raise PartyFailedError(f"party {self.rank}: expected shape {tuple(shape)} from {frm}, got {got_shape}")
+        if dtype is not None and dtype != got_dtype:
+            raise PartyFailedError(f"party {self.rank}: expected {dtype} from {frm}, got {got_dtype}")
+        out = torch.empty(got_shape, dtype=got_dtype)
+        self._call(dist.recv, out, frm, self.group)
+        stats = self.stats[self._scope]
+        stats.bytes_received += out.numel() * out.element_size()
+        stats.rounds += 1
+        return out
+
+    def exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        """Send ``tensor`` to ``peer`` and receive its tensor of the same shape and dtype: one round."""
+        tensor = tensor.contiguous()
+        header = self._header(tensor)
+        requests = [self._call(dist.isend, header, peer, self.group), self._call(dist.isend, tensor, peer, self.group)]
+        out = self.recv(peer, shape=tensor.shape, dtype=tensor.dtype)
+        for request in requests:
+            self._call(request.wait)
+        stats = self.stats[self._scope]
+        stats.bytes_sent += tensor.numel() * tensor.element_size()
+        stats.messages += 1
+        return out
+
+    def summary(self) -> dict[str, dict]:
+        return {name: vars(s).copy() for name, s in self.stats.items()}
