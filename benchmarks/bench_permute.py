@@ -11,7 +11,7 @@ random LayerNorm parameters), for both embedding placements:
 
 Timings are medians over ``--repeats`` runs, interleaved so that drift hits all variants alike.
 
-    python benchmarks/bench_permute.py [--repeats 5] [--layers 12]
+    python benchmarks/bench_permute.py [--repeats 9] [--layers 12]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def bench_mode(plain, src: Path, work: Path, embeddings: str, repeats: int, seq:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
