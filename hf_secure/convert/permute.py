@@ -70,6 +70,9 @@ def convert_permute(
     config = AutoConfig.from_pretrained(src, revision=revision)
     family = family_of(config)
     loader = AutoModelForCausalLM if family.causal else AutoModel
+    if not family.causal and any(a != "BertModel" for a in config.architectures or []):
+        logger.warning("%s: only the BERT encoder (and pooler) is converted; task heads %s are dropped",
+                       src, config.architectures)
     model = loader.from_pretrained(src, revision=revision, dtype="auto")
     model.eval()
     config = model.config
