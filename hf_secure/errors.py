@@ -50,3 +50,7 @@ class InvalidRequestError(HfSecureError):
 
 class UnknownSessionError(InvalidRequestError):
     """The request names a session the server does not hold (expired, evicted, or server restarted)."""
+
+
+class PartyFailedError(HfSecureError):
+    """A party of a multi-party protocol died, timed out, or sent a message that does not fit."""

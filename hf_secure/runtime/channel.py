@@ -21,16 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import HfSecureError
+from ..errors import PartyFailedError
 
 MAGIC = 0x6866736563  # "hfsec"
 MAX_DIMS = 6
 _DTYPES = [torch.int64, torch.float32, torch.float64, torch.int32, torch.uint8, torch.bool, torch.int8]
 _HEADER_LEN = 4 + MAX_DIMS
-
-
-class PartyFailedError(HfSecureError):
-    """A peer died, timed out, or sent a message that does not belong to this protocol step."""
 
 
 @dataclass

@@ -1,0 +1,237 @@
+"""Two-party additive secret sharing with a dealer: the context and the shared tensor type.
+
+Parties: computing servers 0 and 1 hold additive shares of every secret value on Z_2^64
+(:mod:`.ring`); the dealer makes correlated randomness and never sees inputs, weights or outputs.
+
+Correlated randomness, without a round trip: at setup the dealer gives server ``i`` a seed
+``s_i``. Request number ``k`` of a protocol run derives, from ``(s_i, k)``, server i's share of
+each uniform mask (Beaver's ``a`` and ``b``); the dealer knows both seeds, so it knows the masks,
+computes the product ``c = a * b`` (or ``a @ b``), and sends server 1 the correction
+``c_1 = c - c_0`` where ``c_0`` is again derived from ``s_0``. Non-uniform dealer secrets (e.g. the
+sine protocol's mask and its sines) are shared the same way: server 0's share from its seed,
+server 1's as a correction. Only corrections travel, dealer to server 1.
+
+Offline phase: protocols are data-oblivious, so the dealer runs the *same program* on meta
+tensors (shapes only, no data) and thereby produces every correction in order before the query;
+server 1 receives them as one batch. The online phase is then server-to-server only.
+
+Threat model: semi-honest servers that do not collude with each other or with the dealer; the
+dealer is trusted to follow the protocol and to learn nothing else (it sees no message of the
+online phase). Each opened value is masked by a fresh uniform ring element, so a server's view is
+uniform apart from what the protocol deliberately reveals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import PartyFailedError
+from ...runtime.channel import Channel
+from .ring import DEFAULT_FRAC_BITS, encode, random_ring, truncate_share
+
+SERVER0, SERVER1, DEALER = 0, 1, 2
+
+
+def _generator(seed: int, counter: int, label: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{counter}:{label}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class DealerLog:
+    """What the dealer produced for server 1 in one offline phase."""
+
+    corrections: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.corrections)
+
+
+class MPC:
+    """One party's view of a two-party computation (role 0, 1: servers; 2: dealer)."""
+
+    def __init__(self, role: int, channel: Channel | None, seeds: tuple[int, int] | int,
+                 frac_bits: int = DEFAULT_FRAC_BITS):
+        self.role = role
+        self.channel = channel
+        self.frac_bits = frac_bits
+        self.scale = 1 << frac_bits
+        # servers know their own seed; the dealer knows both
+        self.seeds = seeds if role == DEALER else {role: seeds}
+        self.counter = 0
+        self.log = DealerLog()
+        self._corrections: deque[torch.Tensor] = deque()
+
+    @property
+    def is_dealer(self) -> bool:
+        return self.role == DEALER
+
+    @property
+    def peer(self) -> int:
+        return 1 - self.role
+
+    # -- correlated randomness ------------------------------------------------------------
+    def _uniform(self, party: int, shape, label: str) -> torch.Tensor:
+        return random_ring(shape, _generator(self.seeds[party], self.counter, label))
+
+    def masks(self, *shapes) -> list[torch.Tensor]:
+        """Fresh uniform masks: this server's shares (dealer: the masks themselves)."""
+        labels = [f"mask{i}" for i in range(len(shapes))]
+        if self.is_dealer:
+            return [self._uniform(0, s, lb) + self._uniform(1, s, lb) for s, lb in zip(shapes, labels)]
+        return [self._uniform(self.role, s, lb) for s, lb in zip(shapes, labels)]
+
+    def dealt(self, values: list[torch.Tensor] | None, shapes) -> list[torch.Tensor]:
+        """Shares of dealer-computed ``values`` (only the dealer passes them; servers pass None)."""
+        labels = [f"dealt{i}" for i in range(len(shapes))]
+        if self.is_dealer:
+            for value, shape, label in zip(values, shapes, labels):
+                self.log.corrections.append(value - self._uniform(0, shape, label))
+            return values
+        if self.role == SERVER0:
+            return [self._uniform(0, s, lb) for s, lb in zip(shapes, labels)]
+        out = []
+        for shape in shapes:
+            if not self._corrections:
+                raise PartyFailedError("server 1 ran out of dealer corrections: offline and online programs differ")
+            correction = self._corrections.popleft()
+            if tuple(correction.shape) != tuple(shape):
+                raise PartyFailedError(f"dealer correction has shape {tuple(correction.shape)}, expected {tuple(shape)}")
+            out.append(correction)
+        return out
+
+    def next_request(self) -> None:
+        self.counter += 1
+
+    def receive_offline(self) -> None:
+        """Server 1: receive the dealer's batch of corrections for the next program run."""
+        count = int(self.channel.recv(DEALER, shape=(1,), dtype=torch.int64).item())
+        self._corrections = deque(self.channel.recv(DEALER, dtype=torch.int64) for _ in range(count))
+
+    def send_offline(self) -> int:
+        """Dealer: send server 1 the corrections of the program just replayed; return their bytes."""
+        corrections, self.log = self.log.corrections, DealerLog()
+        self.channel.send(torch.tensor([len(corrections)]), SERVER1)
+        for correction in corrections:
+            self.channel.send(correction, SERVER1)
+        return sum(t.numel() * t.element_size() for t in corrections)
+
+    # -- values -------------------------------------------------------------------------
+    def shared(self, share: torch.Tensor) -> "Shared":
+        return Shared(self, share)
+
+    def placeholder(self, shape) -> "Shared":
+        """The dealer's stand-in for a shared value: shape only."""
+        return Shared(self, torch.empty(tuple(shape), dtype=torch.int64, device="meta"))
+
+    def open(self, x: "Shared") -> torch.Tensor:
+        """Reconstruct ``x`` on both servers (one round). The dealer gets a meta tensor."""
+        if self.is_dealer:
+            return x.share
+        return x.share + self.channel.exchange(x.share, self.peer)
+
+    def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
+        """Open several values in one round (one message of their concatenation)."""
+        if self.is_dealer:
+            return [x.share for x in xs]
+        flat = torch.cat([x.share.reshape(-1) for x in xs])
+        opened = flat + self.channel.exchange(flat, self.peer)
+        out, start = [], 0
+        for x in xs:
+            out.append(opened[start : start + x.share.numel()].view(x.share.shape))
+            start += x.share.numel()
+        return out
+
+
+class Shared:
+    """A secret-shared fixed-point tensor: this party's share, and the operations on it.
+
+    Linear operations are local; ``*`` and ``@`` between two shared values use a Beaver triple
+    (one round, both operands opened masked); products are truncated back to ``frac_bits``.
+    """
+
+    def __init__(self, mpc: MPC, share: torch.Tensor):
+        self.mpc = mpc
+        self.share = share
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.share.shape
+
+    def _like(self, share: torch.Tensor) -> "Shared":
+        return Shared(self.mpc, share)
+
+    # local, linear ------------------------------------------------------------------------
+    def __add__(self, other):
+        if isinstance(other, Shared):
+            return self._like(self.share + other.share)
+        return self.add_public(other)
+
+    def __sub__(self, other):
+        if isinstance(other, Shared):
+            return self._like(self.share - other.share)
+        return self.add_public(-other)
+
+    def __neg__(self):
+        return self._like(-self.share)
+
+    def add_public(self, value) -> "Shared":
+        """x + c for a public real c (only server 0 adds it)."""
+        if self.mpc.role != SERVER0:
+            return self
+        return self._like(self.share + encode(torch.as_tensor(value), self.mpc.frac_bits))
+
+    def mul_public(self, value) -> "Shared":
+        """x * c for a public real c (tensor or number), truncated."""
+        value = torch.as_tensor(value)
+        if not value.is_floating_point():
+            return self._like(self.share * value.long())
+        product = self.share * encode(value, self.mpc.frac_bits).to(self.share.device)
+        return self._like(product).truncate()
+
+    def truncate(self, bits: int | None = None) -> "Shared":
+        bits = self.mpc.frac_bits if bits is None else bits
+        if self.mpc.is_dealer:
+            return self
+        return self._like(truncate_share(self.share, self.mpc.role, bits))
+
+    # shape ---------------------------------------------------------------------------------
+    def reshape(self, *shape):
+        return self._like(self.share.reshape(*shape))
+
+    def transpose(self, a: int, b: int):
+        return self._like(self.share.transpose(a, b))
+
+    def sum(self, dim, keepdim: bool = False):
+        return self._like(self.share.sum(dim, keepdim=keepdim))
+
+    def __getitem__(self, index):
+        return self._like(self.share[index])
+
+    # Beaver products -------------------------------------------------------------------------
+    def _beaver(self, other: "Shared", op) -> "Shared":
+        mpc = self.mpc
+        mpc.next_request()
+        a, b = mpc.masks(self.shape, other.shape)
+        c_shape = op(torch.empty(self.shape, device="meta"), torch.empty(other.shape, device="meta")).shape
+        (c,) = mpc.dealt([op(a, b)] if mpc.is_dealer else None, [c_shape])
+        if mpc.is_dealer:
+            return mpc.placeholder(c_shape)
+        e, f = mpc.open_many(self - mpc.shared(a), other - mpc.shared(b))
+        z = c + op(e, b) + op(a, f)
+        if mpc.role == SERVER0:
+            z = z + op(e, f)
+        return self._like(z).truncate()
+
+    def __mul__(self, other):
+        if not isinstance(other, Shared):
+            return self.mul_public(other)
+        return self._beaver(other, torch.mul)
+
+    def __matmul__(self, other: "Shared"):
+        return self._beaver(other, torch.matmul)

@@ -1,0 +1,109 @@
+"""Start the parties of a multi-party protocol and collect their results.
+
+Roles are fixed ranks in one torch.distributed process group (gloo on CPU): the two computing
+servers, the dealer (correlated randomness, independent of inputs and weights), the client (shares
+the input, reconstructs the output) and the model owner (shares the weights).
+
+``run_parties`` starts one process per role on this machine (rendezvous on loopback) and returns
+each party's result. If a party raises or dies, the others fail at their next message to it
+(gloo notices the closed connection at once) or at the group timeout; the launcher then stops
+whatever still runs and raises :class:`PartyFailedError` with the first error. Nothing hangs past
+``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PartyFailedError
+from .channel import Channel
+
+
+class Role(enum.IntEnum):
+    SERVER0 = 0
+    SERVER1 = 1
+    DEALER = 2
+    CLIENT = 3
+    OWNER = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeout_s: float,
+               program: Callable, args: tuple, results, threads: int) -> None:
+    """One party: join the group, run ``program(role, channel, *args)``, report the result."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=rendezvous, rank=int(role), world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = program(Role(role), Channel(int(role), session), *args)
+        results.put((int(role), "ok", result))
+    except BaseException as exc:  # reported to the launcher, which raises it
+        results.put((int(role), "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
+                threads: int = 1) -> dict[Role, object]:
+    """Run ``program(role, channel, *args_by_role[role])`` in one process per role; return ``{role: result}``.
+
+    The roles must be the ranks 0..n-1 (a prefix of :class:`Role`); each process receives only its
+    own arguments. Results travel back through a multiprocessing queue, so they must be picklable.
+    """
+    roles = list(args_by_role)
+    if sorted(int(r) for r in roles) != list(range(len(roles))):
+        raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    session = int.from_bytes(os.urandom(4), "little")
+    procs = {
+        role: ctx.Process(target=party_main, daemon=True,
+                          args=(role, len(roles), rendezvous, session, timeout_s, program, args_by_role[role],
+                                results, threads))
+        for role in roles
+    }
+    for proc in procs.values():
+        proc.start()
+    collected: dict[Role, object] = {}
+    deadline = time.monotonic() + timeout_s + 30  # start-up (imports) comes on top of the protocol timeout
+    try:
+        while len(collected) < len(roles):
+            try:
+                rank, status, payload = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [r.name for r, p in procs.items() if not p.is_alive() and r not in collected]
+                if time.monotonic() > deadline:
+                    raise PartyFailedError(f"parties did not finish within {timeout_s} s") from None
+                if dead and all(not p.is_alive() for p in procs.values()):
+                    raise PartyFailedError(f"parties {dead} exited without a result") from None
+                continue
+            if status == "error":
+                raise PartyFailedError(f"party {Role(rank).name} failed: {payload}")
+            collected[Role(rank)] = payload
+    finally:
+        for proc in procs.values():
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+    return collected

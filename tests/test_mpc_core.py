@@ -1,0 +1,76 @@
+"""Two-party secret sharing: ring, truncation, Beaver products, offline dealer, party failures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hf_secure.errors import PartyFailedError
+from hf_secure.protocols.mpc.ring import encode, share, truncate_share
+from hf_secure.protocols.mpc.run import secure_eval
+from hf_secure.runtime import Role, run_parties
+
+
+def test_sharing_reconstructs_and_hides():
+    x = encode(torch.randn(1000) * 100)
+    x0, x1 = share(x)
+    assert torch.equal(x0 + x1, x)
+    # a share alone is uniform: its top bit is set about half the time
+    assert 0.4 < (x1 < 0).double().mean().item() < 0.6
+
+
+def test_local_truncation_error_and_failure_rate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=gen, dtype=torch.float64) * 1000
+    v = encode(x, 32)  # a product's 2f = 32 fractional bits
+    x0, x1 = share(v, gen)
+    t = truncate_share(x0, 0, 16) + truncate_share(x1, 1, 16)
+    err = (t - (v >> 16)).abs()
+    # error at most one unit in the last place, except for the rare wrap-around failure
+    failures = (err > 1).sum().item()
+    assert failures <= 2, failures  # expected ~ 200000 * 2^(27+1-64) << 1
+    assert (t.double() / 2**16 - x).abs().max().item() < 2 ** -15
+
+
+def _arith(mpc, x, y, w):
+    return [x * y, x @ w, (x + y).mul_public(0.5) - y, x.mul_public(torch.linspace(-2, 2, x.shape[-1])),
+            (x @ w).add_public(3.0)]
+
+
+def test_beaver_products_match_plaintext():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 8, generator=gen) * 3, torch.randn(4, 8, generator=gen) * 3
+    w = torch.randn(8, 5, generator=gen)
+    outputs, report = secure_eval(_arith, [x, y, w])
+    expected = [x * y, x @ w, 0.5 * (x + y) - y, x * torch.linspace(-2, 2, 8), x @ w + 3.0]
+    for got, want in zip(outputs, expected):
+        assert (got - want).abs().max().item() < 1e-3
+    # three Beaver products, one round each on the servers; the dealer sent only the c corrections, offline
+    assert report["SERVER0"]["stats"]["online"]["rounds"] == 3
+    assert report["DEALER"]["offline_bytes"] == (4 * 8 + 4 * 5 + 4 * 5) * 8
+    assert "online" not in report["DEALER"]["stats"]
+
+
+def _crash(role, channel):
+    if role == Role.SERVER1:
+        os._exit(3)
+    return channel.recv(int(Role.SERVER1))
+
+
+def test_dead_party_fails_cleanly():
+    with pytest.raises(PartyFailedError):
+        run_parties(_crash, {Role.SERVER0: (), Role.SERVER1: ()}, timeout_s=20)
+
+
+def _wrong_shape(role, channel):
+    if role == Role.SERVER1:
+        channel.send(torch.zeros(3, dtype=torch.int64), 0)
+        return None
+    return channel.recv(1, shape=(4,), dtype=torch.int64)
+
+
+def test_wrong_shape_is_rejected():
+    with pytest.raises(PartyFailedError, match="expected shape"):
+        run_parties(_wrong_shape, {Role.SERVER0: (), Role.SERVER1: ()}, timeout_s=20)
