@@ -148,6 +148,31 @@ class MPC:
         return out
 
 
+    def products(self, pairs: list[tuple["Shared", "Shared"]], op=torch.mul) -> list["Shared"]:
+        """``op(x, y)`` for every pair, with Beaver triples, all opened in one round.
+
+        With masks ``a, b`` and ``c = op(a, b)`` from the dealer, the servers open ``e = x - a`` and
+        ``f = y - b`` and compute ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` (the last term
+        on server 0 only), then truncate. ``op`` must be bilinear (elementwise product, matmul).
+        """
+        self.next_request()
+        masks = self.masks(*[shape for x, y in pairs for shape in (x.shape, y.shape)])
+        meta = [op(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta")).shape for x, y in pairs]
+        a_s, b_s = masks[0::2], masks[1::2]
+        cs = self.dealt([op(a, b) for a, b in zip(a_s, b_s)] if self.is_dealer else None, meta)
+        if self.is_dealer:
+            return [self.placeholder(shape) for shape in meta]
+        opened = self.open_many(*[v for (x, y), a, b in zip(pairs, a_s, b_s)
+                                  for v in (x - self.shared(a), y - self.shared(b))])
+        out = []
+        for c, a, b, e, f in zip(cs, a_s, b_s, opened[0::2], opened[1::2]):
+            z = c + op(e, b) + op(a, f)
+            if self.role == SERVER0:
+                z = z + op(e, f)
+            out.append(self.shared(z).truncate())
+        return out
+
+
 class Shared:
     """A secret-shared fixed-point tensor: this party's share, and the operations on it.
 
@@ -190,7 +215,7 @@ class Shared:
         """x * c for a public real c (tensor or number), truncated."""
         value = torch.as_tensor(value)
         if not value.is_floating_point():
-            return self._like(self.share * value.long())
+            return self._like(self.share * value.long().to(self.share.device))
         product = self.share * encode(value, self.mpc.frac_bits).to(self.share.device)
         return self._like(product).truncate()
 
@@ -214,24 +239,13 @@ class Shared:
         return self._like(self.share[index])
 
     # Beaver products -------------------------------------------------------------------------
-    def _beaver(self, other: "Shared", op) -> "Shared":
-        mpc = self.mpc
-        mpc.next_request()
-        a, b = mpc.masks(self.shape, other.shape)
-        c_shape = op(torch.empty(self.shape, device="meta"), torch.empty(other.shape, device="meta")).shape
-        (c,) = mpc.dealt([op(a, b)] if mpc.is_dealer else None, [c_shape])
-        if mpc.is_dealer:
-            return mpc.placeholder(c_shape)
-        e, f = mpc.open_many(self - mpc.shared(a), other - mpc.shared(b))
-        z = c + op(e, b) + op(a, f)
-        if mpc.role == SERVER0:
-            z = z + op(e, f)
-        return self._like(z).truncate()
-
     def __mul__(self, other):
         if not isinstance(other, Shared):
             return self.mul_public(other)
-        return self._beaver(other, torch.mul)
+        return self.mpc.products([(self, other)], torch.mul)[0]
 
     def __matmul__(self, other: "Shared"):
-        return self._beaver(other, torch.matmul)
+        return self.mpc.products([(self, other)], torch.matmul)[0]
+
+    def square(self) -> "Shared":
+        return self.mpc.products([(self, self)], torch.mul)[0]

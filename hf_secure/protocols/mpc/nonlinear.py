@@ -1,0 +1,134 @@
+"""SecFormer's and MPCFormer's nonlinear building blocks on shared values.
+
+* :func:`sine_series` -- ``sum_k b_k sin(2 pi k x / P)`` in one round. The dealer shares a mask
+  ``t`` (uniform on [0, 2^62) in fixed-point units) with ``sin(w k t)`` and ``cos(w k t)``; the servers
+  open ``d = x - t`` and use ``sin(w k x) = sin(w k d) cos(w k t) + cos(w k d) sin(w k t)``. The sines
+  of ``d`` are computed in the clear after reducing ``d`` modulo the series period ``P`` (exactly,
+  in integers): the period of the series, not 2 pi. ``d`` hides ``x`` statistically: for
+  ``|x| < 2^l`` (fixed-point units) its distribution is within ``2^(l - 62)`` of independent of ``x``.
+* :func:`erf_series` -- SecFormer's Fourier approximation of erf on [-2.5, 2.5] (period 20).
+* :func:`inv_sqrt` -- Goldschmidt: ``x0 = v / s`` (input deflation by a public bound ``s`` so that
+  ``x0`` lies in (0, 3)), ``y0 = 1``; repeat ``m = (3 - x) / 2; x <- x m^2; y <- y m``; then
+  ``y -> 1 / sqrt(x0)`` and ``1 / sqrt(v) = y / sqrt(s)``.
+* :func:`reciprocal` -- Goldschmidt division: ``x0 = v / s`` in (0, 2), ``y0 = 1``;
+  ``m = 2 - x; x <- x m; y <- y m``; ``y -> 1 / x0``.
+* :func:`layer_norm`, :func:`rms_norm` -- statistics by local sums and one square, then
+  :func:`inv_sqrt`.
+* :func:`quad_gelu` (MPCFormer: ``0.125 x^2 + 0.25 x + 0.5``) and :func:`two_quad_softmax`
+  (``(s + c)^2`` masked, normalised by its row sum with :func:`reciprocal`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .core import MPC, Shared
+from .ring import encode
+
+# SecFormer's coefficients: erf(u) ~ sum_k b_k sin(k pi u / 10) on [-2.5, 2.5] (period 20 in u).
+ERF_SINE_COEFFS = (1.25772, -0.0299154, 0.382155, -0.0519123, 0.196033, -0.0624557, 0.118029)
+ERF_PERIOD = 20
+_MASK_BITS = 62
+
+
+def sine_series(x: Shared, coeffs, period: int) -> Shared:
+    """``sum_k coeffs[k-1] * sin(2 pi k x / period)`` for an integer ``period``; one round."""
+    mpc: MPC = x.mpc
+    modulus = period * mpc.scale  # the period in fixed-point units, exact
+    n = len(coeffs)
+    mpc.next_request()
+    shapes = [x.shape] * (1 + 2 * n)
+    if mpc.is_dealer:
+        t = torch.randint(0, 1 << _MASK_BITS, tuple(x.shape), dtype=torch.int64)
+        angles = _angles(t, modulus, n)
+        dealt = [t] + [encode(torch.sin(a), mpc.frac_bits) for a in angles] + [
+            encode(torch.cos(a), mpc.frac_bits) for a in angles]
+        mpc.dealt(dealt, shapes)
+        return mpc.placeholder(x.shape)
+    t_share, *trig = mpc.dealt(None, shapes)
+    sin_t, cos_t = trig[:n], trig[n:]
+    d = mpc.open(x - mpc.shared(t_share))
+    angles = _angles(d, modulus, n)
+    total = None
+    for b, angle, s_t, c_t in zip(coeffs, angles, sin_t, cos_t):
+        # b sin(kwd) [cos kwt] + b cos(kwd) [sin kwt]: public x shared, local.
+        term = mpc.shared(c_t * encode(b * torch.sin(angle), mpc.frac_bits)
+                          + s_t * encode(b * torch.cos(angle), mpc.frac_bits))
+        total = term if total is None else total + term
+    return total.truncate()
+
+
+def _angles(v: torch.Tensor, modulus: int, n: int) -> list[torch.Tensor]:
+    """``2 pi k (v mod modulus) / modulus`` for k = 1..n, in float64 (v: fixed-point int64)."""
+    base = torch.remainder(v, modulus).double() * (2 * math.pi / modulus)
+    return [k * base for k in range(1, n + 1)]
+
+
+def erf_series(u: Shared) -> Shared:
+    """SecFormer's erf on [-2.5, 2.5] (max error ~0.036 there; outside it needs the segment selection)."""
+    return sine_series(u, ERF_SINE_COEFFS, ERF_PERIOD)
+
+
+def inv_sqrt(v: Shared, bound: float, iterations: int = 8) -> Shared:
+    """1/sqrt(v) for 0 < v <= 2 * bound (``bound``: the public deflation constant).
+
+    The iteration converges on (0, 3) after deflation but stalls near 3 (m ~ 0 there); on
+    [0.01, 2] eight iterations reach fixed-point precision.
+    """
+    x = v.mul_public(1.0 / bound)
+    y = None
+    for _ in range(iterations):
+        m = (-x).add_public(3.0).mul_public(0.5)
+        if y is None:
+            y = m
+            x = x * m.square()
+        else:
+            m2, y = v.mpc.products([(m, m), (y, m)])
+            x = x * m2
+    return y.mul_public(1.0 / math.sqrt(bound))
+
+
+def reciprocal(v: Shared, bound: float, iterations: int = 10) -> Shared:
+    """1/v for 0 < v < 2 * bound."""
+    x = v.mul_public(1.0 / bound)
+    y = None
+    for _ in range(iterations):
+        m = (-x).add_public(2.0)
+        if y is None:
+            x, y = x * m, m
+        else:
+            x, y = v.mpc.products([(x, m), (y, m)])
+    return y.mul_public(1.0 / bound)
+
+
+def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float) -> Shared:
+    """LayerNorm over the last dimension; ``var_bound``: public deflation bound of the variance."""
+    n = x.shape[-1]
+    centered = x - x.sum(-1, keepdim=True).mul_public(1.0 / n)
+    var = centered.square().sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
+    return (centered * _broadcast(inv_sqrt(var, var_bound), centered.shape)) * _broadcast(weight, x.shape) + bias
+
+
+def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
+    """RMSNorm (Llama) over the last dimension."""
+    n = x.shape[-1]
+    ms = x.square().sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
+    return (x * _broadcast(inv_sqrt(ms, ms_bound), x.shape)) * _broadcast(weight, x.shape)
+
+
+def _broadcast(v: Shared, shape) -> Shared:
+    return v.mpc.shared(v.share.expand(shape).contiguous())
+
+
+def quad_gelu(x: Shared) -> Shared:
+    """MPCFormer's GeLU replacement ``0.125 x^2 + 0.25 x + 0.5`` (for distilled models)."""
+    return x.square().mul_public(0.125) + x.mul_public(0.25).add_public(0.5)
+
+
+def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0, sum_bound: float = 1.0) -> Shared:
+    """MPCFormer's 2Quad: ``(s + c)^2 * mask / sum``; ``mask`` is public 0/1, broadcastable to scores."""
+    q = scores.add_public(c).square().mul_public(mask.to(torch.int64))
+    total = q.sum(-1, keepdim=True)
+    return q * _broadcast(reciprocal(total, sum_bound), q.shape)
