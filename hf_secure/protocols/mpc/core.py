@@ -79,19 +79,24 @@ class MPC:
     def _uniform(self, party: int, shape, label: str) -> torch.Tensor:
         return random_ring(shape, _generator(self.seeds[party], self.counter, label))
 
-    def masks(self, *shapes) -> list[torch.Tensor]:
-        """Fresh uniform masks: this server's shares (dealer: the masks themselves)."""
+    def masks(self, *shapes, binary: bool = False) -> list[torch.Tensor]:
+        """Fresh uniform masks: this server's shares (dealer: the masks themselves).
+
+        Arithmetic shares add up to the mask; ``binary`` shares XOR to it (bitwise sharing).
+        """
         labels = [f"mask{i}" for i in range(len(shapes))]
         if self.is_dealer:
-            return [self._uniform(0, s, lb) + self._uniform(1, s, lb) for s, lb in zip(shapes, labels)]
+            join = torch.bitwise_xor if binary else torch.add
+            return [join(self._uniform(0, s, lb), self._uniform(1, s, lb)) for s, lb in zip(shapes, labels)]
         return [self._uniform(self.role, s, lb) for s, lb in zip(shapes, labels)]
 
-    def dealt(self, values: list[torch.Tensor] | None, shapes) -> list[torch.Tensor]:
+    def dealt(self, values: list[torch.Tensor] | None, shapes, binary: bool = False) -> list[torch.Tensor]:
         """Shares of dealer-computed ``values`` (only the dealer passes them; servers pass None)."""
         labels = [f"dealt{i}" for i in range(len(shapes))]
         if self.is_dealer:
+            split = torch.bitwise_xor if binary else torch.sub
             for value, shape, label in zip(values, shapes, labels):
-                self.log.corrections.append(value - self._uniform(0, shape, label))
+                self.log.corrections.append(split(value, self._uniform(0, shape, label)))
             return values
         if self.role == SERVER0:
             return [self._uniform(0, s, lb) for s, lb in zip(shapes, labels)]
@@ -170,6 +175,31 @@ class MPC:
             if self.role == SERVER0:
                 z = z + op(e, f)
             out.append(self.shared(z).truncate())
+        return out
+
+
+    def ands(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Bitwise AND of XOR-shared int64 words, all pairs in one round (binary Beaver triples).
+
+        Dealer: ``a, b`` uniform, ``c = a & b``; servers open ``e = x ^ a``, ``f = y ^ b`` and compute
+        ``x & y = c ^ (e & b) ^ (a & f) ^ (e & f)`` (the last term on server 0 only).
+        """
+        self.next_request()
+        masks = self.masks(*[shape for x, y in pairs for shape in (x.shape, y.shape)], binary=True)
+        a_s, b_s = masks[0::2], masks[1::2]
+        cs = self.dealt([a & b for a, b in zip(a_s, b_s)] if self.is_dealer else None,
+                        [x.shape for x, _ in pairs], binary=True)
+        if self.is_dealer:
+            return [torch.empty(x.shape, dtype=torch.int64, device="meta") for x, _ in pairs]
+        words = torch.cat([v.reshape(-1) for (x, y), a, b in zip(pairs, a_s, b_s) for v in (x ^ a, y ^ b)])
+        opened = words ^ self.channel.exchange(words, self.peer)
+        out, start = [], 0
+        for (x, _), a, b, c in zip(pairs, a_s, b_s, cs):
+            n = x.numel()
+            e, f = opened[start : start + n].view(x.shape), opened[start + n : start + 2 * n].view(x.shape)
+            start += 2 * n
+            z = c ^ (e & b) ^ (a & f)
+            out.append(z ^ (e & f) if self.role == SERVER0 else z)
         return out
 
 

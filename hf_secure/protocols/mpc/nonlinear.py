@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .comparison import drelu, maximum
 from .core import MPC, Shared
 from .ring import encode
 
@@ -132,3 +133,39 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0, sum_bou
     q = scores.add_public(c).square().mul_public(mask.to(torch.int64))
     total = q.sum(-1, keepdim=True)
     return q * _broadcast(reciprocal(total, sum_bound), q.shape)
+
+
+def gelu(x: Shared) -> Shared:
+    """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))``, erf = -1 / series / +1 on u < -2.5 / between / u >= 2.5."""
+    u = x.mul_public(1 / math.sqrt(2))
+    series = erf_series(u)
+    bounds = x.mpc.shared(torch.stack([u.add_public(2.5).share, u.add_public(-2.5).share]))
+    above = drelu(bounds)
+    above_low, above_high = above[0], above[1]
+    rise, fall = x.mpc.products([(above_low, series.add_public(1.0)), (above_high, series.add_public(-1.0))])
+    erf = (rise - fall).add_public(-1.0)
+    return (x * erf.add_public(1.0)).mul_public(0.5)
+
+
+def exp_negative(t: Shared, squarings: int = 8) -> Shared:
+    """``exp(t)`` for ``-2^squarings <= t <= 0`` as ``(1 + t / 2^n)^(2^n)`` (CrypTen's limit form)."""
+    y = t.mul_public(1.0 / (1 << squarings)).add_public(1.0)
+    for _ in range(squarings):
+        y = y.square()
+    return y
+
+
+def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
+    """Exact-style softmax over the last dim: max by comparisons, exp, Goldschmidt division.
+
+    ``mask`` is public 0/1 (causal and padding), broadcastable to ``scores``; masked entries are
+    excluded from the max (pushed down by a public offset) and zeroed after the exponential.
+    """
+    n = scores.shape[-1]
+    offset = (1 - mask.to(torch.float64)) * -64.0
+    lowered = scores.add_public(offset)
+    t = lowered - lowered.mpc.shared(maximum(lowered).share.expand(lowered.shape).contiguous())
+    e = exp_negative(t).mul_public(mask.to(torch.int64))
+    total = e.sum(-1, keepdim=True)
+    return e * _broadcast(reciprocal(total, bound=float(n), iterations=int(math.log2(n)) + 6), e.shape)
+
