@@ -142,7 +142,7 @@ class MPC:
 
     def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
         """Open several values in one round (one message of their concatenation)."""
-        if self.is_dealer:
+        if self.is_dealer or not xs:
             return [x.share for x in xs]
         flat = torch.cat([x.share.reshape(-1) for x in xs])
         opened = flat + self.channel.exchange(flat, self.peer)

@@ -1,0 +1,86 @@
+"""Linear layers with secret-shared weights, and embedding lookup of private token ids.
+
+A weight ``W`` is shared once by the model owner. At setup each server also draws its share of a
+fixed uniform mask ``B`` (from its dealer seed and the weight's name) and the servers open
+``F = W - B``; ``F`` is uniform, so it says nothing about ``W``. Every later product ``X @ W``
+then needs only a fresh mask ``A`` for ``X``: the dealer supplies ``C = A @ B``, the servers open
+``E = X - A`` and compute ``X @ W = C + E @ B + A @ F + E @ F``. Compared with a plain Beaver
+matmul this never re-opens the weight, which is most of the traffic of a linear layer.
+
+Embeddings: the client shares the one-hot rows of its token ids (integers, no fractional bits),
+and the lookup is the product ``onehot @ E`` above, without truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .core import MPC, SERVER0, Shared, _generator
+from .ring import random_ring
+
+
+@dataclass
+class SharedWeight:
+    """One party's view of a shared weight: its share, its share of the fixed mask, the opened difference.
+
+    On the dealer ``share`` and ``opened`` are meta tensors and ``mask`` is the whole mask.
+    """
+
+    name: str
+    share: torch.Tensor
+    mask: torch.Tensor
+    opened: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.share.shape
+
+
+def weight_mask(mpc: MPC, name: str, shape) -> torch.Tensor:
+    """The fixed mask of weight ``name``: this server's share (dealer: the whole mask)."""
+    parties = (0, 1) if mpc.is_dealer else (mpc.role,)
+    masks = [random_ring(shape, _generator(mpc.seeds[p], -1, f"weight:{name}")) for p in parties]
+    return masks[0] + masks[1] if mpc.is_dealer else masks[0]
+
+
+def prepare_weights(mpc: MPC, shares: dict[str, torch.Tensor], matrices: set[str]) -> dict:
+    """Setup: wrap the weight shares; for the ``matrices`` (right operands of products) draw their
+    masks and open ``W - B`` for all of them in one round. Returns {name: SharedWeight | Shared}."""
+    out = {name: mpc.shared(share) for name, share in shares.items() if name not in matrices}
+    masks = {name: weight_mask(mpc, name, shares[name].shape) for name in matrices}
+    if mpc.is_dealer:
+        out.update({name: SharedWeight(name, shares[name], masks[name], shares[name]) for name in matrices})
+        return out
+    names = sorted(matrices)
+    diffs = mpc.open_many(*[mpc.shared(shares[name] - masks[name]) for name in names])
+    out.update({name: SharedWeight(name, shares[name], masks[name], diff) for name, diff in zip(names, diffs)})
+    return out
+
+
+def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate: bool = True) -> Shared:
+    """``x @ W (+ bias)`` with ``W`` stored (in, out); one round."""
+    mpc = x.mpc
+    mpc.next_request()
+    (a,) = mpc.masks(x.shape)
+    out_shape = torch.matmul(torch.empty(x.shape, device="meta"), torch.empty(weight.shape, device="meta")).shape
+    (c,) = mpc.dealt([a @ weight.mask] if mpc.is_dealer else None, [out_shape])
+    if mpc.is_dealer:
+        out = mpc.placeholder(out_shape)
+    else:
+        e = mpc.open(x - mpc.shared(a))
+        z = c + e @ weight.mask + a @ weight.opened
+        if mpc.role == SERVER0:
+            z = z + e @ weight.opened
+        out = mpc.shared(z)
+        if truncate:
+            out = out.truncate()
+    return out + bias if bias is not None else out
+
+
+def rows(mpc: MPC, table: SharedWeight, index: torch.Tensor) -> Shared:
+    """``table[index]`` for a *public* index (positions, token types): local, no communication."""
+    if mpc.is_dealer:
+        return mpc.placeholder(tuple(index.shape) + tuple(table.shape[1:]))
+    return mpc.shared(table.share[index])
