@@ -104,12 +104,18 @@ def reciprocal(v: Shared, bound: float, iterations: int = 10) -> Shared:
     return y.mul_public(1.0 / bound)
 
 
-def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float) -> Shared:
-    """LayerNorm over the last dimension; ``var_bound``: public deflation bound of the variance."""
+def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float,
+               iterations: int = 8) -> Shared:
+    """LayerNorm over the last dimension; ``var_bound``: public deflation bound of the variance.
+
+    Rounds: ``(x - mean)^2`` and ``(x - mean) * gamma`` together, the inverse square root, then one
+    product with it.
+    """
     n = x.shape[-1]
     centered = x - x.sum(-1, keepdim=True).mul_public(1.0 / n)
-    var = centered.square().sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
-    return (centered * _broadcast(inv_sqrt(var, var_bound), centered.shape)) * _broadcast(weight, x.shape) + bias
+    squared, scaled = x.mpc.products([(centered, centered), (centered, _broadcast(weight, x.shape))])
+    var = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
+    return scaled * _broadcast(inv_sqrt(var, var_bound, iterations), x.shape) + bias
 
 
 def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:

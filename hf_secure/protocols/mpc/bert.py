@@ -1,0 +1,144 @@
+"""BERT encoders under two-party secret sharing (SecFormer's protocols, MPCFormer's approximations).
+
+Weights keep their transformers state-dict keys; the servers re-lay them out locally (transpose
+to (in, out), fuse Q/K/V) before the masked matrices are opened once at setup. Private input:
+one-hot rows of the token ids (shared by the client). Public: positions, token types and the
+padding mask (the sequence length is public in every protocol here).
+
+Approximations (``Approximations``):
+
+* ``gelu="secformer"``: segmented erf with the secure sine series; ``"quad"``: MPCFormer's Quad
+  (for distilled models).
+* ``softmax="exact"``: max by comparisons, ``(1 + t/256)^256``, Goldschmidt division;
+  ``"2quad"``: ``(s + 5)^2`` normalised (for distilled models).
+* LayerNorm: Goldschmidt inverse square root after deflation by a public bound per LayerNorm
+  site, calibrated in plaintext (:func:`calibrate_layer_norms`) and stored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .core import MPC, Shared
+from .layers import linear, rows
+from .nonlinear import gelu, layer_norm, quad_gelu, softmax, two_quad_softmax
+
+
+@dataclass(frozen=True)
+class Approximations:
+    gelu: str = "secformer"
+    softmax: str = "exact"
+    ln_iterations: int = 12
+    ln_bounds: dict = field(default_factory=dict)  # LayerNorm site -> variance deflation bound
+
+    def bound(self, site: str) -> float:
+        return self.ln_bounds.get(site, 1.0)
+
+
+@dataclass(frozen=True)
+class BertProgram:
+    """The BERT encoder as a two-party program (see :func:`hf_secure.protocols.mpc.run.run_program`)."""
+
+    num_layers: int
+    num_heads: int
+    eps: float
+    approx: Approximations = Approximations()
+
+    @classmethod
+    def from_config(cls, config, approx: Approximations = Approximations()) -> "BertProgram":
+        return cls(config.num_hidden_layers, config.num_attention_heads, config.layer_norm_eps, approx)
+
+    def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        def t(name):  # nn.Linear stores (out, in); products want (in, out)
+            return w[name].transpose(0, 1).contiguous()
+
+        out = {
+            "embed": w["embeddings.word_embeddings.weight"],
+            "pos": w["embeddings.position_embeddings.weight"],
+            "type": w["embeddings.token_type_embeddings.weight"],
+            "emb_ln.w": w["embeddings.LayerNorm.weight"],
+            "emb_ln.b": w["embeddings.LayerNorm.bias"],
+        }
+        matrices = {"embed"}
+        for i in range(self.num_layers):
+            p = f"encoder.layer.{i}."
+            qkv = [f"{p}attention.self.{n}" for n in ("query", "key", "value")]
+            out[f"{i}.qkv"] = torch.cat([t(n + ".weight") for n in qkv], dim=1)
+            out[f"{i}.qkv.b"] = torch.cat([w[n + ".bias"] for n in qkv])
+            out[f"{i}.o"], out[f"{i}.o.b"] = t(p + "attention.output.dense.weight"), w[p + "attention.output.dense.bias"]
+            out[f"{i}.ln1.w"], out[f"{i}.ln1.b"] = w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]
+            out[f"{i}.ffn1"], out[f"{i}.ffn1.b"] = t(p + "intermediate.dense.weight"), w[p + "intermediate.dense.bias"]
+            out[f"{i}.ffn2"], out[f"{i}.ffn2.b"] = t(p + "output.dense.weight"), w[p + "output.dense.bias"]
+            out[f"{i}.ln2.w"], out[f"{i}.ln2.b"] = w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]
+            matrices |= {f"{i}.qkv", f"{i}.o", f"{i}.ffn1", f"{i}.ffn2"}
+        return out, matrices
+
+    def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict) -> list[Shared]:
+        (onehot,) = inputs
+        mask = public["attention_mask"]
+        h = linear(onehot, w["embed"], truncate=False)
+        h = h + rows(mpc, w["pos"], public["position_ids"]) + rows(mpc, w["type"], public["token_type_ids"])
+        h = self._layer_norm(h, w["emb_ln.w"], w["emb_ln.b"], "embeddings")
+        for i in range(self.num_layers):
+            with _scope(mpc, f"layer.{i}"):
+                h = self._layer(mpc, w, i, h, mask)
+        return [h]
+
+    def _layer(self, mpc: MPC, w: dict, i: int, h: Shared, mask: torch.Tensor) -> Shared:
+        batch, seq, hidden = h.shape
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        qkv = linear(h, w[f"{i}.qkv"], w[f"{i}.qkv.b"])
+
+        def split(k):  # [b, s, 3d] -> [b, heads, s, head_dim]
+            return qkv[..., k * hidden : (k + 1) * hidden].reshape(batch, seq, heads, head_dim).transpose(1, 2)
+
+        q, k, v = split(0), split(1), split(2)
+        (scores,) = mpc.products([(q.mul_public(1 / math.sqrt(head_dim)), k.transpose(2, 3))], torch.matmul)
+        keep = mask[:, None, None, :].to(torch.int64)
+        probs = softmax(scores, keep) if self.approx.softmax == "exact" else two_quad_softmax(scores, keep, sum_bound=seq * 64.0)
+        (context,) = mpc.products([(probs, v)], torch.matmul)
+        context = context.transpose(1, 2).reshape(batch, seq, hidden)
+        h = self._layer_norm(linear(context, w[f"{i}.o"], w[f"{i}.o.b"]) + h, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], f"{i}.ln1")
+        inner = linear(h, w[f"{i}.ffn1"], w[f"{i}.ffn1.b"])
+        inner = gelu(inner) if self.approx.gelu == "secformer" else quad_gelu(inner)
+        out = linear(inner, w[f"{i}.ffn2"], w[f"{i}.ffn2.b"])
+        return self._layer_norm(out + h, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], f"{i}.ln2")
+
+    def _layer_norm(self, x: Shared, weight: Shared, bias: Shared, site: str) -> Shared:
+        return layer_norm(x, weight, bias, self.eps, self.approx.bound(site), self.approx.ln_iterations)
+
+
+def _scope(mpc: MPC, name: str):
+    return mpc.channel.scope(name) if mpc.channel is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def calibrate_layer_norms(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          margin: float = 1.5) -> dict[str, float]:
+    """Plaintext pass recording each LayerNorm's largest input variance; bound = margin * max / 2.
+
+    Deflating by that bound puts the largest variance at ``1 / margin`` of Goldschmidt's fast
+    range (0, 2]; smaller variances need more iterations (``Approximations.ln_iterations``).
+    """
+    sites = {"embeddings.LayerNorm": "embeddings"}
+    for i in range(model.config.num_hidden_layers):
+        sites[f"encoder.layer.{i}.attention.output.LayerNorm"] = f"{i}.ln1"
+        sites[f"encoder.layer.{i}.output.LayerNorm"] = f"{i}.ln2"
+    seen: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name in sites:
+            def record(mod, args, out, site=sites[name]):
+                var = args[0].double().var(-1, unbiased=False).max().item() + mod.eps
+                seen[site] = max(seen.get(site, 0.0), var)
+            hooks.append(module.register_forward_hook(record))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {site: margin * var / 2 for site, var in seen.items()}
