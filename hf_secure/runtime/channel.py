@@ -103,17 +103,31 @@ class Channel:
         return out
 
     def exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
-        """Send ``tensor`` to ``peer`` and receive its tensor of the same shape and dtype: one round."""
+        """Send ``tensor`` to ``peer`` and receive its tensor of the same shape and dtype: one round.
+
+        Both sides know the shape, so header and payload travel as one int64 message (the hot path
+        of every protocol round); the peer's header is still checked.
+        """
+        if tensor.dtype != torch.int64:
+            raise PartyFailedError(f"exchange carries int64 ring elements, got {tensor.dtype}")
         tensor = tensor.contiguous()
-        header = self._header(tensor)
-        requests = [self._call(dist.isend, header, peer, self.group), self._call(dist.isend, tensor, peer, self.group)]
-        out = self.recv(peer, shape=tensor.shape, dtype=tensor.dtype)
-        for request in requests:
-            self._call(request.wait)
+        outgoing = torch.cat([self._header(tensor), tensor.reshape(-1)])
+        incoming = torch.empty_like(outgoing)
+        request = self._call(dist.isend, outgoing, peer, self.group)
+        self._call(dist.recv, incoming, peer, self.group)
+        self._call(request.wait)
+        if not torch.equal(incoming[:_HEADER_LEN], outgoing[:_HEADER_LEN]):
+            raise PartyFailedError(
+                f"party {self.rank}: exchange with {peer} out of step (header {incoming[:4].tolist()}, "
+                f"expected session {self.session}, shape {tuple(tensor.shape)})"
+            )
         stats = self.stats[self._scope]
-        stats.bytes_sent += tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        stats.bytes_sent += nbytes
+        stats.bytes_received += nbytes
         stats.messages += 1
-        return out
+        stats.rounds += 1
+        return incoming[_HEADER_LEN:].view(tensor.shape)
 
     def summary(self) -> dict[str, dict]:
         return {name: vars(s).copy() for name, s in self.stats.items()}

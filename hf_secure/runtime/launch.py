@@ -45,8 +45,13 @@ def _free_port() -> int:
 
 
 def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeout_s: float,
-               program: Callable, args: tuple, results, threads: int) -> None:
-    """One party: join the group, run ``program(role, channel, *args)``, report the result."""
+               program: Callable, args: tuple, results, done, threads: int) -> None:
+    """One party: join the group, run ``program(role, channel, *args)``, report the result.
+
+    A party that finishes early waits (blocking, idle) until every party is done before it tears
+    down the process group: gloo's teardown busy-waits, which would steal a core from the parties
+    still computing.
+    """
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(threads)
     try:
@@ -54,6 +59,7 @@ def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeo
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = program(Role(role), Channel(int(role), session), *args)
         results.put((int(role), "ok", result))
+        done.wait(timeout_s)
     except BaseException as exc:  # reported to the launcher, which raises it
         results.put((int(role), "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
         raise SystemExit(1) from None
@@ -74,12 +80,13 @@ def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: f
         raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    done = ctx.Event()
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
     session = int.from_bytes(os.urandom(4), "little")
     procs = {
         role: ctx.Process(target=party_main, daemon=True,
                           args=(role, len(roles), rendezvous, session, timeout_s, program, args_by_role[role],
-                                results, threads))
+                                results, done, threads))
         for role in roles
     }
     for proc in procs.values():
@@ -101,6 +108,7 @@ def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: f
                 raise PartyFailedError(f"party {Role(rank).name} failed: {payload}")
             collected[Role(rank)] = payload
     finally:
+        done.set()
         for proc in procs.values():
             proc.join(timeout=2)
             if proc.is_alive():

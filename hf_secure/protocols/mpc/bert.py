@@ -47,23 +47,27 @@ class BertProgram:
     num_heads: int
     eps: float
     approx: Approximations = Approximations()
+    from_embeddings: bool = False  # input: the embeddings' output instead of one-hot token ids
 
     @classmethod
-    def from_config(cls, config, approx: Approximations = Approximations()) -> "BertProgram":
-        return cls(config.num_hidden_layers, config.num_attention_heads, config.layer_norm_eps, approx)
+    def from_config(cls, config, approx: Approximations = Approximations(), from_embeddings: bool = False):
+        return cls(config.num_hidden_layers, config.num_attention_heads, config.layer_norm_eps, approx,
+                   from_embeddings)
 
     def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
         def t(name):  # nn.Linear stores (out, in); products want (in, out)
             return w[name].transpose(0, 1).contiguous()
 
-        out = {
-            "embed": w["embeddings.word_embeddings.weight"],
-            "pos": w["embeddings.position_embeddings.weight"],
-            "type": w["embeddings.token_type_embeddings.weight"],
-            "emb_ln.w": w["embeddings.LayerNorm.weight"],
-            "emb_ln.b": w["embeddings.LayerNorm.bias"],
-        }
-        matrices = {"embed"}
+        out, matrices = {}, set()
+        if not self.from_embeddings:
+            out = {
+                "embed": w["embeddings.word_embeddings.weight"],
+                "pos": w["embeddings.position_embeddings.weight"],
+                "type": w["embeddings.token_type_embeddings.weight"],
+                "emb_ln.w": w["embeddings.LayerNorm.weight"],
+                "emb_ln.b": w["embeddings.LayerNorm.bias"],
+            }
+            matrices = {"embed"}
         for i in range(self.num_layers):
             p = f"encoder.layer.{i}."
             qkv = [f"{p}attention.self.{n}" for n in ("query", "key", "value")]
@@ -78,11 +82,12 @@ class BertProgram:
         return out, matrices
 
     def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict) -> list[Shared]:
-        (onehot,) = inputs
+        (h,) = inputs
         mask = public["attention_mask"]
-        h = linear(onehot, w["embed"], truncate=False)
-        h = h + rows(mpc, w["pos"], public["position_ids"]) + rows(mpc, w["type"], public["token_type_ids"])
-        h = self._layer_norm(h, w["emb_ln.w"], w["emb_ln.b"], "embeddings")
+        if not self.from_embeddings:  # h is one-hot token ids
+            h = linear(h, w["embed"], truncate=False)
+            h = h + rows(mpc, w["pos"], public["position_ids"]) + rows(mpc, w["type"], public["token_type_ids"])
+            h = self._layer_norm(h, w["emb_ln.w"], w["emb_ln.b"], "embeddings")
         for i in range(self.num_layers):
             with _scope(mpc, f"layer.{i}"):
                 h = self._layer(mpc, w, i, h, mask)

@@ -1,0 +1,84 @@
+"""mpc protocol vs CrypTen 0.4.1 on the same BERT encoder, same weights, same inputs, one run.
+
+Both start from the embeddings' output (computed by the client) so that exactly the encoder runs
+under MPC; both use two computing processes plus a dealer on this machine, one torch thread each.
+Reported per system: online seconds, online bytes between the servers (both directions),
+online rounds, max |error| against plaintext transformers, and dealer (offline) bytes and time.
+
+    python benchmarks/bench_mpc.py                   # BERT-base size: 12 layers, 768, 128 tokens
+    python benchmarks/bench_mpc.py --layers 2 --hidden 128 --heads 2 --intermediate 512 --seq 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-level "benchmarks"
+from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
+
+from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms  # noqa: E402
+from hf_secure.protocols.mpc.run import run_program  # noqa: E402
+
+
+def online_totals(stats: dict) -> dict:
+    """Sum a server's scopes except setup and offline."""
+    keep = [s for name, s in stats.items() if name not in ("setup", "offline")]
+    return {k: sum(s[k] for s in keep) for k in ("bytes_sent", "bytes_received", "rounds")}
+
+
+def run_ours(model, ids, mask, approx_kind: str) -> dict:
+    with torch.no_grad():
+        hidden = model.embeddings(input_ids=ids)
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    bounds = calibrate_layer_norms(model, ids, mask)
+    approx = Approximations(gelu="secformer", softmax="exact", ln_bounds=bounds)
+    weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    public = {"attention_mask": mask}
+    program = BertProgram.from_config(model.config, approx, from_embeddings=True)
+    (out,), report = run_program(program, [hidden], weights, public, timeout_s=3600)
+    s0 = online_totals(report["SERVER0"]["stats"])
+    return {
+        "online_seconds": report["SERVER0"]["online_seconds"],
+        "bytes": s0["bytes_sent"] + s0["bytes_received"],
+        "rounds": s0["rounds"],
+        "max_abs_error": (out - reference).abs().max().item(),
+        "offline_bytes": report["DEALER"]["offline_bytes"],
+        "offline_seconds": report["DEALER"]["offline_seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--intermediate", type=int, default=3072)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--skip-crypten", action="store_true")
+    args = parser.parse_args()
+    model = random_bert(args.layers, args.hidden, args.heads, args.intermediate)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    print(f"# bench_mpc: BERT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
+          f"FFN {args.intermediate}, {args.seq} tokens; 1 thread per party", flush=True)
+    ours = run_ours(model, ids, mask, "exact")
+    print("hf_secure mpc:", json.dumps(ours), flush=True)
+    if args.skip_crypten:
+        return
+    theirs = run_crypten_bert(model, ids, mask, provider="TTP", threads=1)
+    theirs = {k: theirs[k] for k in ("online_seconds", "bytes", "rounds", "max_abs_error")} | {
+        "offline_bytes": theirs["phases"].get("offline", {}).get("dealer_bytes"),
+        "offline_seconds": theirs["phases"].get("offline", {}).get("seconds")}
+    print("crypten 0.4.1 (TTP, cached tuples):", json.dumps(theirs), flush=True)
+    print(f"speed-up online {theirs['online_seconds'] / ours['online_seconds']:.2f}x; "
+          f"bytes ratio {ours['bytes'] / theirs['bytes']:.3f}; rounds {ours['rounds']} vs {theirs['rounds']}; "
+          f"error {ours['max_abs_error']:.3g} vs {theirs['max_abs_error']:.3g}")
+
+
+if __name__ == "__main__":
+    main()
