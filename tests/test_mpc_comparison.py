@@ -37,3 +37,21 @@ def test_comparisons_match_plaintext():
     expected = torch.softmax(scores.masked_fill(CAUSAL == 0, float("-inf")), -1)
     assert (got_softmax - expected).abs().max() < 1e-2
     assert report["SERVER0"]["stats"]["online"]["rounds"] > 0
+
+
+def _narrow(mpc, x):
+    return [msb(x, 20, 0), msb(x, 20, 10), msb(x, 12, 0), drelu(x, 33, 4)]
+
+
+def test_packed_narrow_comparisons():
+    """Lanes of 21, 13 and 34 bits (3, 4 and 1 per word), with and without a local truncation first."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor([0.0, 2**-16, -(2**-16), 2**-6, -(2**-6), 7.9, -7.9, -0.03]),
+                   (torch.rand(37, generator=gen) - 0.5) * 15])
+    (m20, m20d, m12, d33), _ = secure_eval(_narrow, [x])
+    assert torch.equal(m20, (x < 0).float())
+    wide = x.abs() >= 2**-6  # after dropping 10 of 16 fractional bits, tiny values read as 0 or -2^-6
+    assert torch.equal(m20d[wide], (x < 0).float()[wide])
+    small = x.abs() < 2 ** (11 - 16)  # 12 bits: |x| < 2^11 ring units
+    assert torch.equal(m12[small], (x < 0).float()[small])
+    assert torch.equal(d33[wide], (x >= 0).float()[wide])

@@ -1,68 +1,130 @@
 """Comparison on arithmetic shares: most significant bit, DReLU, ReLU, selection and max.
 
-MSB in 8 rounds, with a dealer:
+MSB of ``x`` on ``bits`` bits (``|x| < 2^(bits-1)`` in ring units, after an optional local
+truncation by ``drop`` bits), with a dealer, in ``ceil(log2(bits - 1)) + 2`` rounds:
 
-1. the dealer shares a uniform ring element ``r`` arithmetically and, bit by bit, XOR-wise;
-2. the servers open ``c = x + r`` (perfectly hiding: ``r`` is uniform on the whole ring);
-3. ``x = c - r = c + ~r + 1`` is recomputed on XOR shares with a Kogge-Stone carry network:
-   ``g = c & ~r``, ``p = c ^ ~r`` are local (``c`` is public), the carry-in is folded into bit 0,
-   and six levels ``g ^= p & (g << k)``, ``p &= p << k`` (k = 1..32) cost one round of two ANDs
-   each; the sum's top bit is ``p[63] ^ g[62]``;
+1. the dealer shares a uniform ring element ``r`` arithmetically and, for its low ``bits`` bits,
+   XOR-wise;
+2. the servers open ``c = (x + r) mod 2^bits`` (uniform, since ``r`` is);
+3. ``x mod 2^bits = c - r = c + ~r + 1`` is recomputed on XOR shares by a Kogge-Stone carry
+   network: ``g = c & ~r`` and ``p = c ^ ~r`` are local (``c`` is public), the carry-in is folded
+   into bit 0, and each level ``g ^= p & (g << k)``, ``p &= p << k`` costs one round of two ANDs;
+   the top bit is ``p[bits-1] ^ carry[bits-2]``;
 4. the XOR-shared bit becomes arithmetic with a dealer bit ``rho`` held both ways: open
    ``z = b ^ rho`` and take ``b = z + rho - 2 z rho``.
 
-Every AND uses a fresh binary Beaver triple, every opened value is masked by fresh uniform
-randomness, so the servers learn nothing beyond the output shares.
+Narrow comparisons are packed: with ``bits < 64`` each 64-bit word carries ``64 // (bits + 1)``
+elements in lanes of ``bits + 1`` bits (one guard bit absorbs the carry when the two shares of
+``c`` are added lane-wise), and every shift of the carry network is masked so that no bit crosses
+a lane. A 20-bit comparison moves three elements per word and needs five levels instead of six.
+
+Every AND uses a fresh binary Beaver triple and every opened value is masked by fresh uniform
+randomness: the servers learn nothing beyond their output shares.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .core import SERVER0, Shared
 
-_KOGGE_STONE = (1, 2, 4, 8, 16, 32)
+
+@dataclass(frozen=True)
+class _Lanes:
+    """Bit layout of packed comparisons: ``count`` lanes of ``width`` bits, ``bits`` used in each."""
+
+    bits: int
+
+    @property
+    def width(self) -> int:
+        return 64 if self.bits == 64 else self.bits + 1
+
+    @property
+    def count(self) -> int:
+        return 64 // self.width
+
+    def repeat(self, pattern: int) -> int:
+        """``pattern`` (a value within one lane) copied into every lane, as a signed int64."""
+        word = sum(pattern << (j * self.width) for j in range(self.count))
+        return word - (1 << 64) if word >= 1 << 63 else word
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """Flat non-negative ``bits``-bit values -> words (zero-padded to whole words)."""
+        if self.count == 1:
+            return values.reshape(-1)
+        flat = values.reshape(-1)
+        pad = (-flat.numel()) % self.count
+        flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, self.count)
+        shifts = torch.arange(self.count, dtype=torch.int64) * self.width
+        return (flat << shifts).sum(-1)
+
+    def unpack_bit(self, words: torch.Tensor, position: int, n: int) -> torch.Tensor:
+        """Bit ``position`` of every lane, for the first ``n`` lanes overall."""
+        shifts = torch.arange(self.count, dtype=torch.int64) * self.width + position
+        return ((words[:, None] >> shifts) & 1).reshape(-1)[:n]
+
+    def low_bits(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.bits == 64 else values & ((1 << self.bits) - 1)
 
 
-def msb(x: Shared) -> Shared:
-    """Shares of 1 where ``x < 0`` and 0 elsewhere (as fixed-point values)."""
+def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
+    """Shares of 1 where ``x < 0`` and 0 elsewhere (fixed point).
+
+    ``drop`` low bits are first truncated locally; the rest must satisfy ``|x| < 2^(bits-1)``.
+    """
     mpc = x.mpc
-    shape = x.shape
-    mpc.next_request()
-    (r,) = mpc.masks(shape)
-    mpc.next_request()
-    (r_bits,) = mpc.dealt([r] if mpc.is_dealer else None, [shape], binary=True)
-    mpc.next_request()
-    (rho,) = mpc.masks(shape, binary=True)
-    rho = rho & 1
-    mpc.next_request()
-    (rho_arith,) = mpc.dealt([rho] if mpc.is_dealer else None, [shape])
+    if drop:
+        x = x.truncate(drop)
+    lanes = _Lanes(bits)
+    n = x.share.numel()
+    words = -(-n // lanes.count)
+    valid = lanes.repeat((1 << bits) - 1 if bits < 64 else -1 & ((1 << 64) - 1))
+    top = lanes.repeat(1 << (bits - 1))
 
-    if mpc.is_dealer:  # the dealer replays the circuit on shapes to produce its AND triples
-        c = r_bits = torch.empty(shape, dtype=torch.int64, device="meta")
+    mpc.next_request()
+    (r,) = mpc.masks(x.shape)
+    mpc.next_request()
+    (r_bits,) = mpc.dealt([lanes.pack(lanes.low_bits(r))] if mpc.is_dealer else None, [(words,)], binary=True)
+    mpc.next_request()
+    (rho,) = mpc.masks((words,), binary=True)
+    rho = rho & top
+    mpc.next_request()
+    (rho_arith,) = mpc.dealt([lanes.unpack_bit(rho, bits - 1, n).view(x.shape)] if mpc.is_dealer else None,
+                             [x.shape])
+
+    if mpc.is_dealer:  # replay the circuit on shapes to produce the AND triples
+        c = r_bits = torch.empty((words,), dtype=torch.int64, device="meta")
     else:
-        c = mpc.open(x + mpc.shared(r))
+        mine = lanes.pack(lanes.low_bits(x.share + r))
+        c = lanes.low_bits(mine + mpc.channel.exchange(mine, mpc.peer)) if bits == 64 else (
+            (mine + mpc.channel.exchange(mine, mpc.peer)) & valid)
     lead = mpc.role == SERVER0
-    s = ~r_bits if lead else r_bits  # ~r, XOR-shared: one party flips its share
+    s = r_bits ^ valid if lead else r_bits  # ~r on the used bits, XOR-shared
     g = c & s
     p = s ^ c if lead else s
-    g = g ^ (p & 1)  # carry-in 1
+    g = g ^ (p & lanes.repeat(1))  # carry-in 1
     p_in = p
-    for shift in _KOGGE_STONE:
-        carried, p = mpc.ands([(p, g << shift), (p, p << shift)])
+    shift = 1
+    while shift < bits - 1:
+        keep = lanes.repeat(((1 << bits) - 1) ^ ((1 << shift) - 1)) if bits < 64 else -(1 << shift)
+        carried, p = mpc.ands([(p, (g << shift) & keep), (p, (p << shift) & keep)])
         g = g ^ carried
-    bit = ((p_in ^ (g << 1)) >> 63) & 1
+        shift *= 2
+    bit_words = (p_in ^ (g << 1)) & top
     if mpc.is_dealer:
-        return mpc.placeholder(shape)
-    masked = bit ^ rho
-    z = masked ^ mpc.channel.exchange(masked, mpc.peer)
+        return mpc.placeholder(x.shape)
+    masked = bit_words ^ rho
+    z_words = masked ^ mpc.channel.exchange(masked, mpc.peer)
+    z = lanes.unpack_bit(z_words, bits - 1, n).view(x.shape)
     arith = rho_arith - 2 * z * rho_arith + (z if lead else 0)
     return mpc.shared(arith * mpc.scale)
 
 
-def drelu(x: Shared) -> Shared:
-    """Shares of ``[x >= 0]``."""
-    return (-msb(x)).add_public(1.0)
+def drelu(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
+    """Shares of ``[x >= 0]`` (see :func:`msb` for ``bits`` and ``drop``)."""
+    return (-msb(x, bits, drop)).add_public(1.0)
 
 
 def relu(x: Shared) -> Shared:
@@ -74,16 +136,15 @@ def select(condition: Shared, if_true: Shared, if_false: Shared) -> Shared:
     return if_false + condition * (if_true - if_false)
 
 
-def maximum(x: Shared, dim: int = -1) -> Shared:
+def maximum(x: Shared, dim: int = -1, bits: int = 64, drop: int = 0) -> Shared:
     """Max over ``dim`` by a tree of comparisons (ceil(log2 n) levels, keepdim=True)."""
-    values = x.share.movedim(dim, -1)
-    current = x.mpc.shared(values)
+    current = x.mpc.shared(x.share.movedim(dim, -1))
     while current.shape[-1] > 1:
         n = current.shape[-1]
         half = n // 2
         a, b = current[..., :half], current[..., half : 2 * half]
         diff = a - b
-        larger = b + drelu(diff) * diff
+        larger = b + drelu(diff, bits, drop) * diff
         if n % 2:
             larger = x.mpc.shared(torch.cat([larger.share, current[..., 2 * half :].share], dim=-1))
         current = larger

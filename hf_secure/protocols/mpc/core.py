@@ -159,24 +159,34 @@ class MPC:
         With masks ``a, b`` and ``c = op(a, b)`` from the dealer, the servers open ``e = x - a`` and
         ``f = y - b`` and compute ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` (the last term
         on server 0 only), then truncate. ``op`` must be bilinear (elementwise product, matmul).
+        A square (the same object twice) uses ``b = a`` and opens only ``e``: half the traffic.
         """
         self.next_request()
-        masks = self.masks(*[shape for x, y in pairs for shape in (x.shape, y.shape)])
+        squares = [x is y for x, y in pairs]
+        masks = iter(self.masks(*[s for (x, y), sq in zip(pairs, squares) for s in ((x.shape,) if sq else (x.shape, y.shape))]))
+        ab = []
+        for sq in squares:
+            a = next(masks)
+            ab.append((a, a if sq else next(masks)))
         meta = [op(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta")).shape for x, y in pairs]
-        a_s, b_s = masks[0::2], masks[1::2]
-        cs = self.dealt([op(a, b) for a, b in zip(a_s, b_s)] if self.is_dealer else None, meta)
+        cs = self.dealt([op(a, b) for a, b in ab] if self.is_dealer else None, meta)
         if self.is_dealer:
             return [self.placeholder(shape) for shape in meta]
-        opened = self.open_many(*[v for (x, y), a, b in zip(pairs, a_s, b_s)
-                                  for v in (x - self.shared(a), y - self.shared(b))])
+        to_open = []
+        for (x, y), (a, b), sq in zip(pairs, ab, squares):
+            to_open.append(x - self.shared(a))
+            if not sq:
+                to_open.append(y - self.shared(b))
+        opened = iter(self.open_many(*to_open))
         out = []
-        for c, a, b, e, f in zip(cs, a_s, b_s, opened[0::2], opened[1::2]):
+        for c, (a, b), sq in zip(cs, ab, squares):
+            e = next(opened)
+            f = e if sq else next(opened)
             z = c + op(e, b) + op(a, f)
             if self.role == SERVER0:
                 z = z + op(e, f)
             out.append(self.shared(z).truncate())
         return out
-
 
     def ands(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Bitwise AND of XOR-shared int64 words, all pairs in one round (binary Beaver triples).

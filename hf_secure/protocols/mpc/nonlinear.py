@@ -32,6 +32,10 @@ from .ring import encode
 ERF_SINE_COEFFS = (1.25772, -0.0299154, 0.382155, -0.0519123, 0.196033, -0.0624557, 0.118029)
 ERF_PERIOD = 20
 _MASK_BITS = 62
+# Narrow comparisons (bits, dropped low bits): the segment test of GeLU needs 6 fractional bits and
+# |u| < 2^13; the max of attention scores 8 fractional bits and |difference| < 2^11.
+GELU_COMPARISON = (20, 10)
+MAX_COMPARISON = (20, 8)
 
 
 def sine_series(x: Shared, coeffs, period: int) -> Shared:
@@ -146,7 +150,7 @@ def gelu(x: Shared) -> Shared:
     u = x.mul_public(1 / math.sqrt(2))
     series = erf_series(u)
     bounds = x.mpc.shared(torch.stack([u.add_public(2.5).share, u.add_public(-2.5).share]))
-    above = drelu(bounds)
+    above = drelu(bounds, *GELU_COMPARISON)
     above_low, above_high = above[0], above[1]
     rise, fall = x.mpc.products([(above_low, series.add_public(1.0)), (above_high, series.add_public(-1.0))])
     erf = (rise - fall).add_public(-1.0)
@@ -170,7 +174,7 @@ def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
     n = scores.shape[-1]
     offset = (1 - mask.to(torch.float64)) * -64.0
     lowered = scores.add_public(offset)
-    t = lowered - lowered.mpc.shared(maximum(lowered).share.expand(lowered.shape).contiguous())
+    t = lowered - lowered.mpc.shared(maximum(lowered, -1, *MAX_COMPARISON).share.expand(lowered.shape).contiguous())
     e = exp_negative(t).mul_public(mask.to(torch.int64))
     total = e.sum(-1, keepdim=True)
     return e * _broadcast(reciprocal(total, bound=float(n), iterations=int(math.log2(n)) + 6), e.shape)
