@@ -25,7 +25,7 @@ def test_local_truncation_error_and_failure_rate():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200_000, generator=gen, dtype=torch.float64) * 1000
     v = encode(x, 32)  # a product's 2f = 32 fractional bits
-    x0, x1 = share(v, gen)
+    x0, x1 = share(v)
     t = truncate_share(x0, 0, 16) + truncate_share(x1, 1, 16)
     err = (t - (v >> 16)).abs()
     # error at most one unit in the last place, except for the rare wrap-around failure
@@ -74,3 +74,18 @@ def _wrong_shape(role, channel):
 def test_wrong_shape_is_rejected():
     with pytest.raises(PartyFailedError, match="expected shape"):
         run_parties(_wrong_shape, {Role.SERVER0: (), Role.SERVER1: ()}, timeout_s=20)
+
+
+def test_prg_streams():
+    from hf_secure.protocols.mpc.prg import PRG
+
+    seed = os.urandom(16)
+    a = PRG.derive(seed, 3, "mask0").ring((4, 5))
+    assert torch.equal(a, PRG.derive(seed, 3, "mask0").ring((4, 5)))  # dealer and server agree
+    assert not torch.equal(a, PRG.derive(seed, 3, "mask1").ring((4, 5)))
+    assert not torch.equal(PRG.fresh().ring((8,)), PRG.fresh().ring((8,)))
+    stream = PRG.derive(seed, "s")
+    first, second = stream.ring((3,)), stream.ring((3,))
+    assert not torch.equal(first, second)  # a stream never repeats itself
+    bits = PRG.fresh().ring((100_000,))
+    assert 0.49 < (bits & 1).double().mean().item() < 0.51

@@ -23,7 +23,6 @@ uniform apart from what the protocol deliberately reveals.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,14 +30,10 @@ import torch
 
 from ...errors import PartyFailedError
 from ...runtime.channel import Channel
-from .ring import DEFAULT_FRAC_BITS, encode, random_ring, truncate_share
+from .prg import PRG
+from .ring import DEFAULT_FRAC_BITS, encode, truncate_share
 
 SERVER0, SERVER1, DEALER = 0, 1, 2
-
-
-def _generator(seed: int, counter: int, label: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{counter}:{label}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass
@@ -55,7 +50,7 @@ class DealerLog:
 class MPC:
     """One party's view of a two-party computation (role 0, 1: servers; 2: dealer)."""
 
-    def __init__(self, role: int, channel: Channel | None, seeds: tuple[int, int] | int,
+    def __init__(self, role: int, channel: Channel | None, seeds: tuple[bytes, bytes] | bytes,
                  frac_bits: int = DEFAULT_FRAC_BITS):
         self.role = role
         self.channel = channel
@@ -77,7 +72,7 @@ class MPC:
 
     # -- correlated randomness ------------------------------------------------------------
     def _uniform(self, party: int, shape, label: str) -> torch.Tensor:
-        return random_ring(shape, _generator(self.seeds[party], self.counter, label))
+        return PRG.derive(self.seeds[party], self.counter, label).ring(shape)
 
     def masks(self, *shapes, binary: bool = False) -> list[torch.Tensor]:
         """Fresh uniform masks: this server's shares (dealer: the masks themselves).

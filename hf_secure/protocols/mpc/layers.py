@@ -4,7 +4,8 @@ A weight ``W`` is shared once by the model owner. At setup each server also draw
 fixed uniform mask ``B`` (from its dealer seed and the weight's name) and the servers open
 ``F = W - B``; ``F`` is uniform, so it says nothing about ``W``. Every later product ``X @ W``
 then needs only a fresh mask ``A`` for ``X``: the dealer supplies ``C = A @ B``, the servers open
-``E = X - A`` and compute ``X @ W = C + E @ B + A @ F + E @ F``. Compared with a plain Beaver
+``E = X - A`` and compute ``X @ W = C + E @ B + A @ F + E @ F`` (two local matmuls per
+server: server 0 keeps ``B_0 + F`` precomputed). Compared with a plain Beaver
 matmul this never re-opens the weight, which is most of the traffic of a linear layer.
 
 Embeddings: the client shares the one-hot rows of its token ids (integers, no fractional bits),
@@ -17,15 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import MPC, SERVER0, Shared, _generator
-from .ring import random_ring
+from .core import MPC, SERVER0, Shared
+from .prg import PRG
 
 
 @dataclass
 class SharedWeight:
     """One party's view of a shared weight: its share, its share of the fixed mask, the opened difference.
 
-    On the dealer ``share`` and ``opened`` are meta tensors and ``mask`` is the whole mask.
+    Server 0 stores ``B_0 + F`` as its ``mask`` so that ``E @ B_0 + E @ F`` is one product; server 1
+    stores ``B_1``. On the dealer ``share`` and ``opened`` are meta tensors and ``mask`` is ``B``.
     """
 
     name: str
@@ -41,7 +43,7 @@ class SharedWeight:
 def weight_mask(mpc: MPC, name: str, shape) -> torch.Tensor:
     """The fixed mask of weight ``name``: this server's share (dealer: the whole mask)."""
     parties = (0, 1) if mpc.is_dealer else (mpc.role,)
-    masks = [random_ring(shape, _generator(mpc.seeds[p], -1, f"weight:{name}")) for p in parties]
+    masks = [PRG.derive(mpc.seeds[p], "weight", name).ring(shape) for p in parties]
     return masks[0] + masks[1] if mpc.is_dealer else masks[0]
 
 
@@ -55,7 +57,9 @@ def prepare_weights(mpc: MPC, shares: dict[str, torch.Tensor], matrices: set[str
         return out
     names = sorted(matrices)
     diffs = mpc.open_many(*[mpc.shared(shares[name] - masks[name]) for name in names])
-    out.update({name: SharedWeight(name, shares[name], masks[name], diff) for name, diff in zip(names, diffs)})
+    for name, diff in zip(names, diffs):
+        mask = masks[name] + diff if mpc.role == SERVER0 else masks[name]
+        out[name] = SharedWeight(name, shares[name], mask, diff)
     return out
 
 
@@ -70,10 +74,7 @@ def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate
         out = mpc.placeholder(out_shape)
     else:
         e = mpc.open(x - mpc.shared(a))
-        z = c + e @ weight.mask + a @ weight.opened
-        if mpc.role == SERVER0:
-            z = z + e @ weight.opened
-        out = mpc.shared(z)
+        out = mpc.shared(c + e @ weight.mask + a @ weight.opened)
         if truncate:
             out = out.truncate()
     return out + bias if bias is not None else out

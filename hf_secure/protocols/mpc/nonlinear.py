@@ -26,6 +26,7 @@ import torch
 
 from .comparison import drelu, maximum
 from .core import MPC, Shared
+from .prg import PRG
 from .ring import encode
 
 # SecFormer's coefficients: erf(u) ~ sum_k b_k sin(k pi u / 10) on [-2.5, 2.5] (period 20 in u).
@@ -46,7 +47,7 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     mpc.next_request()
     shapes = [x.shape] * (1 + 2 * n)
     if mpc.is_dealer:
-        t = torch.randint(0, 1 << _MASK_BITS, tuple(x.shape), dtype=torch.int64)
+        t = PRG.fresh().ring(x.shape) & ((1 << _MASK_BITS) - 1)
         angles = _angles(t, modulus, n)
         dealt = [t] + [encode(torch.sin(a), mpc.frac_bits) for a in angles] + [
             encode(torch.cos(a), mpc.frac_bits) for a in angles]

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .prg import PRG
+
 RING_BITS = 64
 DEFAULT_FRAC_BITS = 16
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def encode(x: torch.Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> torch.Tensor:
@@ -31,14 +32,9 @@ def decode(v: torch.Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> torch.Tensor:
     return (v.double() / (1 << frac_bits)).float()
 
 
-def random_ring(shape, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform elements of Z_2^64."""
-    return torch.randint(_INT64_MIN, _INT64_MAX, tuple(shape), dtype=torch.int64, generator=generator)
-
-
-def share(v: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two additive shares of ``v``: ``v0 + v1 = v`` (mod 2^64)."""
-    v0 = random_ring(v.shape, generator)
+def share(v: torch.Tensor, prg: PRG | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two additive shares of ``v``: ``v0 + v1 = v`` (mod 2^64); ``v0`` from a fresh AES-CTR stream."""
+    v0 = (prg or PRG.fresh()).ring(v.shape)
     return v0, v - v0
 
 

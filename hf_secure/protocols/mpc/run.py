@@ -62,9 +62,9 @@ def _party(role: Role, channel: Channel, program, private, manifest: dict, frac_
         return {"outputs": outputs, "stats": channel.summary(), "seconds": time.perf_counter() - start}
 
     if role == Role.DEALER:
-        seeds = tuple(int.from_bytes(os.urandom(7), "little") for _ in _SERVERS)
+        seeds = tuple(os.urandom(16) for _ in _SERVERS)
         for server, seed in zip(_SERVERS, seeds):
-            channel.send(torch.tensor([seed]), server)
+            channel.send(torch.frombuffer(bytearray(seed), dtype=torch.int64), server)
         mpc = MPC(DEALER, channel, seeds, frac_bits)
         start = time.perf_counter()
         with channel.scope("offline"):
@@ -76,7 +76,7 @@ def _party(role: Role, channel: Channel, program, private, manifest: dict, frac_
 
     owner, client = int(Role.OWNER), int(Role.CLIENT)
     with channel.scope("setup"):
-        seed = int(channel.recv(DEALER, shape=(1,)).item())
+        seed = channel.recv(DEALER, shape=(2,), dtype=torch.int64).numpy().tobytes()
         mpc = MPC(int(role), channel, seed, frac_bits)
         raw = {name: channel.recv(owner, shape=shape, dtype=torch.int64) for name, shape in weight_shapes.items()}
         derived, matrices = program.derive(raw)
@@ -135,5 +135,5 @@ def secure_eval(fn, inputs: list[torch.Tensor], n_outputs: int | None = None, **
 
 def _count_outputs(fn, inputs) -> int:
     """How many values ``fn`` returns, found by a dealer-style replay on shapes (no data, no messages)."""
-    mpc = MPC(DEALER, None, (0, 0))
+    mpc = MPC(DEALER, None, (bytes(16), bytes(16)))
     return len(fn(mpc, *[mpc.placeholder(x.shape) for x in inputs]))
