@@ -48,28 +48,36 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     shapes = [x.shape] * (1 + 2 * n)
     if mpc.is_dealer:
         t = PRG.fresh().ring(x.shape) & ((1 << _MASK_BITS) - 1)
-        angles = _angles(t, modulus, n)
-        dealt = [t] + [encode(torch.sin(a), mpc.frac_bits) for a in angles] + [
-            encode(torch.cos(a), mpc.frac_bits) for a in angles]
-        mpc.dealt(dealt, shapes)
+        sines, cosines = _harmonics(t, modulus, n)
+        mpc.dealt([t] + [encode(s, mpc.frac_bits) for s in sines] + [encode(c, mpc.frac_bits) for c in cosines],
+                  shapes)
         return mpc.placeholder(x.shape)
     t_share, *trig = mpc.dealt(None, shapes)
     sin_t, cos_t = trig[:n], trig[n:]
     d = mpc.open(x - mpc.shared(t_share))
-    angles = _angles(d, modulus, n)
+    sines, cosines = _harmonics(d, modulus, n)
     total = None
-    for b, angle, s_t, c_t in zip(coeffs, angles, sin_t, cos_t):
+    for b, sin_d, cos_d, s_t, c_t in zip(coeffs, sines, cosines, sin_t, cos_t):
         # b sin(kwd) [cos kwt] + b cos(kwd) [sin kwt]: public x shared, local.
-        term = mpc.shared(c_t * encode(b * torch.sin(angle), mpc.frac_bits)
-                          + s_t * encode(b * torch.cos(angle), mpc.frac_bits))
+        term = c_t * encode(b * sin_d, mpc.frac_bits) + s_t * encode(b * cos_d, mpc.frac_bits)
         total = term if total is None else total + term
-    return total.truncate()
+    return mpc.shared(total).truncate()
 
 
-def _angles(v: torch.Tensor, modulus: int, n: int) -> list[torch.Tensor]:
-    """``2 pi k (v mod modulus) / modulus`` for k = 1..n, in float64 (v: fixed-point int64)."""
-    base = torch.remainder(v, modulus).double() * (2 * math.pi / modulus)
-    return [k * base for k in range(1, n + 1)]
+def _harmonics(v: torch.Tensor, modulus: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``sin(k w v)`` and ``cos(k w v)``, k = 1..n, ``w = 2 pi / modulus`` (v: fixed-point int64).
+
+    ``v`` is reduced modulo the period exactly, in integers; higher harmonics come from the angle
+    addition formulas (two transcendental evaluations instead of 2n).
+    """
+    angle = torch.remainder(v, modulus).double() * (2 * math.pi / modulus)
+    s1, c1 = torch.sin(angle), torch.cos(angle)
+    sines, cosines = [s1], [c1]
+    for _ in range(n - 1):
+        s, c = sines[-1], cosines[-1]
+        sines.append(s * c1 + c * s1)
+        cosines.append(c * c1 - s * s1)
+    return sines, cosines
 
 
 def erf_series(u: Shared) -> Shared:
