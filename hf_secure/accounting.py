@@ -1,6 +1,8 @@
-"""What a secure run costs: messages (rounds), bytes each way, and time spent waiting on the server.
+"""What a secure run costs: bytes each way, messages, rounds and seconds.
 
-Every backend owns one :class:`Accounting`; protocols with several parties will keep one per party.
+One :class:`Traffic` per party and scope (a layer, "setup", "online"...) in the multi-party
+runtime, one per connection for the client/server protocols. A round is one wait for a peer's
+answer: a request/response or an exchange.
 """
 
 from __future__ import annotations
@@ -9,21 +11,23 @@ from dataclasses import asdict, dataclass
 
 
 @dataclass
-class Accounting:
-    rounds: int = 0
+class Traffic:
     bytes_sent: int = 0
     bytes_received: int = 0
-    server_seconds: float = 0.0
+    messages: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
 
     def record(self, sent: int, received: int, seconds: float) -> None:
-        self.rounds += 1
+        """One request and its answer (one round)."""
         self.bytes_sent += sent
         self.bytes_received += received
-        self.server_seconds += seconds
+        self.messages += 1
+        self.rounds += 1
+        self.seconds += seconds
 
     def snapshot(self) -> dict:
         return asdict(self)
 
     def reset(self) -> None:
-        self.rounds = self.bytes_sent = self.bytes_received = 0
-        self.server_seconds = 0.0
+        self.__init__()

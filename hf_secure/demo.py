@@ -66,7 +66,7 @@ def run_demo(model: str | None = None, prompt: str | None = None, max_new_tokens
             "rounds": stats["rounds"],
             "bytes_sent": stats["bytes_sent"],
             "bytes_received": stats["bytes_received"],
-            "server_seconds": round(stats["server_seconds"], 3),
+            "server_seconds": round(stats["seconds"], 3),
         }
         for name, value in figures.items():
             print(f"    {name:32s} {value}")

@@ -16,26 +16,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
+from ..accounting import Traffic
 from ..errors import PartyFailedError
 
 MAGIC = 0x6866736563  # "hfsec"
 MAX_DIMS = 6
 _DTYPES = [torch.int64, torch.float32, torch.float64, torch.int32, torch.uint8, torch.bool, torch.int8]
 _HEADER_LEN = 4 + MAX_DIMS
-
-
-@dataclass
-class ScopeStats:
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages: int = 0
-    rounds: int = 0
-    seconds: float = 0.0
 
 
 class Channel:
@@ -45,7 +35,7 @@ class Channel:
         self.rank = rank
         self.session = session
         self.group = group
-        self.stats: dict[str, ScopeStats] = defaultdict(ScopeStats)
+        self.stats: dict[str, Traffic] = defaultdict(Traffic)
         self._scope = "setup"
 
     @contextlib.contextmanager
@@ -130,4 +120,4 @@ class Channel:
         return incoming[_HEADER_LEN:].view(tensor.shape)
 
     def summary(self) -> dict[str, dict]:
-        return {name: vars(s).copy() for name, s in self.stats.items()}
+        return {name: s.snapshot() for name, s in self.stats.items()}

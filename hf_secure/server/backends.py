@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from ..accounting import Accounting
+from ..accounting import Traffic
 from ..errors import InvalidRequestError, ServerError
 from . import wire
 from .runtime import ModelServer
@@ -22,7 +22,7 @@ class InProcessBackend:
 
     def __init__(self, server: ModelServer):
         self.server = server
-        self.stats = Accounting()
+        self.stats = Traffic()
 
     def info(self) -> dict:
         return self.server.info()
@@ -49,7 +49,7 @@ class HttpBackend:
     def __init__(self, url: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, timeout=timeout)
-        self.stats = Accounting()
+        self.stats = Traffic()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
