@@ -1,6 +1,7 @@
 """The ``hf-secure`` command line.
 
     hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
+    hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
     hf-secure serve DIR --port P
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL]
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .errors import HfSecureError
 
@@ -26,6 +28,16 @@ def _convert(args) -> None:
     print(f"converted {args.src} -> {args.out}")
     print(f"client key -> {args.key_out} (fingerprint {section['key_fingerprint']})")
     print("give the key only to clients; `hf-secure serve` needs the folder alone")
+
+
+def _approximate(args) -> None:
+    from .convert import convert_approximate
+
+    text = Path(args.calibration_file).read_text().splitlines() if args.calibration_file else None
+    section = convert_approximate(args.src, args.out, gelu=args.gelu, softmax=args.softmax,
+                                  calibration_text=[line for line in text or [] if line.strip()] or None,
+                                  revision=args.revision)
+    print(f"approximated {args.src} -> {args.out}: {json.dumps(section['approximations'], sort_keys=True)[:200]}")
 
 
 def _serve(args) -> None:
@@ -95,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("--seed", type=int, default=None, help="seed (testing only; default: OS randomness)")
     permute.add_argument("--revision", default=None)
     permute.set_defaults(func=_convert)
+    approximate = protocols.add_parser("approximate", help="MPC-friendly checkpoint for the mpc protocol (BERT)")
+    approximate.add_argument("src", help="local folder or Hub id")
+    approximate.add_argument("--out", required=True, help="output model folder")
+    approximate.add_argument("--gelu", choices=("quad", "secformer"), default="quad")
+    approximate.add_argument("--softmax", choices=("2quad", "exact"), default="2quad")
+    approximate.add_argument("--calibration-file", default=None,
+                             help="text (one sample per line) for the LayerNorm bounds; default: built-in")
+    approximate.add_argument("--revision", default=None)
+    approximate.set_defaults(func=_approximate)
 
     serve = sub.add_parser("serve", help="run the HTTP server for a converted checkpoint")
     serve.add_argument("model", help="converted folder or Hub id")

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModel, AutoTokenizer
+
+from hf_secure.convert import convert_approximate
+from hf_secure.errors import UnknownOptionError, UnsupportedModelError
 from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms
 from hf_secure.protocols.mpc.run import run_program
 
-from .conftest import make_tiny
+from .conftest import make_tiny, minilm_folder
 
 
 def _inputs(model, ids, mask):
@@ -38,3 +47,47 @@ def test_tiny_bert_matches_plaintext(tmp_path):
     err = (hidden[0, valid] - expected[0, valid]).abs().max().item()
     assert err < 0.05, err
     assert report["DEALER"]["offline_bytes"] > 0
+
+
+def _tiny_bert_with_tokenizer(folder):
+    """A tiny random BERT with a real tokenizer (the converter calibrates on text)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    make_tiny("bert", folder, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("gelu, softmax", [("quad", "2quad"), ("secformer", "exact")])
+def test_approximated_checkpoint_plaintext_vs_mpc(tmp_path, gelu, softmax):
+    """The converted MPC-friendly model in plaintext is the reference for the protocol on the same weights."""
+    _tiny_bert_with_tokenizer(tmp_path / "bert")
+    section = convert_approximate(tmp_path / "bert", tmp_path / "approx", gelu=gelu, softmax=softmax)
+    assert set(section["approximations"]["ln_bounds"]) == {"embeddings"} | {f"{i}.ln{j}" for i in (0, 1) for j in (1, 2)}
+    model = AutoModel.from_pretrained(tmp_path / "approx").eval()
+    assert type(model).__name__ == "ApproxBertModel"
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    onehot, public, weights = _inputs(model, ids, mask)
+    program = BertProgram.from_config(model.config, Approximations.from_config(model.config))
+    (hidden,), _ = run_program(program, [onehot], weights, public)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+    valid = mask[0].bool()
+    assert (hidden[0, valid] - expected[0, valid]).abs().max().item() < 0.05
+
+
+def test_approximated_checkpoint_fails_closed_without_hf_secure(tmp_path):
+    _tiny_bert_with_tokenizer(tmp_path / "bert")
+    convert_approximate(tmp_path / "bert", tmp_path / "approx")
+    assert json.loads((tmp_path / "approx" / "config.json").read_text())["hf_secure"]["protocol"] == "mpc"
+    code = f"from transformers import AutoModel; AutoModel.from_pretrained({str(tmp_path / 'approx')!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "hf_secure_approx_bert" in out.stderr
+
+
+def test_approximate_rejects_unknown_options_and_models(tmp_path):
+    make_tiny("gpt2", tmp_path / "gpt2")
+    with pytest.raises(UnknownOptionError, match="gelu"):
+        convert_approximate(tmp_path / "gpt2", tmp_path / "x", gelu="cubic")
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        convert_approximate(tmp_path / "gpt2", tmp_path / "x")

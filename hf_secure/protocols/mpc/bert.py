@@ -38,6 +38,12 @@ class Approximations:
     def bound(self, site: str) -> float:
         return self.ln_bounds.get(site, 1.0)
 
+    @classmethod
+    def from_config(cls, config) -> "Approximations":
+        """What ``hf-secure convert approximate`` recorded in ``config.hf_secure``."""
+        recorded = config.hf_secure["approximations"]
+        return cls(gelu=recorded["gelu"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"])
+
 
 @dataclass(frozen=True)
 class BertProgram:
@@ -104,7 +110,7 @@ class BertProgram:
         q, k, v = split(0), split(1), split(2)
         (scores,) = mpc.products([(q.mul_public(1 / math.sqrt(head_dim)), k.transpose(2, 3))], torch.matmul)
         keep = mask[:, None, None, :].to(torch.int64)
-        probs = softmax(scores, keep) if self.approx.softmax == "exact" else two_quad_softmax(scores, keep, sum_bound=seq * 64.0)
+        probs = softmax(scores, keep) if self.approx.softmax == "exact" else two_quad_softmax(scores, keep, sum_bound=seq * 128.0)
         (context,) = mpc.products([(probs, v)], torch.matmul)
         context = context.transpose(1, 2).reshape(batch, seq, hidden)
         h = self._layer_norm(linear(context, w[f"{i}.o"], w[f"{i}.o.b"]) + h, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], f"{i}.ln1")
