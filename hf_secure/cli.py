@@ -33,10 +33,12 @@ def _convert(args) -> None:
 def _approximate(args) -> None:
     from .convert import convert_approximate
 
-    text = Path(args.calibration_file).read_text().splitlines() if args.calibration_file else None
+    def lines(path):
+        return [line for line in Path(path).read_text().splitlines() if line.strip()] if path else None
+
     section = convert_approximate(args.src, args.out, gelu=args.gelu, softmax=args.softmax,
-                                  calibration_text=[line for line in text or [] if line.strip()] or None,
-                                  revision=args.revision)
+                                  calibration_text=lines(args.calibration_file), distill_text=lines(args.distill),
+                                  distill_epochs=tuple(args.distill_epochs), revision=args.revision)
     print(f"approximated {args.src} -> {args.out}: {json.dumps(section['approximations'], sort_keys=True)[:200]}")
 
 
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     approximate.add_argument("--softmax", choices=("2quad", "exact"), default="2quad")
     approximate.add_argument("--calibration-file", default=None,
                              help="text (one sample per line) for the LayerNorm bounds; default: built-in")
+    approximate.add_argument("--distill", default=None, metavar="TEXT_FILE",
+                             help="distill the approximated model from the original on this text (one sample per line)")
+    approximate.add_argument("--distill-epochs", type=int, nargs=2, default=(2, 1), metavar=("STAGE1", "STAGE2"))
     approximate.add_argument("--revision", default=None)
     approximate.set_defaults(func=_approximate)
 

@@ -91,3 +91,24 @@ def test_approximate_rejects_unknown_options_and_models(tmp_path):
         convert_approximate(tmp_path / "gpt2", tmp_path / "x", gelu="cubic")
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         convert_approximate(tmp_path / "gpt2", tmp_path / "x")
+
+
+def test_distillation_brings_the_approximated_model_closer(tmp_path):
+    """MPCFormer's two stages reduce the student's distance to the original on held-out text."""
+    _tiny_bert_with_tokenizer(tmp_path / "bert")
+    texts = [f"sample sentence number {i} about {w} and the weather" for i, w in
+             enumerate(["cats", "trains", "music", "rivers", "bread", "stars", "maps", "tea"] * 4)]
+    held_out = ["an unseen sentence about mountains and lakes", "numbers 3 5 8 in a row"]
+    plain = convert_approximate(tmp_path / "bert", tmp_path / "plain", gelu="quad", softmax="2quad")
+    tuned = convert_approximate(tmp_path / "bert", tmp_path / "tuned", gelu="quad", softmax="2quad",
+                                distill_text=texts, distill_epochs=(3, 1))
+    assert "distillation" in tuned and "distillation" not in plain
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bert")
+    batch = tokenizer(held_out, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        target = AutoModel.from_pretrained(tmp_path / "bert")(**batch).last_hidden_state
+
+        def distance(folder):
+            return (AutoModel.from_pretrained(folder)(**batch).last_hidden_state - target).pow(2).mean().item()
+
+        assert distance(tmp_path / "tuned") < 0.8 * distance(tmp_path / "plain")
