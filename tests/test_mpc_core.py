@@ -89,3 +89,21 @@ def test_prg_streams():
     assert not torch.equal(first, second)  # a stream never repeats itself
     bits = PRG.fresh().ring((100_000,))
     assert 0.49 < (bits & 1).double().mean().item() < 0.51
+
+
+def _foreign_message(role, channel, kind):
+    from hf_secure.runtime import Channel
+
+    if role == Role.SERVER1:
+        if kind == "session":
+            Channel(1, channel.session + 1).send(torch.zeros(4, dtype=torch.int64), 0)
+        else:
+            channel.send(torch.zeros(4, dtype=torch.float32), 0)
+        return None
+    return channel.recv(1, shape=(4,), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kind, message", [("session", "belongs to session"), ("dtype", "expected torch.int64")])
+def test_shares_of_another_session_or_dtype_are_rejected(kind, message):
+    with pytest.raises(PartyFailedError, match=message):
+        run_parties(_foreign_message, {Role.SERVER0: (kind,), Role.SERVER1: (kind,)}, timeout_s=20)
