@@ -68,7 +68,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
