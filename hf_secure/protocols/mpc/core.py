@@ -115,11 +115,11 @@ class MPC:
 
     def send_offline(self) -> int:
         """Dealer: send server 1 the corrections of the program just replayed; return their bytes."""
-        corrections, self.log = self.log.corrections, DealerLog()
-        self.channel.send(torch.tensor([len(corrections)]), SERVER1)
-        for correction in corrections:
+        log, self.log = self.log, DealerLog()
+        self.channel.send(torch.tensor([len(log.corrections)]), SERVER1)
+        for correction in log.corrections:
             self.channel.send(correction, SERVER1)
-        return sum(t.numel() * t.element_size() for t in corrections)
+        return log.nbytes
 
     # -- values -------------------------------------------------------------------------
     def shared(self, share: torch.Tensor) -> "Shared":
