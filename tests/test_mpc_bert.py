@@ -112,3 +112,34 @@ def test_distillation_brings_the_approximated_model_closer(tmp_path):
             return (AutoModel.from_pretrained(folder)(**batch).last_hidden_state - target).pow(2).mean().item()
 
         assert distance(tmp_path / "tuned") < 0.8 * distance(tmp_path / "plain")
+
+
+def test_session_serves_several_queries_and_fails_cleanly_when_a_server_dies(tmp_path):
+    import os
+    import signal
+    import time
+
+    from hf_secure.errors import PartyFailedError
+    from hf_secure.protocols.mpc.run import MPCSession
+    from hf_secure.runtime import Role
+
+    model = make_tiny("bert", tmp_path / "bert")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    onehot, public, weights = _inputs(model, ids, mask)
+    approx = Approximations(ln_bounds=calibrate_layer_norms(model, ids, mask))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+    session = MPCSession(BertProgram.from_config(model.config, approx), weights, timeout_s=30)
+    try:
+        for _ in range(2):  # weights are shared once; each query has its own offline phase
+            (hidden,), report = session.run([onehot], public)
+            assert (hidden - expected).abs().max().item() < 0.05
+            assert report["DEALER"]["offline_bytes"] > 0
+        os.kill(session._group.procs[Role.SERVER1].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(PartyFailedError):
+            session.run([onehot], public)
+        assert time.monotonic() - start < 40
+    finally:
+        session.close()

@@ -38,6 +38,9 @@ class Role(enum.IntEnum):
     OWNER = 4
 
 
+CONTEXT = mp.get_context("spawn")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -68,6 +71,62 @@ def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeo
             dist.destroy_process_group()
 
 
+class PartyGroup:
+    """One process per role, started together; results and failures come back through a queue."""
+
+    def __init__(self, program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
+                 threads: int = 1):
+        roles = list(args_by_role)
+        if sorted(int(r) for r in roles) != list(range(len(roles))):
+            raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
+        self.timeout_s = timeout_s
+        self.results = CONTEXT.Queue()
+        self._done = CONTEXT.Event()
+        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+        session = int.from_bytes(os.urandom(4), "little")
+        self.procs = {
+            role: CONTEXT.Process(target=party_main, daemon=True,
+                                  args=(role, len(roles), rendezvous, session, timeout_s, program,
+                                        args_by_role[role], self.results, self._done, threads))
+            for role in roles
+        }
+        for proc in self.procs.values():
+            proc.start()
+        self.collected: dict[Role, object] = {}
+
+    def check(self, wait_s: float = 0.0) -> None:
+        """Collect finished parties' results (waiting up to ``wait_s``); raise on a failed or dead party."""
+        try:
+            rank, status, payload = self.results.get(timeout=wait_s) if wait_s else self.results.get_nowait()
+        except queue.Empty:
+            dead = [r.name for r, p in self.procs.items() if not p.is_alive() and r not in self.collected]
+            if dead:
+                time.sleep(0.5)  # a dying party's own report may still be in flight
+                if self.results.empty():
+                    raise PartyFailedError(f"parties {dead} exited without a result") from None
+            return
+        if status == "error":
+            raise PartyFailedError(f"party {Role(rank).name} failed: {payload}")
+        self.collected[Role(rank)] = payload
+
+    def wait(self) -> dict[Role, object]:
+        """Every party's result; raises as soon as one fails, or past the timeout."""
+        deadline = time.monotonic() + self.timeout_s + 30  # start-up (imports) comes on top
+        while len(self.collected) < len(self.procs):
+            if time.monotonic() > deadline:
+                raise PartyFailedError(f"parties did not finish within {self.timeout_s} s")
+            self.check(wait_s=1.0)
+        return self.collected
+
+    def stop(self) -> None:
+        self._done.set()
+        for proc in self.procs.values():
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+
+
 def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
                 threads: int = 1) -> dict[Role, object]:
     """Run ``program(role, channel, *args_by_role[role])`` in one process per role; return ``{role: result}``.
@@ -75,43 +134,8 @@ def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: f
     The roles must be the ranks 0..n-1 (a prefix of :class:`Role`); each process receives only its
     own arguments. Results travel back through a multiprocessing queue, so they must be picklable.
     """
-    roles = list(args_by_role)
-    if sorted(int(r) for r in roles) != list(range(len(roles))):
-        raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    done = ctx.Event()
-    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-    session = int.from_bytes(os.urandom(4), "little")
-    procs = {
-        role: ctx.Process(target=party_main, daemon=True,
-                          args=(role, len(roles), rendezvous, session, timeout_s, program, args_by_role[role],
-                                results, done, threads))
-        for role in roles
-    }
-    for proc in procs.values():
-        proc.start()
-    collected: dict[Role, object] = {}
-    deadline = time.monotonic() + timeout_s + 30  # start-up (imports) comes on top of the protocol timeout
+    group = PartyGroup(program, args_by_role, timeout_s, threads)
     try:
-        while len(collected) < len(roles):
-            try:
-                rank, status, payload = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                dead = [r.name for r, p in procs.items() if not p.is_alive() and r not in collected]
-                if time.monotonic() > deadline:
-                    raise PartyFailedError(f"parties did not finish within {timeout_s} s") from None
-                if dead and all(not p.is_alive() for p in procs.values()):
-                    raise PartyFailedError(f"parties {dead} exited without a result") from None
-                continue
-            if status == "error":
-                raise PartyFailedError(f"party {Role(rank).name} failed: {payload}")
-            collected[Role(rank)] = payload
+        return group.wait()
     finally:
-        done.set()
-        for proc in procs.values():
-            proc.join(timeout=2)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-    return collected
+        group.stop()

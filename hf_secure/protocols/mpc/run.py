@@ -1,17 +1,20 @@
-"""Run a two-party computation end to end on this machine: client, model owner, two servers, dealer.
+"""Run two-party programs across real processes: client, model owner, two servers, dealer.
 
-``run_program(program, inputs=..., weights=..., public=...)`` starts one process per role
-(:func:`hf_secure.runtime.run_parties`); each process receives only what its role may know: the
-client its inputs, the owner its weights, everybody the public manifest (shapes, architecture,
-masks and positions). Then:
+An :class:`MPCSession` starts one process per role (:class:`hf_secure.runtime.PartyGroup`); each
+process receives only what its role may know: the owner the weights, everybody the public
+manifest (weight names and shapes). Setup happens once: the dealer sends each server its seed,
+the owner shares the weights, the servers re-lay them out locally (``program.derive``) and open
+the masked matrices (one round). Then every query:
 
-1. setup: the dealer sends each server its seed; the owner shares the weights; the servers
-   re-lay them out locally (``program.derive``) and open the masked matrices (one round);
-   the client shares its inputs;
+1. the client sends the servers and the dealer the public part of the query (input shapes,
+   masks, positions) and the servers its input shares;
 2. offline: the dealer replays ``program.forward`` on shapes only and sends server 1 its
    corrections;
 3. online: both servers run ``program.forward`` on their shares and send the client their output
    shares, which the client reconstructs.
+
+The user's process talks to the client process through a pipe; a party that fails or dies ends
+the query with :class:`~hf_secure.errors.PartyFailedError` within the session timeout.
 
 A program is a picklable object with ``derive(weights) -> (weights, matrices)`` (local re-layout
 of weight shares: transposes, concatenations) and ``forward(mpc, weights, inputs, public) ->
@@ -26,12 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ...runtime import Channel, Role, run_parties
+from ...errors import PartyFailedError
+from ...runtime import CONTEXT, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1
 from .layers import prepare_weights
 from .ring import DEFAULT_FRAC_BITS, decode, encode, share
 
 _SERVERS = (SERVER0, SERVER1)
+_CLIENT, _OWNER = int(Role.CLIENT), int(Role.OWNER)
+_STOP, _FORWARD = 0, 1
 
 
 def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -39,78 +45,175 @@ def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return encode(x, frac_bits) if x.is_floating_point() else x.long()
 
 
-def _send_shares(channel: Channel, tensors, frac_bits: int) -> None:
-    for x in tensors:
-        x0, x1 = share(_encode(x, frac_bits))
-        channel.send(x0, SERVER0)
-        channel.send(x1, SERVER1)
-
-
-def _party(role: Role, channel: Channel, program, private, manifest: dict, frac_bits: int) -> dict:
-    weight_shapes, input_shapes, public = manifest["weights"], manifest["inputs"], manifest["public"]
-    if role == Role.OWNER:
-        with channel.scope("setup"):
-            _send_shares(channel, [private[name] for name in weight_shapes], frac_bits)
-        return {"stats": channel.summary()}
-    if role == Role.CLIENT:
-        with channel.scope("setup"):
-            _send_shares(channel, private, frac_bits)
-        start = time.perf_counter()
-        outputs = []
-        for _ in range(manifest["outputs"]):
-            outputs.append(decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits))
-        return {"outputs": outputs, "stats": channel.summary(), "seconds": time.perf_counter() - start}
-
-    if role == Role.DEALER:
-        seeds = tuple(os.urandom(16) for _ in _SERVERS)
-        for server, seed in zip(_SERVERS, seeds):
-            channel.send(torch.frombuffer(bytearray(seed), dtype=torch.int64), server)
-        mpc = MPC(DEALER, channel, seeds, frac_bits)
-        start = time.perf_counter()
-        with channel.scope("offline"):
-            derived, matrices = program.derive({n: _meta(s) for n, s in weight_shapes.items()})
-            weights = prepare_weights(mpc, derived, matrices)
-            program.forward(mpc, weights, [mpc.placeholder(s) for s in input_shapes], public)
-            nbytes = mpc.send_offline()
-        return {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start, "stats": channel.summary()}
-
-    owner, client = int(Role.OWNER), int(Role.CLIENT)
-    with channel.scope("setup"):
-        seed = channel.recv(DEALER, shape=(2,), dtype=torch.int64).numpy().tobytes()
-        mpc = MPC(int(role), channel, seed, frac_bits)
-        raw = {name: channel.recv(owner, shape=shape, dtype=torch.int64) for name, shape in weight_shapes.items()}
-        derived, matrices = program.derive(raw)
-        weights = prepare_weights(mpc, derived, matrices)
-        inputs = [mpc.shared(channel.recv(client, shape=s, dtype=torch.int64)) for s in input_shapes]
-        if role == SERVER1:
-            mpc.receive_offline()
-    start = time.perf_counter()
-    with channel.scope("online"):
-        outputs = program.forward(mpc, weights, inputs, public)
-        for out in outputs:
-            channel.send(out.share, client)
-    return {"online_seconds": time.perf_counter() - start, "stats": channel.summary()}
-
-
 def _meta(shape) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
 
 
+def _send_public(channel: Channel, public: dict[str, torch.Tensor], to: int) -> None:
+    for name, value in public.items():
+        channel.send(torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8), to)
+        channel.send(value.long(), to)
+
+
+def _recv_public(channel: Channel, count: int) -> dict[str, torch.Tensor]:
+    public = {}
+    for _ in range(count):
+        name = bytes(channel.recv(_CLIENT, dtype=torch.uint8).tolist()).decode()
+        public[name] = channel.recv(_CLIENT, dtype=torch.int64)
+    return public
+
+
+def _session_party(role: Role, channel: Channel, program, private, manifest: dict, frac_bits: int, reports):
+    """The life of one party in a session (see the module docstring)."""
+    weight_shapes = manifest["weights"]
+    if role == Role.OWNER:
+        with channel.scope("setup"):
+            for name in weight_shapes:
+                w0, w1 = share(_encode(private[name], frac_bits))
+                channel.send(w0, SERVER0)
+                channel.send(w1, SERVER1)
+        return {"stats": channel.summary()}
+    if role == Role.CLIENT:
+        return _client_loop(channel, private, frac_bits)
+
+    with channel.scope("setup"):
+        if role == Role.DEALER:
+            seeds = tuple(os.urandom(16) for _ in _SERVERS)
+            for server, seed in zip(_SERVERS, seeds):
+                channel.send(torch.frombuffer(bytearray(seed), dtype=torch.int64), server)
+            mpc = MPC(DEALER, channel, seeds, frac_bits)
+            raw = {name: _meta(shape) for name, shape in weight_shapes.items()}
+        else:
+            seed = channel.recv(DEALER, shape=(2,), dtype=torch.int64).numpy().tobytes()
+            mpc = MPC(int(role), channel, seed, frac_bits)
+            raw = {name: channel.recv(_OWNER, shape=shape, dtype=torch.int64) for name, shape in weight_shapes.items()}
+        derived, matrices = program.derive(raw)
+        weights = prepare_weights(mpc, derived, matrices)
+    while True:
+        op, n_inputs, n_public = channel.recv(_CLIENT, shape=(3,), dtype=torch.int64).tolist()
+        if op == _STOP:
+            return {"stats": channel.summary()}
+        channel.stats.clear()
+        public = _recv_public(channel, n_public)
+        start = time.perf_counter()
+        if role == Role.DEALER:
+            shapes = [tuple(channel.recv(_CLIENT, dtype=torch.int64).tolist()) for _ in range(n_inputs)]
+            with channel.scope("offline"):
+                program.forward(mpc, weights, [mpc.placeholder(s) for s in shapes], public)
+                nbytes = mpc.send_offline()
+            reports.put((int(role), {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start,
+                                     "stats": channel.summary()}))
+            continue
+        inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
+        if role == SERVER1:
+            with channel.scope("offline"):
+                mpc.receive_offline()
+        start = time.perf_counter()
+        with channel.scope("online"):
+            outputs = program.forward(mpc, weights, inputs, public)
+            if role == SERVER0:
+                channel.send(torch.tensor([len(outputs)]), _CLIENT)
+            for out in outputs:
+                channel.send(out.share, _CLIENT)
+        reports.put((int(role), {"online_seconds": time.perf_counter() - start, "stats": channel.summary()}))
+
+
+def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
+    """The client process: relays the user's queries, shares inputs, reconstructs outputs."""
+    while True:
+        request = conn.recv()
+        parties = (SERVER0, SERVER1, DEALER)
+        if request[0] == "stop":
+            for party in parties:
+                channel.send(torch.tensor([_STOP, 0, 0]), party)
+            conn.send(("stopped", None))
+            return {"stats": channel.summary()}
+        _, inputs, public = request
+        try:
+            for party in parties:
+                channel.send(torch.tensor([_FORWARD, len(inputs), len(public)]), party)
+                _send_public(channel, public, party)
+            for x in inputs:
+                channel.send(torch.tensor(x.shape, dtype=torch.int64), DEALER)
+            for x in inputs:
+                x0, x1 = share(_encode(x, frac_bits))
+                channel.send(x0, SERVER0)
+                channel.send(x1, SERVER1)
+            count = int(channel.recv(SERVER0, shape=(1,)).item())
+            outputs = [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits) for _ in range(count)]
+        except PartyFailedError as exc:
+            conn.send(("error", str(exc)))
+            raise
+        conn.send(("ok", outputs))
+
+
+class MPCSession:
+    """Long-lived parties running one program: weights shared once, then any number of queries."""
+
+    def __init__(self, program, weights: dict[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS,
+                 timeout_s: float = 300.0, threads: int = 1):
+        self.timeout_s = timeout_s
+        self._conn, client_end = CONTEXT.Pipe()
+        self._reports = CONTEXT.Queue()
+        manifest = {"weights": {name: tuple(t.shape) for name, t in weights.items()}}
+        private = {Role.CLIENT: client_end, Role.OWNER: weights}
+        args = {role: (program, private.get(role), manifest, frac_bits, self._reports) for role in Role}
+        self._group = PartyGroup(_session_party, args, timeout_s=timeout_s, threads=threads)
+        self.closed = False
+
+    def run(self, inputs: list[torch.Tensor], public: dict[str, torch.Tensor] | None = None):
+        """One query: returns (decoded outputs, {role name: report of this query})."""
+        if self.closed:
+            raise PartyFailedError("this MPC session is closed")
+        self._conn.send(("forward", inputs, public or {}))
+        status, payload = self._await_answer()
+        if status != "ok":
+            self.close()
+            raise PartyFailedError(payload)
+        reports = {}
+        while len(reports) < 3:  # the servers' and the dealer's reports of this query
+            rank, report = self._reports.get(timeout=self.timeout_s)
+            reports[Role(rank).name] = report
+        return payload, reports
+
+    def _await_answer(self):
+        deadline = time.monotonic() + self.timeout_s + 30  # the first query also waits for start-up
+        while not self._conn.poll(0.2):
+            try:
+                self._group.check()
+            except PartyFailedError:
+                self.close()
+                raise
+            if time.monotonic() > deadline:
+                self.close()
+                raise PartyFailedError(f"no answer from the parties within {self.timeout_s} s")
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(p.is_alive() for p in self._group.procs.values()):
+                self._conn.send(("stop",))
+                if self._conn.poll(10):
+                    self._conn.recv()
+        finally:
+            self._group.stop()
+
+    def __enter__(self) -> "MPCSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_program(program, inputs: list[torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
-                public: dict | None = None, n_outputs: int = 1, frac_bits: int = DEFAULT_FRAC_BITS,
-                timeout_s: float = 120.0, threads: int = 1) -> tuple[list[torch.Tensor], dict]:
-    """Evaluate ``program`` on shared inputs and weights; return (decoded outputs, per-role reports)."""
-    weights = weights or {}
-    manifest = {
-        "weights": {name: tuple(t.shape) for name, t in weights.items()},
-        "inputs": [tuple(x.shape) for x in inputs],
-        "public": public or {},
-        "outputs": n_outputs,
-    }
-    private = {Role.CLIENT: inputs, Role.OWNER: weights}
-    args = {role: (program, private.get(role), manifest, frac_bits) for role in Role}
-    results = run_parties(_party, args, timeout_s=timeout_s, threads=threads)
-    return results[Role.CLIENT]["outputs"], {r.name: v for r, v in results.items()}
+                public: dict | None = None, frac_bits: int = DEFAULT_FRAC_BITS, timeout_s: float = 120.0,
+                threads: int = 1) -> tuple[list[torch.Tensor], dict]:
+    """One query in a fresh session: (decoded outputs, per-role reports)."""
+    with MPCSession(program, weights or {}, frac_bits, timeout_s, threads) as session:
+        return session.run(inputs, public)
 
 
 @dataclass(frozen=True)
@@ -126,14 +229,6 @@ class FunctionProgram:
         return self.fn(mpc, *inputs)
 
 
-def secure_eval(fn, inputs: list[torch.Tensor], n_outputs: int | None = None, **kwargs):
-    """``run_program`` for a weightless function; ``n_outputs`` defaults to a dry count on plain inputs."""
-    if n_outputs is None:
-        n_outputs = _count_outputs(fn, inputs)
-    return run_program(FunctionProgram(fn), inputs, n_outputs=n_outputs, **kwargs)
-
-
-def _count_outputs(fn, inputs) -> int:
-    """How many values ``fn`` returns, found by a dealer-style replay on shapes (no data, no messages)."""
-    mpc = MPC(DEALER, None, (bytes(16), bytes(16)))
-    return len(fn(mpc, *[mpc.placeholder(x.shape) for x in inputs]))
+def secure_eval(fn, inputs: list[torch.Tensor], **kwargs):
+    """``run_program`` for a weightless function."""
+    return run_program(FunctionProgram(fn), inputs, **kwargs)
