@@ -143,3 +143,29 @@ def test_session_serves_several_queries_and_fails_cleanly_when_a_server_dies(tmp
         assert time.monotonic() - start < 40
     finally:
         session.close()
+
+
+def test_secure_feature_extraction_pipeline_with_mpc(tmp_path):
+    """pipeline(..., protocol="mpc") on a converted checkpoint matches the plaintext approximated model."""
+    from transformers import pipeline
+
+    import hf_secure  # noqa: F401
+    from hf_secure.modeling import SecureModel
+
+    _tiny_bert_with_tokenizer(tmp_path / "bert")
+    convert_approximate(tmp_path / "bert", tmp_path / "approx", gelu="quad", softmax="2quad")
+    secure = pipeline("secure-feature-extraction", model=str(tmp_path / "approx"), protocol="mpc")
+    plain = pipeline("feature-extraction", model=str(tmp_path / "approx"))
+    try:
+        for text in ["private inference", "a second, longer sentence for the same session"]:
+            got, expected = torch.tensor(secure(text)), torch.tensor(plain(text))
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max().item() < 0.05
+        stats = secure.secure_stats
+        assert stats["rounds"] > 0 and stats["bytes_sent"] > 0
+    finally:
+        secure.model.engine.close()
+    with pytest.raises(UnknownOptionError, match="no key"):
+        SecureModel.from_pretrained(tmp_path / "approx", protocol="mpc", key=tmp_path / "none.safetensors")
+    with pytest.raises(UnknownOptionError, match="protocol"):
+        SecureModel.from_pretrained(tmp_path / "approx", protocol="permute")

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 from ..errors import KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
 from ..hub import push_converted, resolve_folder
 from ..keys import resolve_key
+from ..protocols.mpc.client import MPCBertEngine
 from ..protocols.permute.client import PermuteClient, PermuteKey
 from ..server.backends import HttpBackend, InProcessBackend
 from ..server.runtime import ModelServer, read_section
@@ -35,7 +36,7 @@ from .session_cache import RemoteSessionCache
 # nothing for a client model: accepted and ignored. Anything else is an unknown option.
 _IGNORED_HF_KWARGS = {"_from_pipeline", "_commit_hash", "trust_remote_code", "device_map", "code_revision",
                       "config", "low_cpu_mem_usage", "attn_implementation"}
-_PROTOCOLS = ("permute",)
+_PROTOCOLS = ("permute", "mpc")
 
 
 class SecurePreTrainedModel(PreTrainedModel):
@@ -50,7 +51,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.folder = folder
         self.section = read_section(config)
-        self.engine: PermuteClient | None = None
+        self.engine: PermuteClient | MPCBertEngine | None = None
         self.backend = None
         self.post_init()
 
@@ -71,7 +72,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         *,
         key=None,
         server_url: str | None = None,
-        protocol: str = "permute",
+        protocol: str | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -85,14 +86,15 @@ class SecurePreTrainedModel(PreTrainedModel):
         Args:
             key: path of the client key file; None looks the key up in the local key store.
             server_url: URL of ``hf-secure serve``; None runs the server part in this process.
-            protocol: the protocol the checkpoint was converted for ("permute").
+            protocol: the protocol the checkpoint was converted for ("permute" or "mpc"); None: as
+                recorded in the checkpoint. With "mpc" every party runs on this machine.
             timeout: seconds before a server call fails.
             dtype: float dtype of the client's computation (and of the in-process server).
         """
         unknown = set(kwargs) - _IGNORED_HF_KWARGS
         if unknown:
             raise UnknownOptionError(f"unknown option(s) for {cls.__name__}.from_pretrained: {sorted(unknown)}")
-        if protocol not in _PROTOCOLS:
+        if protocol is not None and protocol not in _PROTOCOLS:
             raise UnknownOptionError(f"unknown protocol {protocol!r}; available: {_PROTOCOLS}")
         if dtype in (None, "auto"):
             dtype = torch.float32
@@ -102,7 +104,7 @@ class SecurePreTrainedModel(PreTrainedModel):
                                 cache_dir=cache_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(folder)
         section = read_section(config)
-        if section["protocol"] != protocol:
+        if protocol is not None and section["protocol"] != protocol:
             raise UnknownOptionError(f"{folder} was converted for protocol {section['protocol']!r}, not {protocol!r}")
         for name, value in section.get("client_config", {}).items():
             setattr(config, name, value)
@@ -110,12 +112,19 @@ class SecurePreTrainedModel(PreTrainedModel):
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
-        if "_from_pipeline" in kwargs and key is None and server_url is None:
+        if "_from_pipeline" in kwargs and key is None and server_url is None and section["protocol"] == "permute":
             return model  # the secure pipeline binds the key it was given (or finds) right after
         return model.bind(key=key, server_url=server_url, timeout=timeout)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0):
-        """Attach the client key and connect to the server. Returns self."""
+        """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
+        if self.section["protocol"] == "mpc":
+            if key is not None or server_url is not None:
+                raise UnknownOptionError("the mpc protocol takes no key and runs its parties locally (no server_url)")
+            if not isinstance(self, SecureModel):
+                raise UnknownOptionError("the mpc protocol supports BERT encoders (SecureModel) for now")
+            self.engine = self.backend = MPCBertEngine(self.folder, self.config, timeout=max(timeout, 300.0))
+            return self
         tensors, meta = resolve_key(key, self.section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))
         if recorded != self.section.get("weights"):
@@ -183,6 +192,13 @@ class SecureModel(SecurePreTrainedModel):
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         engine = self._require_bound()
         self._check_flags(output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs)
+        if isinstance(engine, MPCBertEngine):
+            if inputs_embeds is not None or input_ids is None:
+                raise UnknownOptionError("the mpc protocol takes input_ids (shared as one-hot rows)")
+            if input_ids.min() < 0 or input_ids.max() >= engine.vocab_size:
+                raise UnknownOptionError(f"input_ids out of range [0, {engine.vocab_size})")
+            hidden = engine.hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
+            return BaseModelOutputWithPooling(last_hidden_state=hidden)
         extra = {"attention_mask": attention_mask, "token_type_ids": token_type_ids, "position_ids": position_ids}
         outputs, _ = self._server_forward(engine, input_ids, inputs_embeds, extra, "hidden")
         pooled = outputs.get("pooled")

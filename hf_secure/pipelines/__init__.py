@@ -4,7 +4,9 @@
 ``pipeline("secure-feature-extraction", model=DIR, key=KEYFILE)`` behave like their plain
 counterparts. ``key`` may be omitted once the key is in the local key store
 (``hf-secure keys import``); ``server_url`` reaches ``hf-secure serve`` instead of running the
-server part in this process; ``timeout`` bounds every server call.
+server part in this process; ``timeout`` bounds every server call. ``protocol="mpc"`` runs a
+``hf-secure convert approximate`` BERT checkpoint through two-party secret sharing, every party
+on this machine (``secure-feature-extraction`` only, for now).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ class _SecurePipelineMixin:
 
     secure_model_class: type
 
-    def __init__(self, *args, key=None, server_url=None, timeout: float = 60.0, **kwargs):
+    def __init__(self, *args, key=None, server_url=None, timeout: float = 60.0, protocol: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
+        recorded = self.model.section["protocol"]
+        if protocol is not None and protocol != recorded:
+            raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
         if self.model.engine is None:
             self.model.bind(key=key, server_url=server_url, timeout=timeout)
         elif key is not None or server_url is not None:
