@@ -23,13 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-le
 from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
 from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms  # noqa: E402
-from hf_secure.protocols.mpc.run import run_program  # noqa: E402
-
-
-def online_totals(stats: dict) -> dict:
-    """Sum a server's scopes except setup and offline."""
-    keep = [s for name, s in stats.items() if name not in ("setup", "offline")]
-    return {k: sum(s[k] for s in keep) for k in ("bytes_sent", "bytes_received", "rounds")}
+from hf_secure.protocols.mpc.run import online_traffic, run_program  # noqa: E402
 
 
 def run_ours(model, ids, mask, approx_kind: str) -> dict:
@@ -42,7 +36,7 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
     public = {"attention_mask": mask}
     program = BertProgram.from_config(model.config, approx, from_embeddings=True)
     (out,), report = run_program(program, [hidden], weights, public, timeout_s=3600)
-    s0 = online_totals(report["SERVER0"]["stats"])
+    s0 = online_traffic(report["SERVER0"])
     return {
         "online_seconds": report["SERVER0"]["online_seconds"],
         "bytes": s0["bytes_sent"] + s0["bytes_received"],

@@ -39,6 +39,11 @@ _IGNORED_HF_KWARGS = {"_from_pipeline", "_commit_hash", "trust_remote_code", "de
 _PROTOCOLS = ("permute", "mpc")
 
 
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise UnknownOptionError(f"input_ids out of range [0, {vocab_size})")
+
+
 class SecurePreTrainedModel(PreTrainedModel):
     """Common loading, key binding and transport of the client models."""
 
@@ -159,8 +164,8 @@ class SecurePreTrainedModel(PreTrainedModel):
     def _server_forward(self, engine, input_ids, inputs_embeds, extra, want, session=None, logits_to_keep=0):
         if (input_ids is None) == (inputs_embeds is None):
             raise UnknownOptionError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and (input_ids.min() < 0 or input_ids.max() >= engine.vocab_size):
-            raise UnknownOptionError(f"input_ids out of range [0, {engine.vocab_size})")
+        if input_ids is not None:
+            _check_ids(input_ids, engine.vocab_size)
         inputs = engine.encode(input_ids, inputs_embeds)
         inputs.update({k: v.long() for k, v in extra.items() if v is not None})
         output = engine.server_output(want)
@@ -195,8 +200,7 @@ class SecureModel(SecurePreTrainedModel):
         if isinstance(engine, MPCBertEngine):
             if inputs_embeds is not None or input_ids is None:
                 raise UnknownOptionError("the mpc protocol takes input_ids (shared as one-hot rows)")
-            if input_ids.min() < 0 or input_ids.max() >= engine.vocab_size:
-                raise UnknownOptionError(f"input_ids out of range [0, {engine.vocab_size})")
+            _check_ids(input_ids, engine.vocab_size)
             hidden = engine.hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
             return BaseModelOutputWithPooling(last_hidden_state=hidden)
         extra = {"attention_mask": attention_mask, "token_type_ids": token_type_ids, "position_ids": position_ids}

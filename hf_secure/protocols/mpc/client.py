@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ...accounting import Traffic
 from .bert import Approximations, BertProgram
-from .run import MPCSession
+from .run import MPCSession, online_traffic
 
 
 class MPCBertEngine:
@@ -44,13 +44,10 @@ class MPCBertEngine:
         }
         onehot = torch.nn.functional.one_hot(input_ids, self.vocab_size)
         (hidden,), reports = self.session.run([onehot], public)
-        server = reports["SERVER0"]
-        totals = [s for name, s in server["stats"].items() if name != "offline"]
-        self.stats.bytes_sent += sum(s["bytes_sent"] for s in totals)
-        self.stats.bytes_received += sum(s["bytes_received"] for s in totals)
-        self.stats.rounds += sum(s["rounds"] for s in totals)
-        self.stats.messages += sum(s["messages"] for s in totals)
-        self.stats.seconds += server["online_seconds"]
+        traffic = online_traffic(reports["SERVER0"])
+        for name, value in traffic.items():
+            setattr(self.stats, name, getattr(self.stats, name) + value)
+        self.stats.seconds += reports["SERVER0"]["online_seconds"]
         return hidden
 
     def close(self) -> None:

@@ -80,7 +80,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     lanes = _Lanes(bits)
     n = x.share.numel()
     words = -(-n // lanes.count)
-    valid = lanes.repeat((1 << bits) - 1 if bits < 64 else -1 & ((1 << 64) - 1))
+    valid = lanes.repeat((1 << bits) - 1)
     top = lanes.repeat(1 << (bits - 1))
 
     mpc.next_request()
@@ -98,8 +98,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
         c = r_bits = torch.empty((words,), dtype=torch.int64, device="meta")
     else:
         mine = lanes.pack(lanes.low_bits(x.share + r))
-        c = lanes.low_bits(mine + mpc.channel.exchange(mine, mpc.peer)) if bits == 64 else (
-            (mine + mpc.channel.exchange(mine, mpc.peer)) & valid)
+        c = (mine + mpc.channel.exchange(mine, mpc.peer)) & valid
     lead = mpc.role == SERVER0
     s = r_bits ^ valid if lead else r_bits  # ~r on the used bits, XOR-shared
     g = c & s
@@ -108,7 +107,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     p_in = p
     shift = 1
     while shift < bits - 1:
-        keep = lanes.repeat(((1 << bits) - 1) ^ ((1 << shift) - 1)) if bits < 64 else -(1 << shift)
+        keep = lanes.repeat(((1 << bits) - 1) ^ ((1 << shift) - 1))
         carried, p = mpc.ands([(p, (g << shift) & keep), (p, (p << shift) & keep)])
         g = g ^ carried
         shift *= 2

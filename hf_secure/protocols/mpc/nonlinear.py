@@ -183,7 +183,7 @@ def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
     n = scores.shape[-1]
     offset = (1 - mask.to(torch.float64)) * -64.0
     lowered = scores.add_public(offset)
-    t = lowered - lowered.mpc.shared(maximum(lowered, -1, *MAX_COMPARISON).share.expand(lowered.shape).contiguous())
+    t = lowered - _broadcast(maximum(lowered, -1, *MAX_COMPARISON), lowered.shape)
     e = exp_negative(t).mul_public(mask.to(torch.int64))
     total = e.sum(-1, keepdim=True)
     return e * _broadcast(reciprocal(total, bound=float(n), iterations=int(math.log2(n)) + 6), e.shape)

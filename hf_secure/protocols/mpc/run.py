@@ -208,6 +208,12 @@ class MPCSession:
         self.close()
 
 
+def online_traffic(report: dict) -> dict:
+    """A server's traffic in one query, summed over its scopes (layers), offline phase excluded."""
+    scopes = [s for name, s in report["stats"].items() if name not in ("setup", "offline")]
+    return {k: sum(s[k] for s in scopes) for k in ("bytes_sent", "bytes_received", "messages", "rounds")}
+
+
 def run_program(program, inputs: list[torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
                 public: dict | None = None, frac_bits: int = DEFAULT_FRAC_BITS, timeout_s: float = 120.0,
                 threads: int = 1) -> tuple[list[torch.Tensor], dict]:
