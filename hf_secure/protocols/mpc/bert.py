@@ -5,44 +5,20 @@ to (in, out), fuse Q/K/V) before the masked matrices are opened once at setup. P
 one-hot rows of the token ids (shared by the client). Public: positions, token types and the
 padding mask (the sequence length is public in every protocol here).
 
-Approximations (``Approximations``):
-
-* ``gelu="secformer"``: segmented erf with the secure sine series; ``"quad"``: MPCFormer's Quad
-  (for distilled models).
-* ``softmax="exact"``: max by comparisons, ``(1 + t/256)^256``, Goldschmidt division;
-  ``"2quad"``: ``(s + 5)^2`` normalised (for distilled models).
-* LayerNorm: Goldschmidt inverse square root after deflation by a public bound per LayerNorm
-  site, calibrated in plaintext (:func:`calibrate_layer_norms`) and stored with the checkpoint.
+Approximations (GeLU, softmax, LayerNorm bounds): :mod:`.approximations`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .approximations import Approximations, calibrate_norms, scope
 from .core import MPC, Shared
 from .layers import linear, rows
-from .nonlinear import gelu, layer_norm, quad_gelu, softmax, two_quad_softmax
-
-
-@dataclass(frozen=True)
-class Approximations:
-    gelu: str = "secformer"
-    softmax: str = "exact"
-    ln_iterations: int = 12
-    ln_bounds: dict = field(default_factory=dict)  # LayerNorm site -> variance deflation bound
-
-    def bound(self, site: str) -> float:
-        return self.ln_bounds.get(site, 1.0)
-
-    @classmethod
-    def from_config(cls, config) -> "Approximations":
-        """What ``hf-secure convert approximate`` recorded in ``config.hf_secure``."""
-        recorded = config.hf_secure["approximations"]
-        return cls(gelu=recorded["gelu"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"])
+from .nonlinear import layer_norm
 
 
 @dataclass(frozen=True)
@@ -87,7 +63,7 @@ class BertProgram:
             matrices |= {f"{i}.qkv", f"{i}.o", f"{i}.ffn1", f"{i}.ffn2"}
         return out, matrices
 
-    def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict) -> list[Shared]:
+    def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict, state: dict) -> list[Shared]:
         (h,) = inputs
         mask = public["attention_mask"]
         if not self.from_embeddings:  # h is one-hot token ids
@@ -95,7 +71,7 @@ class BertProgram:
             h = h + rows(mpc, w["pos"], public["position_ids"]) + rows(mpc, w["type"], public["token_type_ids"])
             h = self._layer_norm(h, w["emb_ln.w"], w["emb_ln.b"], "embeddings")
         for i in range(self.num_layers):
-            with _scope(mpc, f"layer.{i}"):
+            with scope(mpc, f"layer.{i}"):
                 h = self._layer(mpc, w, i, h, mask)
         return [h]
 
@@ -109,47 +85,29 @@ class BertProgram:
 
         q, k, v = split(0), split(1), split(2)
         (scores,) = mpc.products([(q.mul_public(1 / math.sqrt(head_dim)), k.transpose(2, 3))], torch.matmul)
-        keep = mask[:, None, None, :].to(torch.int64)
-        probs = softmax(scores, keep) if self.approx.softmax == "exact" else two_quad_softmax(scores, keep, sum_bound=seq * 128.0)
+        probs = self.approx.attention_probs(scores, mask[:, None, None, :].to(torch.int64))
         (context,) = mpc.products([(probs, v)], torch.matmul)
         context = context.transpose(1, 2).reshape(batch, seq, hidden)
         h = self._layer_norm(linear(context, w[f"{i}.o"], w[f"{i}.o.b"]) + h, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], f"{i}.ln1")
         inner = linear(h, w[f"{i}.ffn1"], w[f"{i}.ffn1.b"])
-        inner = gelu(inner) if self.approx.gelu == "secformer" else quad_gelu(inner)
-        out = linear(inner, w[f"{i}.ffn2"], w[f"{i}.ffn2.b"])
+        out = linear(self.approx.act(inner), w[f"{i}.ffn2"], w[f"{i}.ffn2.b"])
         return self._layer_norm(out + h, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], f"{i}.ln2")
 
     def _layer_norm(self, x: Shared, weight: Shared, bias: Shared, site: str) -> Shared:
         return layer_norm(x, weight, bias, self.eps, self.approx.bound(site), self.approx.ln_iterations)
 
 
-def _scope(mpc: MPC, name: str):
-    return mpc.channel.scope(name) if mpc.channel is not None else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def calibrate_layer_norms(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          margin: float = 1.5) -> dict[str, float]:
-    """Plaintext pass recording each LayerNorm's largest input variance; bound = margin * max / 2.
-
-    Deflating by that bound puts the largest variance at ``1 / margin`` of Goldschmidt's fast
-    range (0, 2]; smaller variances need more iterations (``Approximations.ln_iterations``).
-    """
+def norm_sites(num_layers: int) -> dict[str, str]:
+    """BERT's LayerNorm modules and their site names in ``Approximations.ln_bounds``."""
     sites = {"embeddings.LayerNorm": "embeddings"}
-    for i in range(model.config.num_hidden_layers):
+    for i in range(num_layers):
         sites[f"encoder.layer.{i}.attention.output.LayerNorm"] = f"{i}.ln1"
         sites[f"encoder.layer.{i}.output.LayerNorm"] = f"{i}.ln2"
-    seen: dict[str, float] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name in sites:
-            def record(mod, args, out, site=sites[name]):
-                var = args[0].double().var(-1, unbiased=False).max().item() + mod.eps
-                seen[site] = max(seen.get(site, 0.0), var)
-            hooks.append(module.register_forward_hook(record))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {site: margin * var / 2 for site, var in seen.items()}
+    return sites
+
+
+def calibrate_layer_norms(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          margin: float = 1.5) -> dict[str, float]:
+    """The LayerNorm bounds of a BERT model from a plaintext pass (:func:`.approximations.calibrate_norms`)."""
+    return calibrate_norms(model, norm_sites(model.config.num_hidden_layers), margin,
+                           input_ids=input_ids, attention_mask=attention_mask)

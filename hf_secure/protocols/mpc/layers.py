@@ -8,6 +8,10 @@ then needs only a fresh mask ``A`` for ``X``: the dealer supplies ``C = A @ B``,
 server: server 0 keeps ``B_0 + F`` precomputed). Compared with a plain Beaver
 matmul this never re-opens the weight, which is most of the traffic of a linear layer.
 
+The same holds for any shared value used as the right operand of many products: the keys and
+values of a causal model's KV cache are "fixed" (:func:`fix`) once when their token is computed,
+and every later attention step opens only the query side.
+
 Embeddings: the client shares the one-hot rows of its token ids (integers, no fractional bits),
 and the lookup is the product ``onehot @ E`` above, without truncation.
 """
@@ -39,6 +43,25 @@ class SharedWeight:
     def shape(self) -> torch.Size:
         return self.share.shape
 
+    def _map(self, fn) -> "SharedWeight":
+        return SharedWeight(self.name, fn(self.share), fn(self.mask), fn(self.opened))
+
+    def transpose(self, a: int, b: int) -> "SharedWeight":
+        return self._map(lambda t: t.transpose(a, b))
+
+    def narrow(self, dim: int, length: int) -> "SharedWeight":
+        """The first ``length`` entries along ``dim`` (cropping a cache)."""
+        return self._map(lambda t: t.narrow(dim, 0, length))
+
+    def repeat_interleave(self, repeats: int, dim: int) -> "SharedWeight":
+        """Each slice repeated ``repeats`` times (grouped-query attention's key/value heads)."""
+        return self if repeats == 1 else self._map(lambda t: t.repeat_interleave(repeats, dim))
+
+    def cat(self, other: "SharedWeight", dim: int) -> "SharedWeight":
+        """Append ``other`` along ``dim`` (growing a cache); fixed masks stay what they were."""
+        return SharedWeight(self.name, *(torch.cat([a, b], dim) for a, b in
+                                         zip((self.share, self.mask, self.opened), (other.share, other.mask, other.opened))))
+
 
 def weight_mask(mpc: MPC, name: str, shape) -> torch.Tensor:
     """The fixed mask of weight ``name``: this server's share (dealer: the whole mask)."""
@@ -63,8 +86,19 @@ def prepare_weights(mpc: MPC, shares: dict[str, torch.Tensor], matrices: set[str
     return out
 
 
+def fix(mpc: MPC, *values: Shared) -> list[SharedWeight]:
+    """Give shared values fixed masks and open their differences, all in one round."""
+    mpc.next_request()
+    masks = mpc.masks(*[v.shape for v in values])
+    if mpc.is_dealer:
+        return [SharedWeight("fixed", v.share, m, v.share) for v, m in zip(values, masks)]
+    diffs = mpc.open_many(*[v - mpc.shared(m) for v, m in zip(values, masks)])
+    return [SharedWeight("fixed", v.share, m + d if mpc.role == SERVER0 else m, d)
+            for v, m, d in zip(values, masks, diffs)]
+
+
 def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate: bool = True) -> Shared:
-    """``x @ W (+ bias)`` with ``W`` stored (in, out); one round."""
+    """``x @ W (+ bias)`` with ``W`` stored (in, out) (or batched: ``[..., in, out]``); one round."""
     mpc = x.mpc
     mpc.next_request()
     (a,) = mpc.masks(x.shape)

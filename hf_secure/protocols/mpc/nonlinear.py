@@ -7,6 +7,9 @@
   in integers): the period of the series, not 2 pi. ``d`` hides ``x`` statistically: for
   ``|x| < 2^l`` (fixed-point units) its distribution is within ``2^(l - 62)`` of independent of ``x``.
 * :func:`erf_series` -- SecFormer's Fourier approximation of erf on [-2.5, 2.5] (period 20).
+* :func:`gelu`, :func:`silu` -- ``0.5 x (1 + g)`` with ``g`` odd and saturating: ``erf(x / sqrt 2)``
+  for GeLU, ``tanh(x / 2)`` for SiLU (``x sigmoid(x)``). ``g`` is a sine series on ``[-c, c]`` and
+  -1 / +1 outside, chosen by two comparisons (SecFormer's segmentation).
 * :func:`inv_sqrt` -- Goldschmidt: ``x0 = v / s`` (input deflation by a public bound ``s`` so that
   ``x0`` lies in (0, 3)), ``y0 = 1``; repeat ``m = (3 - x) / 2; x <- x m^2; y <- y m``; then
   ``y -> 1 / sqrt(x0)`` and ``1 / sqrt(v) = y / sqrt(s)``.
@@ -32,10 +35,16 @@ from .ring import encode
 # SecFormer's coefficients: erf(u) ~ sum_k b_k sin(k pi u / 10) on [-2.5, 2.5] (period 20 in u).
 ERF_SINE_COEFFS = (1.25772, -0.0299154, 0.382155, -0.0519123, 0.196033, -0.0624557, 0.118029)
 ERF_PERIOD = 20
+# tanh(x / 2) ~ sum_k b_k sin(2 pi k x / 22) on [-8, 8] (least squares, max error 6e-4; SiLU error
+# 2.7e-3 including the jump at |x| = 8). Small coefficients: fixed-point errors are not amplified.
+TANH_HALF_SINE_COEFFS = (1.165308, -0.066778, 0.213696, -0.03896, 0.046832, -0.008945, 0.006753)
+TANH_HALF_PERIOD = 22
+SILU_CUT = 8.0
+ERF_CUT = 2.5
 _MASK_BITS = 62
-# Narrow comparisons (bits, dropped low bits): the segment test of GeLU needs 6 fractional bits and
-# |u| < 2^13; the max of attention scores 8 fractional bits and |difference| < 2^11.
-GELU_COMPARISON = (20, 10)
+# Narrow comparisons (bits, dropped low bits): the segment tests of GeLU and SiLU need 6 fractional
+# bits and |u| < 2^13; the max of attention scores 8 fractional bits and |difference| < 2^11.
+SEGMENT_COMPARISON = (20, 10)
 MAX_COMPARISON = (20, 8)
 
 
@@ -131,11 +140,15 @@ def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: f
     return scaled * _broadcast(inv_sqrt(var, var_bound, iterations), x.shape) + bias
 
 
-def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
-    """RMSNorm (Llama) over the last dimension."""
+def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float, iterations: int = 8) -> Shared:
+    """RMSNorm (Llama) over the last dimension; ``ms_bound``: public deflation bound of the mean square.
+
+    Rounds as in :func:`layer_norm`: ``x^2`` and ``x * gamma`` together, the inverse square root, one product.
+    """
     n = x.shape[-1]
-    ms = x.square().sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
-    return (x * _broadcast(inv_sqrt(ms, ms_bound), x.shape)) * _broadcast(weight, x.shape)
+    squared, scaled = x.mpc.products([(x, x), (x, _broadcast(weight, x.shape))])
+    ms = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
+    return scaled * _broadcast(inv_sqrt(ms, ms_bound, iterations), x.shape)
 
 
 def _broadcast(v: Shared, shape) -> Shared:
@@ -154,16 +167,23 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0, sum_bou
     return q * _broadcast(reciprocal(total, sum_bound), q.shape)
 
 
+def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
+    """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``."""
+    bounds = x.mpc.shared(torch.stack([u.add_public(cut).share, u.add_public(-cut).share]))
+    above = drelu(bounds, *SEGMENT_COMPARISON)
+    rise, fall = x.mpc.products([(above[0], series.add_public(1.0)), (above[1], series.add_public(-1.0))])
+    return (x * (rise - fall)).mul_public(0.5)  # 1 + g = rise - fall
+
+
 def gelu(x: Shared) -> Shared:
-    """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))``, erf = -1 / series / +1 on u < -2.5 / between / u >= 2.5."""
+    """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))`` with the segmented sine-series erf."""
     u = x.mul_public(1 / math.sqrt(2))
-    series = erf_series(u)
-    bounds = x.mpc.shared(torch.stack([u.add_public(2.5).share, u.add_public(-2.5).share]))
-    above = drelu(bounds, *GELU_COMPARISON)
-    above_low, above_high = above[0], above[1]
-    rise, fall = x.mpc.products([(above_low, series.add_public(1.0)), (above_high, series.add_public(-1.0))])
-    erf = (rise - fall).add_public(-1.0)
-    return (x * erf.add_public(1.0)).mul_public(0.5)
+    return _odd_saturating(x, u, erf_series(u), ERF_CUT)
+
+
+def silu(x: Shared) -> Shared:
+    """SiLU ``x sigmoid(x) = 0.5 x (1 + tanh(x / 2))`` with a segmented sine series for tanh (Llama)."""
+    return _odd_saturating(x, x, sine_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD), SILU_CUT)
 
 
 def exp_negative(t: Shared, squarings: int = 8) -> Shared:

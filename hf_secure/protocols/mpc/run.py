@@ -17,8 +17,10 @@ The user's process talks to the client process through a pipe; a party that fail
 the query with :class:`~hf_secure.errors.PartyFailedError` within the session timeout.
 
 A program is a picklable object with ``derive(weights) -> (weights, matrices)`` (local re-layout
-of weight shares: transposes, concatenations) and ``forward(mpc, weights, inputs, public) ->
-list[Shared]``; it must be data-oblivious.
+of weight shares: transposes, concatenations) and ``forward(mpc, weights, inputs, public, state)
+-> list[Shared]``; it must be data-oblivious. ``state`` is a dict of the party's own that lives as
+long as the session (a decoder keeps its KV cache shares there; the dealer, replaying on shapes,
+keeps the matching masks).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def _session_party(role: Role, channel: Channel, program, private, manifest: dic
             raw = {name: channel.recv(_OWNER, shape=shape, dtype=torch.int64) for name, shape in weight_shapes.items()}
         derived, matrices = program.derive(raw)
         weights = prepare_weights(mpc, derived, matrices)
+    state = {}  # what a program keeps between queries (a decoder's KV cache shares)
     while True:
         op, n_inputs, n_public = channel.recv(_CLIENT, shape=(3,), dtype=torch.int64).tolist()
         if op == _STOP:
@@ -99,7 +102,7 @@ def _session_party(role: Role, channel: Channel, program, private, manifest: dic
         if role == Role.DEALER:
             shapes = [tuple(channel.recv(_CLIENT, dtype=torch.int64).tolist()) for _ in range(n_inputs)]
             with channel.scope("offline"):
-                program.forward(mpc, weights, [mpc.placeholder(s) for s in shapes], public)
+                program.forward(mpc, weights, [mpc.placeholder(s) for s in shapes], public, state)
                 nbytes = mpc.send_offline()
             reports.put((int(role), {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start,
                                      "stats": channel.summary()}))
@@ -110,7 +113,7 @@ def _session_party(role: Role, channel: Channel, program, private, manifest: dic
                 mpc.receive_offline()
         start = time.perf_counter()
         with channel.scope("online"):
-            outputs = program.forward(mpc, weights, inputs, public)
+            outputs = program.forward(mpc, weights, inputs, public, state)
             if role == SERVER0:
                 channel.send(torch.tensor([len(outputs)]), _CLIENT)
             for out in outputs:
@@ -231,7 +234,7 @@ class FunctionProgram:
     def derive(self, weights):
         return weights, set()
 
-    def forward(self, mpc, weights, inputs, public):
+    def forward(self, mpc, weights, inputs, public, state):
         return self.fn(mpc, *inputs)
 
 

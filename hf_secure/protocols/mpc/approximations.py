@@ -1,0 +1,100 @@
+"""Which approximation each nonlinearity uses, and the public constants they need.
+
+Recorded by ``hf-secure convert approximate`` in ``config.hf_secure["approximations"]``:
+
+* ``activation``: ``"secformer_gelu"`` (segmented sine-series erf), ``"quad_gelu"`` (MPCFormer's
+  Quad, for distilled models) or ``"series_silu"`` (segmented sine-series tanh, Llama). The
+  plaintext model registers the same function in ``ACT2FN`` as ``"hf_secure_" + activation``.
+* ``softmax``: ``"exact"`` (max by comparisons, ``(1 + t/256)^256``, Goldschmidt division) or
+  ``"2quad"`` (MPCFormer's ``(s + 5)^2`` normalised, for distilled models).
+* ``ln_bounds``: per normalisation site, the public bound by which LayerNorm's variance (RMSNorm's
+  mean square) is deflated before Goldschmidt's inverse square root; calibrated in plaintext on the
+  owner's text (:func:`calibrate_norms`). It is a coarse statistic of the model's activations and
+  is public to the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import UnknownOptionError
+from .core import MPC, Shared
+from .nonlinear import gelu, quad_gelu, silu, softmax, two_quad_softmax
+
+ACTIVATIONS = {"secformer_gelu": gelu, "quad_gelu": quad_gelu, "series_silu": silu}
+SOFTMAXES = ("exact", "2quad")
+
+
+@dataclass(frozen=True)
+class Approximations:
+    activation: str = "secformer_gelu"
+    softmax: str = "exact"
+    ln_iterations: int = 12
+    ln_bounds: dict = field(default_factory=dict)  # normalisation site -> deflation bound
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise UnknownOptionError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.softmax not in SOFTMAXES:
+            raise UnknownOptionError(f"softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
+
+    def bound(self, site: str) -> float:
+        return self.ln_bounds.get(site, 1.0)
+
+    def act(self, x: Shared) -> Shared:
+        return ACTIVATIONS[self.activation](x)
+
+    def attention_probs(self, scores: Shared, keep: torch.Tensor) -> Shared:
+        """Softmax over the last dim of ``scores``; ``keep``: public 0/1 mask broadcastable to them."""
+        if self.softmax == "exact":
+            return softmax(scores, keep)
+        return two_quad_softmax(scores, keep, sum_bound=scores.shape[-1] * 128.0)
+
+    @classmethod
+    def from_config(cls, config) -> "Approximations":
+        """What ``hf-secure convert approximate`` recorded in ``config.hf_secure``."""
+        recorded = config.hf_secure["approximations"]
+        return cls(activation=recorded["activation"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"])
+
+
+def scope(mpc: MPC, name: str):
+    """Attribute a block's traffic to ``name`` in the per-scope report (a no-op without a channel)."""
+    return mpc.channel.scope(name) if mpc.channel is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def calibrate_norms(model, sites: dict[str, str], margin: float = 1.5, **inputs) -> dict[str, float]:
+    """Plaintext pass recording each normalisation's largest input statistic; bound = margin * max / 2.
+
+    ``sites`` maps module names (or their last components, e.g. ``"h.0.ln_1"``) to site names. The
+    statistic is the variance plus eps for ``nn.LayerNorm``, the mean square plus eps otherwise
+    (RMSNorm). Deflating by the bound puts the largest value at ``1 / margin`` of Goldschmidt's fast
+    range (0, 2]; smaller ones need more iterations (``Approximations.ln_iterations``).
+    """
+    seen: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        site = next((s for suffix, s in sites.items() if name == suffix or name.endswith("." + suffix)), None)
+        if site is None:
+            continue
+
+        def record(mod, args, out, site=site):
+            x = args[0].double()
+            if isinstance(mod, torch.nn.LayerNorm):
+                stat = x.var(-1, unbiased=False) + mod.eps
+            else:
+                stat = x.pow(2).mean(-1) + getattr(mod, "variance_epsilon", getattr(mod, "eps", 0.0))
+            seen[site] = max(seen.get(site, 0.0), stat.max().item())
+
+        hooks.append(module.register_forward_hook(record))
+    if len(hooks) != len(sites):
+        raise UnknownOptionError(f"found {len(hooks)} of the {len(sites)} normalisation modules to calibrate")
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {site: margin * value / 2 for site, value in seen.items()}

@@ -1,0 +1,79 @@
+"""GPT-2 under two-party secret sharing (keys of ``GPT2LMHeadModel``, unchanged).
+
+Conv1D stores its weights ``(in, out)`` already: products use them as they are (Q/K/V come fused
+in ``c_attn``). Positions are learned embeddings looked up by public position ids; the LM head is
+the (tied) token embedding, transposed. Cache, masks and head: :mod:`.decoder`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .approximations import Approximations, calibrate_norms
+from .core import MPC, Shared
+from .decoder import DecoderProgram, cached_attention, split_heads
+from .layers import linear, rows
+from .nonlinear import layer_norm
+
+
+@dataclass(frozen=True)
+class GPT2Program(DecoderProgram):
+    num_heads: int = 1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_config(cls, config, approx: Approximations) -> "GPT2Program":
+        return cls(config.n_layer, approx, config.n_head, config.layer_norm_epsilon)
+
+    def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        p = "transformer."
+        embed = w[p + "wte.weight"]
+        out = {
+            "embed": embed,
+            "lm_head": w.get("lm_head.weight", embed).transpose(0, 1).contiguous(),
+            "pos": w[p + "wpe.weight"],
+            "final.w": w[p + "ln_f.weight"],
+            "final.b": w[p + "ln_f.bias"],
+        }
+        matrices = {"embed", "lm_head"}
+        for i in range(self.num_layers):
+            b = f"{p}h.{i}."
+            for name, key in (("ln1", "ln_1"), ("ln2", "ln_2")):
+                out[f"{i}.{name}.w"], out[f"{i}.{name}.b"] = w[b + key + ".weight"], w[b + key + ".bias"]
+            for name, key in (("qkv", "attn.c_attn"), ("o", "attn.c_proj"), ("ffn1", "mlp.c_fc"), ("ffn2", "mlp.c_proj")):
+                out[f"{i}.{name}"], out[f"{i}.{name}.b"] = w[b + key + ".weight"], w[b + key + ".bias"]
+                matrices.add(f"{i}.{name}")
+        return out, matrices
+
+    def embed(self, mpc: MPC, w: dict, onehot: Shared, public: dict) -> Shared:
+        return linear(onehot, w["embed"], truncate=False) + rows(mpc, w["pos"], public["position_ids"])
+
+    def layer(self, mpc: MPC, w: dict, i: int, h: Shared, keep: torch.Tensor, public: dict, cache):
+        hidden = h.shape[-1]
+        qkv = linear(self._norm(w, h, f"{i}.ln1"), w[f"{i}.qkv"], w[f"{i}.qkv.b"])
+        q, k, v = (split_heads(qkv[..., j * hidden : (j + 1) * hidden], self.num_heads) for j in range(3))
+        context, cache = cached_attention(q, k, v, cache, keep, 1 / math.sqrt(hidden // self.num_heads), self.approx)
+        h = h + linear(context, w[f"{i}.o"], w[f"{i}.o.b"])
+        inner = linear(self._norm(w, h, f"{i}.ln2"), w[f"{i}.ffn1"], w[f"{i}.ffn1.b"])
+        return h + linear(self.approx.act(inner), w[f"{i}.ffn2"], w[f"{i}.ffn2.b"]), cache
+
+    def final_norm(self, w: dict, h: Shared) -> Shared:
+        return self._norm(w, h, "final")
+
+    def _norm(self, w: dict, x: Shared, site: str) -> Shared:
+        return layer_norm(x, w[site + ".w"], w[site + ".b"], self.eps, self.approx.bound(site), self.approx.ln_iterations)
+
+
+def norm_sites(num_layers: int) -> dict[str, str]:
+    sites = {"transformer.ln_f": "final"}
+    for i in range(num_layers):
+        sites[f"transformer.h.{i}.ln_1"] = f"{i}.ln1"
+        sites[f"transformer.h.{i}.ln_2"] = f"{i}.ln2"
+    return sites
+
+
+def calibrate(model, margin: float = 1.5, **inputs) -> dict[str, float]:
+    return calibrate_norms(model, norm_sites(model.config.n_layer), margin, **inputs)
