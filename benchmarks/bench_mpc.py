@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-level "benchmarks"
 from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
-from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms  # noqa: E402
+from hf_secure.protocols.mpc.approximations import Approximations
+from hf_secure.protocols.mpc.approximations import Approximations  # noqa: E402
+from hf_secure.protocols.mpc.bert import BertProgram, calibrate  # noqa: E402
 from hf_secure.protocols.mpc.run import online_traffic, run_program  # noqa: E402
 
 
@@ -30,8 +32,8 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
     with torch.no_grad():
         hidden = model.embeddings(input_ids=ids)
         reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    bounds = calibrate_layer_norms(model, ids, mask)
-    approx = Approximations(gelu="secformer", softmax="exact", ln_bounds=bounds)
+    bounds = calibrate(model, input_ids=ids, attention_mask=mask)
+    approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds)
     weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     public = {"attention_mask": mask}
     program = BertProgram.from_config(model.config, approx, from_embeddings=True)

@@ -17,7 +17,8 @@ import time
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms
+from hf_secure.protocols.mpc.approximations import Approximations
+from hf_secure.protocols.mpc.bert import BertProgram, calibrate
 from hf_secure.protocols.mpc.run import run_program
 
 SENTENCES = [
@@ -68,7 +69,7 @@ def main() -> None:
     model = AutoModel.from_pretrained(src).eval()
     tokenizer = AutoTokenizer.from_pretrained(src)
     calib = tokenizer(CALIBRATION, return_tensors="pt", padding=True)  # the owner's text, disjoint from SENTENCES
-    approx = Approximations(ln_bounds=calibrate_layer_norms(model, calib["input_ids"], calib["attention_mask"]))
+    approx = Approximations(ln_bounds=calibrate(model, input_ids=calib["input_ids"], attention_mask=calib["attention_mask"]))
     program = BertProgram.from_config(model.config, approx)
     weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and not k.startswith("pooler.")}
     cosines, online = [], []

@@ -109,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("--seed", type=int, default=None, help="seed (testing only; default: OS randomness)")
     permute.add_argument("--revision", default=None)
     permute.set_defaults(func=_convert)
-    approximate = protocols.add_parser("approximate", help="MPC-friendly checkpoint for the mpc protocol (BERT)")
+    approximate = protocols.add_parser("approximate", help="MPC-friendly checkpoint for the mpc protocol (BERT, GPT-2, Llama)")
     approximate.add_argument("src", help="local folder or Hub id")
     approximate.add_argument("--out", required=True, help="output model folder")
-    approximate.add_argument("--gelu", choices=("quad", "secformer"), default="quad")
-    approximate.add_argument("--softmax", choices=("2quad", "exact"), default="2quad")
+    approximate.add_argument("--gelu", choices=("quad", "secformer"), default=None,
+                             help="GeLU replacement (BERT, GPT-2); default: quad with --distill, else secformer")
+    approximate.add_argument("--softmax", choices=("2quad", "exact"), default=None,
+                             help="default: 2quad with --distill, else exact")
     approximate.add_argument("--calibration-file", default=None,
                              help="text (one sample per line) for the LayerNorm bounds; default: built-in")
     approximate.add_argument("--distill", default=None, metavar="TEXT_FILE",

@@ -13,7 +13,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from hf_secure.convert import convert_approximate
 from hf_secure.errors import UnknownOptionError, UnsupportedModelError
-from hf_secure.protocols.mpc.bert import Approximations, BertProgram, calibrate_layer_norms
+from hf_secure.protocols.mpc.approximations import Approximations
+from hf_secure.protocols.mpc.bert import BertProgram, calibrate
 from hf_secure.protocols.mpc.run import run_program
 
 from .conftest import make_tiny, minilm_folder
@@ -37,8 +38,8 @@ def test_tiny_bert_matches_plaintext(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding at the end
-    bounds = calibrate_layer_norms(model, ids, mask)
-    approx = Approximations(gelu="secformer", softmax="exact", ln_bounds=bounds)
+    bounds = calibrate(model, input_ids=ids, attention_mask=mask)
+    approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds)
     onehot, public, weights = _inputs(model, ids, mask)
     (hidden,), report = run_program(BertProgram.from_config(model.config, approx), [onehot], weights, public)
     with torch.no_grad():
@@ -86,11 +87,21 @@ def test_approximated_checkpoint_fails_closed_without_hf_secure(tmp_path):
 
 
 def test_approximate_rejects_unknown_options_and_models(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
     make_tiny("gpt2", tmp_path / "gpt2")
     with pytest.raises(UnknownOptionError, match="gelu"):
         convert_approximate(tmp_path / "gpt2", tmp_path / "x", gelu="cubic")
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
-        convert_approximate(tmp_path / "gpt2", tmp_path / "x")
+    with pytest.raises(UnknownOptionError, match="softmax"):
+        convert_approximate(tmp_path / "gpt2", tmp_path / "x", softmax="relu")
+    make_tiny("llama", tmp_path / "llama")
+    with pytest.raises(UnknownOptionError, match="SiLU"):
+        convert_approximate(tmp_path / "llama", tmp_path / "x", gelu="quad")
+    GPTNeoForCausalLM(GPTNeoConfig(num_layers=1, hidden_size=32, num_heads=2, vocab_size=50,
+                                   attention_types=[[["global"], 1]])).save_pretrained(tmp_path / "neo")
+    with pytest.raises(UnsupportedModelError, match="gpt_neo"):
+        convert_approximate(tmp_path / "neo", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_distillation_brings_the_approximated_model_closer(tmp_path):
@@ -127,7 +138,7 @@ def test_session_serves_several_queries_and_fails_cleanly_when_a_server_dies(tmp
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     onehot, public, weights = _inputs(model, ids, mask)
-    approx = Approximations(ln_bounds=calibrate_layer_norms(model, ids, mask))
+    approx = Approximations(ln_bounds=calibrate(model, input_ids=ids, attention_mask=mask))
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).last_hidden_state
     session = MPCSession(BertProgram.from_config(model.config, approx), weights, timeout_s=30)

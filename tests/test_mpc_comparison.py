@@ -1,18 +1,20 @@
-"""Comparison-based protocols on shares: MSB/DReLU/ReLU, max, SecFormer GeLU, exact-style softmax."""
+"""Comparison-based protocols on shares: MSB/DReLU/ReLU, max, SecFormer GeLU, series SiLU, exact-style softmax."""
 
 from __future__ import annotations
 
 import torch
 
 from hf_secure.protocols.mpc.comparison import drelu, maximum, msb, relu, select
-from hf_secure.protocols.mpc.nonlinear import gelu, softmax
+from hf_secure.modeling.approximate import SecFormerGELU, SeriesSiLU
+from hf_secure.protocols.mpc.nonlinear import gelu, silu, softmax
 from hf_secure.protocols.mpc.run import secure_eval
 
 CAUSAL = torch.tril(torch.ones(6, 6, dtype=torch.int64))
 
 
 def _program(mpc, x, a, b, rows, g, scores):
-    return [msb(x), drelu(x), relu(x), select(drelu(a - b), a, b), maximum(rows), gelu(g), softmax(scores, CAUSAL)]
+    return [msb(x), drelu(x), relu(x), select(drelu(a - b), a, b), maximum(rows), gelu(g), silu(g.mul_public(2.0)),
+            softmax(scores, CAUSAL)]
 
 
 def test_comparisons_match_plaintext():
@@ -21,10 +23,10 @@ def test_comparisons_match_plaintext():
     x = torch.tensor([0.0, 2**-16, -(2**-16), 1e-3, -1e-3, 5.0, -5.0, 30000.0, -30000.0, 1e6, -1e6])
     a, b = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
     rows = torch.randn(3, 7, generator=gen) * 10
-    g = torch.linspace(-8, 8, 161)
+    g = torch.cat([torch.linspace(-8, 8, 161), torch.tensor([-4.0 - 2**-16, 4.0 - 2**-16, 20.0, -20.0])])
     scores = torch.randn(2, 6, 6, generator=gen) * 3
     out, report = secure_eval(_program, [x, a, b, rows, g, scores])
-    got_msb, got_drelu, got_relu, got_select, got_max, got_gelu, got_softmax = out
+    got_msb, got_drelu, got_relu, got_select, got_max, got_gelu, got_silu, got_softmax = out
 
     assert torch.equal(got_msb, (x < 0).float())
     assert torch.equal(got_drelu, (x >= 0).float())
@@ -34,6 +36,14 @@ def test_comparisons_match_plaintext():
     # SecFormer's erf series errs by up to ~0.036 on [-2.5, 2.5] (u = x / sqrt 2); GeLU scales it by
     # x / 2, so 0.058 at x ~ 3.5; outside the segment erf is exact (+-1)
     assert (got_gelu - torch.nn.functional.gelu(g)).abs().max() < 0.065
+    # the series tanh errs by <= 6e-4 on [-8, 8]; SiLU by <= 2.7e-3 (segment edges at |x| = 8 included)
+    assert (got_silu - torch.nn.functional.silu(2 * g)).abs().max() < 5e-3
+    # against the plaintext approximations the checkpoints run with: fixed-point error only, except
+    # within 2^-6 of a segment edge, where the narrow comparison may pick the neighbouring segment
+    # (an error of the jump there, ~5e-3 for SiLU at |x| = 8)
+    assert (got_gelu - SecFormerGELU()(g)).abs().max() < 2e-3
+    off_edge = ((2 * g).abs() - 8).abs() > 2**-6
+    assert (got_silu - SeriesSiLU()(2 * g))[off_edge].abs().max() < 2e-3
     expected = torch.softmax(scores.masked_fill(CAUSAL == 0, float("-inf")), -1)
     assert (got_softmax - expected).abs().max() < 1e-2
     assert report["SERVER0"]["stats"]["online"]["rounds"] > 0

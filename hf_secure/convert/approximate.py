@@ -1,10 +1,15 @@
 """``hf-secure convert approximate``: an MPC-friendly checkpoint for the mpc protocol.
 
-The output is a transformers checkpoint of model type ``hf_secure_approx_bert`` (weights under
-BERT's keys, unchanged) whose ``config.json`` records the approximations in its ``hf_secure``
-section: GeLU and softmax replacements, and the public deflation bound of every LayerNorm's
-variance, calibrated in plaintext on the owner's text (a coarse statistic of the model's
+The output is a transformers checkpoint of model type ``hf_secure_approx_{bert,gpt2,llama}``
+(weights under the family's keys, unchanged) whose ``config.json`` records the approximations in
+its ``hf_secure`` section (:mod:`hf_secure.protocols.mpc.approximations`): the activation and
+softmax replacements, and the public deflation bound of every LayerNorm's variance (RMSNorm's mean
+square), calibrated in plaintext on the owner's text (a coarse statistic of the model's
 activations, public to the servers).
+
+Defaults: with ``distill_text``, MPCFormer's cheap replacements (Quad GeLU, 2Quad softmax) that
+distillation makes accurate; without, SecFormer's accurate ones (segmented erf GeLU, exact-style
+softmax). Llama always uses the segmented sine-series SiLU.
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
-from ..modeling.approximate import ApproxBertConfig, ApproxBertModel
-from ..protocols.mpc.bert import calibrate_layer_norms
+from ..modeling.approximate import APPROX_FAMILIES
+from ..protocols.mpc import bert, gpt2, llama
 from .distill import distill
 
-GELU_CHOICES = {"quad": "hf_secure_quad_gelu", "secformer": "hf_secure_secformer_gelu"}
+GELU_CHOICES = ("quad", "secformer")
 SOFTMAX_CHOICES = ("2quad", "exact")
+_CALIBRATE = {"bert": bert.calibrate, "gpt2": gpt2.calibrate, "llama": llama.calibrate}
 DEFAULT_CALIBRATION = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife.",
@@ -31,44 +37,72 @@ DEFAULT_CALIBRATION = [
 ]
 
 
-def convert_approximate(src, out, *, gelu: str = "quad", softmax: str = "2quad",
+def _family(config) -> str:
+    for family, (model_types, _, _) in APPROX_FAMILIES.items():
+        if config.model_type in model_types:
+            return family
+    raise UnsupportedModelError(f"convert approximate supports BERT, GPT-2 and Llama models, got {config.model_type!r}")
+
+
+def _activation(family: str, config, gelu: str) -> tuple[str, dict]:
+    """The activation's name in the section and the config field that selects it in plaintext."""
+    if family == "llama":
+        if config.hidden_act != "silu" and config.model_type == "llama":
+            raise UnsupportedModelError(f"Llama with activation {config.hidden_act!r} (only SiLU is supported)")
+        return "series_silu", {"hidden_act": "hf_secure_series_silu"}
+    if family == "gpt2":
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+            raise UnsupportedModelError("GPT-2 variants with layer-scaled or upcast attention are not supported")
+    activation = f"{gelu}_gelu"
+    return activation, {("activation_function" if family == "gpt2" else "hidden_act"): "hf_secure_" + activation}
+
+
+def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | None = None,
                         calibration_text: list[str] | None = None, distill_text: list[str] | None = None,
                         distill_epochs: tuple[int, int] = (2, 1), revision: str | None = None) -> dict:
-    """Write the approximated checkpoint of ``src`` (a BERT model) to ``out``; return its section.
+    """Write the approximated checkpoint of ``src`` (BERT, GPT-2 or Llama) to ``out``; return its section.
 
     With ``distill_text`` the approximated model is first distilled from the original
     (:mod:`hf_secure.convert.distill`, MPCFormer's two stages); the losses are recorded.
     """
+    config = AutoConfig.from_pretrained(src, revision=revision)
+    family = _family(config)
+    if family == "llama" and gelu is not None:
+        raise UnknownOptionError("Llama uses SiLU (approximated by a segmented sine series): gelu does not apply")
+    gelu = gelu or ("quad" if distill_text else "secformer")
+    softmax = softmax or ("2quad" if distill_text else "exact")
     if gelu not in GELU_CHOICES:
-        raise UnknownOptionError(f"gelu must be one of {sorted(GELU_CHOICES)}, got {gelu!r}")
+        raise UnknownOptionError(f"gelu must be one of {GELU_CHOICES}, got {gelu!r}")
     if softmax not in SOFTMAX_CHOICES:
         raise UnknownOptionError(f"softmax must be one of {SOFTMAX_CHOICES}, got {softmax!r}")
-    config = AutoConfig.from_pretrained(src, revision=revision)
-    if config.model_type not in ("bert", ApproxBertConfig.model_type):
-        raise UnsupportedModelError(f"convert approximate supports BERT models for now, got {config.model_type!r}")
+    _, config_class, model_class = APPROX_FAMILIES[family]
+    activation, act_field = _activation(family, config, gelu)
+    loader = AutoModel if family == "bert" else AutoModelForCausalLM
     # eager attention: the teacher's attention probabilities are distillation targets
-    source = AutoModel.from_pretrained(src, revision=revision, dtype=torch.float32, attn_implementation="eager").eval()
+    source = loader.from_pretrained(src, revision=revision, dtype=torch.float32, attn_implementation="eager").eval()
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "hf_secure")}
-    fields.update(hidden_act=GELU_CHOICES[gelu], softmax_approximation=softmax)
-    model = ApproxBertModel(ApproxBertConfig(**fields)).eval()
+    fields.update(act_field, softmax_approximation=softmax)
+    model = model_class(config_class(**fields)).eval()
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     if unexpected or [k for k in missing if not k.startswith("pooler.")]:
-        raise UnsupportedModelError(f"weights do not map onto BERT: missing {missing}, unexpected {unexpected}")
+        raise UnsupportedModelError(f"weights do not map onto {family}: missing {missing}, unexpected {unexpected}")
 
     tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     history = None
     if distill_text:
         if softmax == "exact":
             model.config._attn_implementation = "eager"
         history = distill(source, model, tokenizer, distill_text, epochs=distill_epochs)
     batch = tokenizer(calibration_text or DEFAULT_CALIBRATION, return_tensors="pt", padding=True)
-    bounds = calibrate_layer_norms(model, batch["input_ids"], batch["attention_mask"])
+    bounds = _CALIBRATE[family](model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     section = {
         "protocol": "mpc",
         "version": 1,
         "hf_secure_version": __version__,
-        "family": "bert",
-        "approximations": {"gelu": gelu, "softmax": softmax, "ln_bounds": bounds},
+        "family": family,
+        "approximations": {"activation": activation, "softmax": softmax, "ln_bounds": bounds},
     }
     if history is not None:
         section["distillation"] = {"texts": len(distill_text), "epochs": list(distill_epochs), "loss": history}
@@ -76,4 +110,6 @@ def convert_approximate(src, out, *, gelu: str = "quad", softmax: str = "2quad",
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if getattr(source, "generation_config", None) is not None and family != "bert":
+        source.generation_config.save_pretrained(out)
     return section

@@ -1,12 +1,12 @@
-"""MPCFormer-style two-stage distillation of an approximated BERT from its original.
+"""MPCFormer-style two-stage distillation of an approximated model from its original.
 
 The student starts from the teacher's weights with the approximations swapped in (that is how
 :func:`~hf_secure.convert.approximate.convert_approximate` builds it).
 
 * Stage 1 (``lr=5e-5``): mean squared error between teacher and student attention
   probabilities of every layer, plus hidden states of every layer, embeddings included.
-* Stage 2 (``lr=1e-5``): the output. For a bare encoder (no task head) that is the mean squared
-  error of the final hidden states, MPCFormer's regression case; padding positions never count.
+* Stage 2 (``lr=1e-5``): the output: the mean squared error of the final hidden states (for a causal
+  LM, the input of its head), MPCFormer's regression case; padding positions never count.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def distillation_loss(teacher, student, batch, stage: int) -> torch.Tensor:
         target = teacher(**batch, output_hidden_states=True, output_attentions=stage == 1)
     out = student(**batch, output_hidden_states=True, output_attentions=stage == 1)
     if stage == 2:
-        return _masked_mse(out.last_hidden_state, target.last_hidden_state, mask)
+        return _masked_mse(out.hidden_states[-1], target.hidden_states[-1], mask)
     loss = sum(_masked_mse(s, t, mask) for s, t in zip(out.hidden_states, target.hidden_states))
     for s, t in zip(out.attentions, target.attentions):  # (batch, heads, query, key): query rows
         loss = loss + _masked_mse(s.transpose(1, 2), t.transpose(1, 2), mask)

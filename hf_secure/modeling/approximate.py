@@ -1,10 +1,12 @@
-"""MPC-friendly BERT in plaintext: the approximations the mpc protocol computes, as a transformers model.
+"""MPC-friendly models in plaintext: the approximations the mpc protocol computes, as transformers models.
 
-``hf-secure convert approximate`` writes checkpoints of model type ``hf_secure_approx_bert``:
-BERT's weights under their usual keys, with
+``hf-secure convert approximate`` writes checkpoints of model type ``hf_secure_approx_bert``,
+``hf_secure_approx_gpt2`` or ``hf_secure_approx_llama``: the family's weights under their usual
+keys, with
 
-* ``hidden_act="hf_secure_quad_gelu"`` (MPCFormer's Quad, ``0.125 x^2 + 0.25 x + 0.5``) or
-  ``"hf_secure_secformer_gelu"`` (SecFormer's segmented sine-series erf), registered in ``ACT2FN``;
+* the activation ``"hf_secure_quad_gelu"`` (MPCFormer's Quad, ``0.125 x^2 + 0.25 x + 0.5``),
+  ``"hf_secure_secformer_gelu"`` (SecFormer's segmented sine-series erf) or
+  ``"hf_secure_series_silu"`` (Llama: segmented sine-series tanh), registered in ``ACT2FN``;
 * ``softmax_approximation="2quad"``: MPCFormer's ``(s + 5)^2`` normalised over the unmasked keys,
   registered with the attention and attention-mask interfaces as ``hf_secure_2quad``.
 
@@ -18,11 +20,29 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AttentionInterface, AutoConfig, AutoModel, BertConfig, BertModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.activations import ACT2FN
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from ..protocols.mpc.nonlinear import ERF_SINE_COEFFS, ERF_PERIOD
+from ..protocols.mpc.nonlinear import (
+    ERF_CUT,
+    ERF_PERIOD,
+    ERF_SINE_COEFFS,
+    SILU_CUT,
+    TANH_HALF_PERIOD,
+    TANH_HALF_SINE_COEFFS,
+)
 
 TWO_QUAD = "hf_secure_2quad"
 TWO_QUAD_SHIFT = 5.0
@@ -35,19 +55,31 @@ class QuadGELU(torch.nn.Module):
         return 0.125 * x * x + 0.25 * x + 0.5
 
 
+def _segmented_series(u: torch.Tensor, coeffs, period: int, cut: float) -> torch.Tensor:
+    """``-1`` / ``sum_k b_k sin(2 pi k u / period)`` / ``+1`` for ``u < -cut`` / between / ``u >= cut``."""
+    series = sum(b * torch.sin(2 * math.pi * k * u / period) for k, b in enumerate(coeffs, 1))
+    return torch.where(u < -cut, -1.0, torch.where(u >= cut, 1.0, series))
+
+
 class SecFormerGELU(torch.nn.Module):
-    """``0.5 x (1 + erf(x / sqrt 2))`` with SecFormer's erf: -1, sine series, +1 on u < -2.5, between, >= 2.5."""
+    """``0.5 x (1 + erf(x / sqrt 2))`` with SecFormer's segmented sine-series erf."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x / math.sqrt(2)
-        series = sum(b * torch.sin(2 * math.pi * k * u / ERF_PERIOD) for k, b in enumerate(ERF_SINE_COEFFS, 1))
-        erf = torch.where(u < -2.5, -1.0, torch.where(u >= 2.5, 1.0, series))
-        return 0.5 * x * (1 + erf)
+        return 0.5 * x * (1 + _segmented_series(x / math.sqrt(2), ERF_SINE_COEFFS, ERF_PERIOD, ERF_CUT))
+
+
+class SeriesSiLU(torch.nn.Module):
+    """``x sigmoid(x) = 0.5 x (1 + tanh(x / 2))`` with a segmented sine-series tanh."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + _segmented_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD, SILU_CUT))
 
 
 def two_quad_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention with 2Quad in place of softmax; ``attention_mask`` is the additive eager mask."""
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     keep = torch.ones_like(scores) if attention_mask is None else (attention_mask == 0).to(scores.dtype)
     quad = (scores + TWO_QUAD_SHIFT) ** 2 * keep
@@ -56,9 +88,10 @@ def two_quad_attention(module, query, key, value, attention_mask, scaling=None, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-class ApproxBertConfig(BertConfig):
-    model_type = "hf_secure_approx_bert"
-    softmax_approximation: str = "2quad"  # "2quad" or "exact"
+class _ApproxConfig:
+    """Mixin: the softmax replacement (``"2quad"`` or ``"exact"``) selects the attention function."""
+
+    softmax_approximation: str = "2quad"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -66,14 +99,46 @@ class ApproxBertConfig(BertConfig):
             self._attn_implementation = TWO_QUAD
 
 
+class ApproxBertConfig(_ApproxConfig, BertConfig):
+    model_type = "hf_secure_approx_bert"
+
+
 class ApproxBertModel(BertModel):
     config_class = ApproxBertConfig
+
+
+class ApproxGPT2Config(_ApproxConfig, GPT2Config):
+    model_type = "hf_secure_approx_gpt2"
+
+
+class ApproxGPT2LMHeadModel(GPT2LMHeadModel):
+    config_class = ApproxGPT2Config
+
+
+class ApproxLlamaConfig(_ApproxConfig, LlamaConfig):
+    model_type = "hf_secure_approx_llama"
+
+
+class ApproxLlamaForCausalLM(LlamaForCausalLM):
+    config_class = ApproxLlamaConfig
+
+
+# family -> (source model types, config class, model class)
+APPROX_FAMILIES = {
+    "bert": (("bert", ApproxBertConfig.model_type), ApproxBertConfig, ApproxBertModel),
+    "gpt2": (("gpt2", ApproxGPT2Config.model_type), ApproxGPT2Config, ApproxGPT2LMHeadModel),
+    "llama": (("llama", ApproxLlamaConfig.model_type), ApproxLlamaConfig, ApproxLlamaForCausalLM),
+}
 
 
 def register_approximations() -> None:
     ACT2FN["hf_secure_quad_gelu"] = QuadGELU
     ACT2FN["hf_secure_secformer_gelu"] = SecFormerGELU
+    ACT2FN["hf_secure_series_silu"] = SeriesSiLU
     AttentionInterface.register(TWO_QUAD, two_quad_attention)
     AttentionMaskInterface.register(TWO_QUAD, eager_mask)
     AutoConfig.register(ApproxBertConfig.model_type, ApproxBertConfig, exist_ok=True)
     AutoModel.register(ApproxBertConfig, ApproxBertModel, exist_ok=True)
+    for config_class, model_class in ((ApproxGPT2Config, ApproxGPT2LMHeadModel), (ApproxLlamaConfig, ApproxLlamaForCausalLM)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)

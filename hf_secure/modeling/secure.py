@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 from ..errors import KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
 from ..hub import push_converted, resolve_folder
 from ..keys import resolve_key
-from ..protocols.mpc.client import MPCBertEngine
+from ..protocols.mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine
 from ..protocols.permute.client import PermuteClient, PermuteKey
 from ..server.backends import HttpBackend, InProcessBackend
 from ..server.runtime import ModelServer, read_section
@@ -56,7 +56,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.folder = folder
         self.section = read_section(config)
-        self.engine: PermuteClient | MPCBertEngine | None = None
+        self.engine: PermuteClient | MPCEngine | None = None
         self.backend = None
         self.post_init()
 
@@ -126,9 +126,13 @@ class SecurePreTrainedModel(PreTrainedModel):
         if self.section["protocol"] == "mpc":
             if key is not None or server_url is not None:
                 raise UnknownOptionError("the mpc protocol takes no key and runs its parties locally (no server_url)")
-            if not isinstance(self, SecureModel):
-                raise UnknownOptionError("the mpc protocol supports BERT encoders (SecureModel) for now")
-            self.engine = self.backend = MPCBertEngine(self.folder, self.config, timeout=max(timeout, 300.0))
+            causal = self.section.get("family", "bert") != "bert"
+            if causal != isinstance(self, SecureModelForCausalLM):
+                wanted = "SecureModelForCausalLM" if causal else "SecureModel"
+                raise UnknownOptionError(f"this {self.section.get('family', 'bert')} checkpoint runs as {wanted} "
+                                         f"with protocol='mpc', not {type(self).__name__}")
+            engine_class = MPCCausalEngine if causal else MPCBertEngine
+            self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0))
             return self
         tensors, meta = resolve_key(key, self.section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))
@@ -179,6 +183,11 @@ class SecurePreTrainedModel(PreTrainedModel):
         if session is not None:
             session.length = length
         return outputs, output
+
+    def secure_report(self) -> dict | None:
+        """mpc: the last query's report per role (bytes, messages, rounds, seconds per scope -- one
+        scope per layer -- and the dealer's offline bytes and seconds); None for other protocols."""
+        return getattr(self.engine, "last_report", None)
 
     def save_pretrained(self, save_directory, **kwargs):
         """Copy the converted checkpoint (never the key) to ``save_directory``."""
@@ -233,14 +242,23 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             past_key_values = RemoteSessionCache(self.backend, self.backend.open_session())
         if past_key_values is not None and past_key_values.backend is not self.backend:
             raise ServerError("this cache belongs to another server connection")
-        extra = {"attention_mask": attention_mask, "position_ids": position_ids}
         keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
+        if isinstance(engine, MPCCausalEngine):
+            if inputs_embeds is not None or input_ids is None:
+                raise UnknownOptionError("the mpc protocol takes input_ids (shared as one-hot rows)")
+            _check_ids(input_ids, engine.vocab_size)
+            logits = engine.logits(input_ids, attention_mask, position_ids, past_key_values, keep)
+            return self._causal_output(logits, logits_to_keep, labels, past_key_values if use_cache else None)
+        extra = {"attention_mask": attention_mask, "position_ids": position_ids}
         outputs, output = self._server_forward(engine, input_ids, inputs_embeds, extra, "logits",
                                                session=past_key_values, logits_to_keep=keep)
         logits = engine.decode(outputs[output], "logits")
+        return self._causal_output(logits, logits_to_keep, labels, past_key_values if use_cache else None)
+
+    def _causal_output(self, logits, logits_to_keep, labels, cache) -> CausalLMOutputWithPast:
         if not isinstance(logits_to_keep, int):
             logits = logits[:, logits_to_keep]
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=engine.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.engine.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)

@@ -106,8 +106,7 @@ def norm_sites(num_layers: int) -> dict[str, str]:
     return sites
 
 
-def calibrate_layer_norms(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          margin: float = 1.5) -> dict[str, float]:
+def calibrate(model, margin: float = 1.5, **inputs) -> dict[str, float]:
     """The LayerNorm bounds of a BERT model from a plaintext pass (:func:`.approximations.calibrate_norms`)."""
-    return calibrate_norms(model, norm_sites(model.config.num_hidden_layers), margin,
-                           input_ids=input_ids, attention_mask=attention_mask)
+    return calibrate_norms(model, norm_sites(model.config.num_hidden_layers), margin, **inputs)
+

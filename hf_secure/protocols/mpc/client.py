@@ -1,13 +1,18 @@
-"""The client side of the mpc protocol for drop-in models: a session over a converted BERT.
+"""The client side of the mpc protocol for drop-in models: a session over a converted checkpoint.
 
-``hf-secure convert approximate`` checkpoints carry their approximations and LayerNorm bounds in
-``config.hf_secure``. Here the user's machine plays every role by default (client, model owner,
-both servers and dealer, as separate processes), so the weights come from the local checkpoint;
-the token ids never leave the client process in the clear.
+``hf-secure convert approximate`` checkpoints carry their family, approximations and
+normalisation bounds in ``config.hf_secure``. By default the user's machine plays every role
+(client, model owner, both servers and dealer, as separate processes), so the weights come from
+the local checkpoint; the token ids never leave the client process in the clear.
+
+Each query's reports (per role: bytes, messages, rounds and seconds per scope -- one scope per
+layer -- and the dealer's offline material and time) are kept as ``last_report``; ``stats`` sums
+server 0's online traffic over the engine's life.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from pathlib import Path
 
@@ -15,23 +20,54 @@ import torch
 from safetensors.torch import load_file
 
 from ...accounting import Traffic
-from .bert import Approximations, BertProgram
+from ...errors import UnknownOptionError, UnsupportedModelError
+from .approximations import Approximations
+from .bert import BertProgram
+from .gpt2 import GPT2Program
+from .llama import LlamaProgram
 from .run import MPCSession, online_traffic
 
+PROGRAMS = {"bert": BertProgram, "gpt2": GPT2Program, "llama": LlamaProgram}
 
-class MPCBertEngine:
-    """Runs the BERT encoder of a converted checkpoint through an :class:`MPCSession`."""
+
+def load_program(folder: str, config):
+    """The program and the owner's weights of a converted checkpoint."""
+    family = config.hf_secure.get("family", "bert")
+    if family not in PROGRAMS:
+        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
+    weights = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(load_file(str(path)))
+    weights = {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
+    return PROGRAMS[family].from_config(config, Approximations.from_config(config)), weights
+
+
+class MPCEngine:
+    """A running session of a converted checkpoint, with its accounting."""
 
     def __init__(self, folder: str, config, timeout: float = 300.0):
         self.vocab_size = config.vocab_size
-        weights = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            weights.update(load_file(str(path)))
-        weights = {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
-        program = BertProgram.from_config(config, Approximations.from_config(config))
+        self.family = config.hf_secure.get("family", "bert")
+        program, weights = load_program(folder, config)
         self.session = MPCSession(program, weights, timeout_s=timeout)
         self.stats = Traffic()
+        self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
+
+    def run(self, input_ids: torch.Tensor, public: dict) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(input_ids, self.vocab_size)
+        (out,), self.last_report = self.session.run([onehot], public)
+        for name, value in online_traffic(self.last_report["SERVER0"]).items():
+            setattr(self.stats, name, getattr(self.stats, name) + value)
+        self.stats.seconds += self.last_report["SERVER0"]["online_seconds"]
+        return out
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class MPCBertEngine(MPCEngine):
+    """BERT encoders: final hidden states."""
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask=None, token_type_ids=None,
                       position_ids=None) -> torch.Tensor:
@@ -42,13 +78,52 @@ class MPCBertEngine:
             "position_ids": torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
             if position_ids is None else position_ids,
         }
-        onehot = torch.nn.functional.one_hot(input_ids, self.vocab_size)
-        (hidden,), reports = self.session.run([onehot], public)
-        traffic = online_traffic(reports["SERVER0"])
-        for name, value in traffic.items():
-            setattr(self.stats, name, getattr(self.stats, name) + value)
-        self.stats.seconds += reports["SERVER0"]["online_seconds"]
-        return hidden
+        return self.run(input_ids, public)
 
-    def close(self) -> None:
-        self._finalizer()
+
+class MPCCausalEngine(MPCEngine):
+    """GPT-2 and Llama: logits, with KV caches kept as shares by the servers.
+
+    It is also the "backend" of :class:`~hf_secure.modeling.session_cache.RemoteSessionCache`:
+    ``open_session`` names a cache, ``close_session`` frees it on the servers with the next query.
+    """
+
+    def __init__(self, folder: str, config, timeout: float = 300.0):
+        super().__init__(folder, config, timeout)
+        self._ids = itertools.count(1)
+        self._lengths: dict[int, int] = {}
+        self._drop: list[int] = []
+
+    def open_session(self) -> str:
+        cache_id = next(self._ids)
+        self._lengths[cache_id] = 0
+        return str(cache_id)
+
+    def close_session(self, session_id: str) -> None:
+        if self._lengths.pop(int(session_id), None) is not None:
+            self._drop.append(int(session_id))
+
+    def logits(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, session=None,
+               logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits of the new tokens ``input_ids`` after the ``session.length`` tokens cached (None: no cache)."""
+        cache_id = int(session.session_id) if session is not None else 0
+        past = session.length if session is not None else 0
+        if session is not None and past > self._lengths.get(cache_id, -1):
+            raise UnknownOptionError(f"cache {session.session_id} holds {self._lengths.get(cache_id, 0)} tokens, "
+                                     f"cannot continue from {past}")
+        batch, new = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + new, dtype=torch.long)
+        if attention_mask.shape != (batch, past + new):
+            raise UnknownOptionError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
+                                     f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:  # as transformers derives them from the padding mask
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        public = {"attention_mask": attention_mask.long(), "position_ids": position_ids.long(),
+                  "cache": torch.tensor([cache_id]), "past_length": torch.tensor([past]),
+                  "logits_to_keep": torch.tensor([logits_to_keep]), "drop": torch.tensor(self._drop, dtype=torch.long)}
+        logits = self.run(input_ids, public)
+        self._drop = [] if session is not None else [0]
+        if session is not None:
+            session.length = self._lengths[cache_id] = past + new
+        return logits

@@ -1,0 +1,120 @@
+"""GPT-2 and Llama through the mpc protocol: logits against plaintext, KV cache as shares, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+import hf_secure  # noqa: F401  (registers the approximated model types and the secure pipelines)
+from hf_secure import SecureModel, SecureModelForCausalLM
+from hf_secure.convert import convert_approximate
+from hf_secure.demo import DEMO_MODEL
+from hf_secure.errors import UnknownOptionError
+from hf_secure.protocols.mpc import gpt2, llama
+from hf_secure.protocols.mpc.approximations import Approximations
+from hf_secure.protocols.mpc.run import MPCSession
+
+from .conftest import make_tiny
+
+DEMO = str(DEMO_MODEL)  # the embedded demo GPT-2 (trained on Jane Austen) and its tokenizer
+FAMILIES = {"gpt2": (gpt2, gpt2.GPT2Program, "secformer_gelu"), "llama": (llama, llama.LlamaProgram, "series_silu")}
+LOGIT_TOL = 0.03  # approximations (segmented GeLU/SiLU, exp, Goldschmidt) plus fixed point, on logits of size ~1
+
+
+def _public(mask, past, positions, keep=0, drop=()):
+    return {"attention_mask": mask, "position_ids": positions, "cache": torch.tensor([7]),
+            "past_length": torch.tensor([past]), "logits_to_keep": torch.tensor([keep]),
+            "drop": torch.tensor(list(drop), dtype=torch.long)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_logits_match_plaintext_with_cache_and_padding(tmp_path, family):
+    """Prompt (one row left-padded), two cached steps, then a crop back into the cache."""
+    module, program_class, activation = FAMILIES[family]
+    model = make_tiny(family, tmp_path / family)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    approx = Approximations(activation=activation, softmax="exact",
+                            ln_bounds=module.calibrate(model, input_ids=ids, attention_mask=mask))
+    weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions).logits
+    valid = mask.bool()
+    with MPCSession(program_class.from_config(model.config, approx), weights, timeout_s=60) as session:
+        onehot = torch.nn.functional.one_hot(ids, model.config.vocab_size)
+        (prompt,), report = session.run([onehot[:, :8]], _public(mask[:, :8], 0, positions[:, :8]))
+        assert (prompt - expected[:, :8])[valid[:, :8]].abs().max() < LOGIT_TOL
+        for past in (8, 9):  # one new token each, logits of the last position only
+            (step,), _ = session.run([onehot[:, past : past + 1]],
+                                     _public(mask[:, : past + 1], past, positions[:, past : past + 1], keep=1))
+            assert step.shape == (2, 1, model.config.vocab_size)
+            assert (step - expected[:, past : past + 1]).abs().max() < LOGIT_TOL
+        (crop,), _ = session.run([onehot[:, 6:]], _public(mask, 6, positions[:, 6:]))
+        assert (crop - expected[:, 6:]).abs().max() < LOGIT_TOL
+    assert {f"layer.{i}" for i in range(model.config.num_hidden_layers)} <= set(report["SERVER0"]["stats"])
+
+
+def _tiny_llama_with_tokenizer(folder):
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    make_tiny("llama", folder, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(folder)
+
+
+def test_gpt2_greedy_generation_through_mpc_pipeline_equals_plaintext(tmp_path):
+    """The embedded demo GPT-2 (a trained model), 16 new tokens, through secure-text-generation."""
+    section = convert_approximate(DEMO, tmp_path / "approx")
+    assert section["family"] == "gpt2" and section["approximations"]["activation"] == "secformer_gelu"
+    prompt = "It is a truth universally acknowledged"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "approx")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = {}
+    for name, folder in (("original", DEMO), ("approximated", tmp_path / "approx")):
+        plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+        expected[name] = plain.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    generator = pipeline("secure-text-generation", model=str(tmp_path / "approx"), protocol="mpc")
+    try:
+        text = generator(prompt, max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+        got = tokenizer(text, return_tensors="pt").input_ids[0]
+        assert text == tokenizer.decode(expected["approximated"])
+        assert torch.equal(got, expected["approximated"]) and torch.equal(got, expected["original"])
+        report = generator.model.secure_report()
+        assert report["DEALER"]["offline_bytes"] > 0
+        assert {"layer.0", "layer.3", "lm_head"} <= set(report["SERVER0"]["stats"])
+        assert generator.secure_stats["rounds"] > 16 * 4
+    finally:
+        generator.model.engine.close()
+
+
+def test_llama_greedy_generation_through_mpc_equals_plaintext_and_rejects_bad_input(tmp_path):
+    _tiny_llama_with_tokenizer(tmp_path / "llama")
+    convert_approximate(tmp_path / "llama", tmp_path / "approx")
+    ids = AutoTokenizer.from_pretrained(tmp_path / "approx")("My dear Mr. Bennet", return_tensors="pt").input_ids
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").eval()
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    expected = plain.generate(ids, max_new_tokens=16, do_sample=False)
+    with pytest.raises(UnknownOptionError, match="SecureModelForCausalLM"):
+        SecureModel.from_pretrained(tmp_path / "approx", protocol="mpc")
+    model = SecureModelForCausalLM.from_pretrained(tmp_path / "approx", protocol="mpc")
+    try:
+        got = model.generate(ids, max_new_tokens=16, do_sample=False)
+        assert torch.equal(got, expected)
+        assert torch.equal(got, original.generate(ids, max_new_tokens=16, do_sample=False))
+        with torch.no_grad():
+            logits = model(ids).logits
+            assert (logits - plain(ids).logits).abs().max() < LOGIT_TOL
+        with pytest.raises(UnknownOptionError, match="input_ids"):
+            model(inputs_embeds=torch.zeros(1, 3, 64))
+        with pytest.raises(UnknownOptionError, match="range"):
+            model(torch.tensor([[1, 10**6]]))
+        cache = model(ids, use_cache=True).past_key_values
+        cache.length += 5  # claims tokens the servers never saw
+        with pytest.raises(UnknownOptionError, match="cannot continue"):
+            model(ids[:, :1], past_key_values=cache)
+    finally:
+        model.engine.close()
+    with pytest.raises(UnknownOptionError, match="key"):
+        SecureModelForCausalLM.from_pretrained(tmp_path / "approx", protocol="mpc", key="some.key")
