@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-level "benchmarks"
 from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
-from hf_secure.protocols.mpc.approximations import Approximations
 from hf_secure.protocols.mpc.approximations import Approximations  # noqa: E402
 from hf_secure.protocols.mpc.bert import BertProgram, calibrate  # noqa: E402
 from hf_secure.protocols.mpc.run import online_traffic, run_program  # noqa: E402
