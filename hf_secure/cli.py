@@ -3,6 +3,7 @@
     hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
     hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
     hf-secure serve DIR --port P
+    hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL]
     hf-secure push DIR REPO_ID
@@ -17,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import HfSecureError
+from .errors import HfSecureError, UnknownOptionError
 
 
 def _convert(args) -> None:
@@ -52,6 +53,33 @@ def _serve(args) -> None:
     print(f"serving {folder} on http://{args.host}:{args.port}", flush=True)
     serve(folder, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
           max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
+
+
+def _party(args) -> None:
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from .hub import resolve_folder
+    from .protocols.mpc.client import load_program, load_weights
+    from .protocols.mpc.run import session_party
+    from .runtime import Role, join
+    from .server.runtime import read_section
+
+    folder = resolve_folder(args.model, revision=args.revision)
+    config = AutoConfig.from_pretrained(folder)
+    if read_section(config)["protocol"] != "mpc":
+        raise UnknownOptionError(f"{folder} is not an mpc checkpoint (hf-secure convert approximate)")
+    role = Role[args.role.upper()]
+    program = load_program(config)
+    weights = load_weights(folder) if role == Role.OWNER else None
+    print(f"{role.name.lower()}: joining {args.rendezvous}", flush=True)
+    channel = join(role, args.rendezvous, args.timeout, threads=args.threads)
+    try:
+        result = session_party(role, channel, program, weights)
+    finally:
+        dist.destroy_process_group()
+    setup = result["stats"].get("setup", {})
+    print(f"{role.name.lower()}: session over; setup sent {setup.get('bytes_sent', 0)} bytes", flush=True)
 
 
 def _keys(args) -> None:
@@ -133,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept")
     serve.add_argument("--revision", default=None)
     serve.set_defaults(func=_serve)
+
+    party = sub.add_parser("party", help="run one party of an mpc session (the client is the user's process)")
+    party.add_argument("--role", required=True, choices=("server0", "server1", "dealer", "owner"))
+    party.add_argument("--model", required=True,
+                       help="converted folder or Hub id (config for servers and dealer; weights for the owner)")
+    party.add_argument("--rendezvous", required=True, metavar="tcp://HOST:PORT",
+                       help="where server 0 hosts the rendezvous (the same address for every party)")
+    party.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer counts as failed")
+    party.add_argument("--threads", type=int, default=1)
+    party.add_argument("--revision", default=None)
+    party.set_defaults(func=_party)
 
     keys = sub.add_parser("keys", help="the local key store")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -78,6 +78,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         key=None,
         server_url: str | None = None,
         protocol: str | None = None,
+        rendezvous: str | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -92,7 +93,9 @@ class SecurePreTrainedModel(PreTrainedModel):
             key: path of the client key file; None looks the key up in the local key store.
             server_url: URL of ``hf-secure serve``; None runs the server part in this process.
             protocol: the protocol the checkpoint was converted for ("permute" or "mpc"); None: as
-                recorded in the checkpoint. With "mpc" every party runs on this machine.
+                recorded in the checkpoint. With "mpc" every party runs on this machine, unless
+            rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
+                owner, both servers and the dealer join with ``hf-secure party``.
             timeout: seconds before a server call fails.
             dtype: float dtype of the client's computation (and of the in-process server).
         """
@@ -117,22 +120,26 @@ class SecurePreTrainedModel(PreTrainedModel):
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
-        if "_from_pipeline" in kwargs and key is None and server_url is None and section["protocol"] == "permute":
-            return model  # the secure pipeline binds the key it was given (or finds) right after
-        return model.bind(key=key, server_url=server_url, timeout=timeout)
+        if "_from_pipeline" in kwargs and key is None and server_url is None and rendezvous is None:
+            return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
+        return model.bind(key=key, server_url=server_url, timeout=timeout, rendezvous=rendezvous)
 
-    def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0):
+    def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None):
         """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
+        if self.section["protocol"] != "mpc" and rendezvous is not None:
+            raise UnknownOptionError("rendezvous is an option of the mpc protocol")
         if self.section["protocol"] == "mpc":
             if key is not None or server_url is not None:
-                raise UnknownOptionError("the mpc protocol takes no key and runs its parties locally (no server_url)")
+                raise UnknownOptionError("the mpc protocol takes no key and no server_url (its parties meet at a "
+                                         "rendezvous)")
             causal = self.section.get("family", "bert") != "bert"
             if causal != isinstance(self, SecureModelForCausalLM):
                 wanted = "SecureModelForCausalLM" if causal else "SecureModel"
                 raise UnknownOptionError(f"this {self.section.get('family', 'bert')} checkpoint runs as {wanted} "
                                          f"with protocol='mpc', not {type(self).__name__}")
             engine_class = MPCCausalEngine if causal else MPCBertEngine
-            self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0))
+            self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0),
+                                                      rendezvous=rendezvous)
             return self
         tensors, meta = resolve_key(key, self.section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))

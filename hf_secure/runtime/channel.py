@@ -14,6 +14,7 @@ and per party.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import defaultdict
 import torch
@@ -118,6 +119,13 @@ class Channel:
         stats.messages += 1
         stats.rounds += 1
         return incoming[_HEADER_LEN:].view(tensor.shape)
+
+    def send_json(self, obj, to: int) -> None:
+        """A small JSON-encodable object (a manifest, a report) as one uint8 message."""
+        self.send(torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8), to)
+
+    def recv_json(self, frm: int):
+        return json.loads(self.recv(frm, dtype=torch.uint8).numpy().tobytes().decode())
 
     def summary(self) -> dict[str, dict]:
         return {name: s.snapshot() for name, s in self.stats.items()}

@@ -5,7 +5,9 @@ servers, the dealer (correlated randomness, independent of inputs and weights), 
 the input, reconstructs the output) and the model owner (shares the weights).
 
 ``run_parties`` starts one process per role on this machine (rendezvous on loopback) and returns
-each party's result. If a party raises or dies, the others fail at their next message to it
+each party's result. Parties may also live on other machines: :func:`join` is what every party
+runs, whether :class:`PartyGroup` started it here or ``hf-secure party --role ... --rendezvous
+tcp://HOST:PORT`` started it there (HOST:PORT is where server 0, rank 0, hosts the rendezvous). If a party raises or dies, the others fail at their next message to it
 (gloo notices the closed connection at once) or at the group timeout; the launcher then stops
 whatever still runs and raises :class:`PartyFailedError` with the first error. Nothing hangs past
 ``timeout_s``.
@@ -21,6 +23,7 @@ import queue
 import socket
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -47,20 +50,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeout_s: float,
-               program: Callable, args: tuple, results, done, threads: int) -> None:
-    """One party: join the group, run ``program(role, channel, *args)``, report the result.
+def session_id(rendezvous: str) -> int:
+    """The session number in every message header: the same for all parties of one rendezvous."""
+    return zlib.crc32(rendezvous.encode())
+
+
+def join(role: Role, rendezvous: str, timeout_s: float, world_size: int = len(Role), threads: int = 1) -> Channel:
+    """Join the process group of ``rendezvous`` as ``role``; the party's checked channel."""
+    if rendezvous.startswith(("tcp://127.", "tcp://localhost:")):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=int(role), world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return Channel(int(role), session_id(rendezvous))
+
+
+def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, program: Callable, args: tuple,
+               results, done, threads: int) -> None:
+    """One party started by :class:`PartyGroup`: join, run ``program(role, channel, *args)``, report.
 
     A party that finishes early waits (blocking, idle) until every party is done before it tears
     down the process group: gloo's teardown busy-waits, which would steal a core from the parties
     still computing.
     """
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=rendezvous, rank=int(role), world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        result = program(Role(role), Channel(int(role), session), *args)
+        channel = join(Role(role), rendezvous, timeout_s, world_size, threads)
+        result = program(Role(role), channel, *args)
         results.put((int(role), "ok", result))
         done.wait(timeout_s)
     except BaseException as exc:  # reported to the launcher, which raises it
@@ -72,21 +87,25 @@ def party_main(role: Role, world_size: int, rendezvous: str, session: int, timeo
 
 
 class PartyGroup:
-    """One process per role, started together; results and failures come back through a queue."""
+    """One process per local role, started together; results and failures come back through a queue.
+
+    Without ``rendezvous`` every rank ``0..n-1`` must be local (a loopback group of those roles);
+    with it, the group has ``world_size`` ranks and the missing roles join from elsewhere.
+    """
 
     def __init__(self, program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
-                 threads: int = 1):
+                 threads: int = 1, rendezvous: str | None = None, world_size: int | None = None):
         roles = list(args_by_role)
-        if sorted(int(r) for r in roles) != list(range(len(roles))):
+        if rendezvous is None and sorted(int(r) for r in roles) != list(range(len(roles))):
             raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
         self.timeout_s = timeout_s
         self.results = CONTEXT.Queue()
         self._done = CONTEXT.Event()
-        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-        session = int.from_bytes(os.urandom(4), "little")
+        rendezvous = rendezvous or f"tcp://127.0.0.1:{_free_port()}"
+        world_size = world_size or len(roles)
         self.procs = {
             role: CONTEXT.Process(target=party_main, daemon=True,
-                                  args=(role, len(roles), rendezvous, session, timeout_s, program,
+                                  args=(role, world_size, rendezvous, timeout_s, program,
                                         args_by_role[role], self.results, self._done, threads))
             for role in roles
         }

@@ -3,7 +3,9 @@
 ``hf-secure convert approximate`` checkpoints carry their family, approximations and
 normalisation bounds in ``config.hf_secure``. By default the user's machine plays every role
 (client, model owner, both servers and dealer, as separate processes), so the weights come from
-the local checkpoint; the token ids never leave the client process in the clear.
+the local checkpoint; the token ids never leave the client process in the clear. With
+``rendezvous="tcp://HOST:PORT"`` only the client runs here: the owner, both servers and the dealer
+join from their machines with ``hf-secure party`` (the user's folder then needs only the config).
 
 Each query's reports (per role: bytes, messages, rounds and seconds per scope -- one scope per
 layer -- and the dealer's offline material and time) are kept as ``last_report``; ``stats`` sums
@@ -30,26 +32,31 @@ from .run import MPCSession, online_traffic
 PROGRAMS = {"bert": BertProgram, "gpt2": GPT2Program, "llama": LlamaProgram}
 
 
-def load_program(folder: str, config):
-    """The program and the owner's weights of a converted checkpoint."""
+def load_program(config):
+    """The (public) program of a converted checkpoint: architecture and approximations."""
     family = config.hf_secure.get("family", "bert")
     if family not in PROGRAMS:
         raise UnsupportedModelError(f"no mpc program for model family {family!r}")
+    return PROGRAMS[family].from_config(config, Approximations.from_config(config))
+
+
+def load_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The model owner's weights (float tensors by state-dict key) from a converted checkpoint."""
     weights = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         weights.update(load_file(str(path)))
-    weights = {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
-    return PROGRAMS[family].from_config(config, Approximations.from_config(config)), weights
+    if not weights:
+        raise UnknownOptionError(f"no weights (*.safetensors) in {folder}: the model owner needs them")
+    return {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
 
 
 class MPCEngine:
     """A running session of a converted checkpoint, with its accounting."""
 
-    def __init__(self, folder: str, config, timeout: float = 300.0):
+    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None):
         self.vocab_size = config.vocab_size
-        self.family = config.hf_secure.get("family", "bert")
-        program, weights = load_program(folder, config)
-        self.session = MPCSession(program, weights, timeout_s=timeout)
+        weights = load_weights(folder) if rendezvous is None else None
+        self.session = MPCSession(load_program(config), weights, timeout_s=timeout, rendezvous=rendezvous)
         self.stats = Traffic()
         self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
@@ -88,8 +95,8 @@ class MPCCausalEngine(MPCEngine):
     ``open_session`` names a cache, ``close_session`` frees it on the servers with the next query.
     """
 
-    def __init__(self, folder: str, config, timeout: float = 300.0):
-        super().__init__(folder, config, timeout)
+    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None):
+        super().__init__(folder, config, timeout, rendezvous)
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}
         self._drop: list[int] = []

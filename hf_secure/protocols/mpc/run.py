@@ -1,9 +1,11 @@
 """Run two-party programs across real processes: client, model owner, two servers, dealer.
 
-An :class:`MPCSession` starts one process per role (:class:`hf_secure.runtime.PartyGroup`); each
-process receives only what its role may know: the owner the weights, everybody the public
-manifest (weight names and shapes). Setup happens once: the dealer sends each server its seed,
-the owner shares the weights, the servers re-lay them out locally (``program.derive``) and open
+An :class:`MPCSession` starts one process per role (:class:`hf_secure.runtime.PartyGroup`), or
+only the client's when the other roles run elsewhere (``hf-secure party``, the same
+:func:`session_party`); each process receives only what its role may know: the owner the weights,
+the client the user's queries, everybody the program (public: architecture and approximations).
+Setup happens once: the owner sends the servers and the dealer the manifest (weight names and
+shapes), the dealer sends each server its seed, the owner shares the weights, the servers re-lay them out locally (``program.derive``) and open
 the masked matrices (one round). Then every query:
 
 1. the client sends the servers and the dealer the public part of the query (input shapes,
@@ -11,7 +13,9 @@ the masked matrices (one round). Then every query:
 2. offline: the dealer replays ``program.forward`` on shapes only and sends server 1 its
    corrections;
 3. online: both servers run ``program.forward`` on their shares and send the client their output
-   shares, which the client reconstructs.
+   shares, which the client reconstructs;
+4. the servers and the dealer send the client their reports of the query (traffic per scope,
+   seconds, the dealer's offline material).
 
 The user's process talks to the client process through a pipe; a party that fails or dies ends
 the query with :class:`~hf_secure.errors.PartyFailedError` within the session timeout.
@@ -65,12 +69,18 @@ def _recv_public(channel: Channel, count: int) -> dict[str, torch.Tensor]:
     return public
 
 
-def _session_party(role: Role, channel: Channel, program, private, manifest: dict, frac_bits: int, reports):
-    """The life of one party in a session (see the module docstring)."""
-    weight_shapes = manifest["weights"]
+def session_party(role: Role, channel: Channel, program, private, frac_bits: int = DEFAULT_FRAC_BITS):
+    """The life of one party in a session (see the module docstring); the same wherever it runs.
+
+    ``private`` is what only this role holds: the owner's weights (by state-dict key), the
+    client's pipe to the user's process; None for the servers and the dealer.
+    """
     if role == Role.OWNER:
         with channel.scope("setup"):
-            for name in weight_shapes:
+            manifest = {name: list(t.shape) for name, t in private.items()}
+            for party in (*_SERVERS, DEALER):
+                channel.send_json(manifest, party)
+            for name in manifest:
                 w0, w1 = share(_encode(private[name], frac_bits))
                 channel.send(w0, SERVER0)
                 channel.send(w1, SERVER1)
@@ -79,6 +89,7 @@ def _session_party(role: Role, channel: Channel, program, private, manifest: dic
         return _client_loop(channel, private, frac_bits)
 
     with channel.scope("setup"):
+        weight_shapes = channel.recv_json(_OWNER)
         if role == Role.DEALER:
             seeds = tuple(os.urandom(16) for _ in _SERVERS)
             for server, seed in zip(_SERVERS, seeds):
@@ -104,28 +115,30 @@ def _session_party(role: Role, channel: Channel, program, private, manifest: dic
             with channel.scope("offline"):
                 program.forward(mpc, weights, [mpc.placeholder(s) for s in shapes], public, state)
                 nbytes = mpc.send_offline()
-            reports.put((int(role), {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start,
-                                     "stats": channel.summary()}))
-            continue
-        inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
-        if role == SERVER1:
-            with channel.scope("offline"):
-                mpc.receive_offline()
-        start = time.perf_counter()
-        with channel.scope("online"):
-            outputs = program.forward(mpc, weights, inputs, public, state)
-            if role == SERVER0:
-                channel.send(torch.tensor([len(outputs)]), _CLIENT)
-            for out in outputs:
-                channel.send(out.share, _CLIENT)
-        reports.put((int(role), {"online_seconds": time.perf_counter() - start, "stats": channel.summary()}))
+            report = {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start}
+        else:
+            inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
+            if role == SERVER1:
+                with channel.scope("offline"):
+                    mpc.receive_offline()
+            start = time.perf_counter()
+            with channel.scope("online"):
+                outputs = program.forward(mpc, weights, inputs, public, state)
+                if role == SERVER0:
+                    channel.send(torch.tensor([len(outputs)]), _CLIENT)
+                for out in outputs:
+                    channel.send(out.share, _CLIENT)
+            report = {"online_seconds": time.perf_counter() - start}
+        report["stats"] = channel.summary()
+        with channel.scope("report"):
+            channel.send_json(report, _CLIENT)
 
 
 def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
     """The client process: relays the user's queries, shares inputs, reconstructs outputs."""
+    parties = (SERVER0, SERVER1, DEALER)
     while True:
         request = conn.recv()
-        parties = (SERVER0, SERVER1, DEALER)
         if request[0] == "stop":
             for party in parties:
                 channel.send(torch.tensor([_STOP, 0, 0]), party)
@@ -144,24 +157,33 @@ def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
                 channel.send(x1, SERVER1)
             count = int(channel.recv(SERVER0, shape=(1,)).item())
             outputs = [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits) for _ in range(count)]
+            reports = {Role(party).name: channel.recv_json(party) for party in parties}
         except PartyFailedError as exc:
             conn.send(("error", str(exc)))
             raise
-        conn.send(("ok", outputs))
+        conn.send(("ok", (outputs, reports)))
 
 
 class MPCSession:
-    """Long-lived parties running one program: weights shared once, then any number of queries."""
+    """Long-lived parties running one program: weights shared once, then any number of queries.
 
-    def __init__(self, program, weights: dict[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS,
-                 timeout_s: float = 300.0, threads: int = 1):
+    By default every role runs here, one process each. With ``rendezvous="tcp://HOST:PORT"`` only
+    the client runs here (and the owner too if ``weights`` are given); the other roles join with
+    ``hf-secure party --role ROLE --model DIR --rendezvous tcp://HOST:PORT`` on their machines.
+    """
+
+    def __init__(self, program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
+                 timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None):
         self.timeout_s = timeout_s
         self._conn, client_end = CONTEXT.Pipe()
-        self._reports = CONTEXT.Queue()
-        manifest = {"weights": {name: tuple(t.shape) for name, t in weights.items()}}
         private = {Role.CLIENT: client_end, Role.OWNER: weights}
-        args = {role: (program, private.get(role), manifest, frac_bits, self._reports) for role in Role}
-        self._group = PartyGroup(_session_party, args, timeout_s=timeout_s, threads=threads)
+        if rendezvous is None:
+            roles = list(Role)
+        else:
+            roles = [Role.CLIENT] + ([Role.OWNER] if weights is not None else [])
+        args = {role: (program, private.get(role), frac_bits) for role in roles}
+        self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
+                                 rendezvous=rendezvous, world_size=len(Role))
         self.closed = False
 
     def run(self, inputs: list[torch.Tensor], public: dict[str, torch.Tensor] | None = None):
@@ -173,11 +195,7 @@ class MPCSession:
         if status != "ok":
             self.close()
             raise PartyFailedError(payload)
-        reports = {}
-        while len(reports) < 3:  # the servers' and the dealer's reports of this query
-            rank, report = self._reports.get(timeout=self.timeout_s)
-            reports[Role(rank).name] = report
-        return payload, reports
+        return payload
 
     def _await_answer(self):
         deadline = time.monotonic() + self.timeout_s + 30  # the first query also waits for start-up
@@ -197,10 +215,12 @@ class MPCSession:
             return
         self.closed = True
         try:
-            if all(p.is_alive() for p in self._group.procs.values()):
+            if self._group.procs[Role.CLIENT].is_alive():
                 self._conn.send(("stop",))
                 if self._conn.poll(10):
                     self._conn.recv()
+        except (EOFError, OSError):
+            pass  # the client process failed while stopping (a peer is gone): stop what is left
         finally:
             self._group.stop()
 
@@ -213,7 +233,7 @@ class MPCSession:
 
 def online_traffic(report: dict) -> dict:
     """A server's traffic in one query, summed over its scopes (layers), offline phase excluded."""
-    scopes = [s for name, s in report["stats"].items() if name not in ("setup", "offline")]
+    scopes = [s for name, s in report["stats"].items() if name not in ("setup", "offline", "report")]
     return {k: sum(s[k] for s in scopes) for k in ("bytes_sent", "bytes_received", "messages", "rounds")}
 
 

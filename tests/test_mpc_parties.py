@@ -1,0 +1,72 @@
+"""`hf-secure party`: the owner, both servers and the dealer as separate commands meeting at a rendezvous."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_secure import SecureModelForCausalLM
+from hf_secure.convert import convert_approximate, convert_permute
+from hf_secure.demo import DEMO_MODEL
+
+ROLES = ("server0", "server1", "dealer", "owner")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _party(role: str, folder, rendezvous: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hf_secure.cli", "party", "--role", role, "--model", str(folder),
+                             "--rendezvous", rendezvous, "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path):
+    convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
+    user = tmp_path / "user"  # what the user has: config, generation config, tokenizer; no weights
+    shutil.copytree(tmp_path / "approx", user, ignore=shutil.ignore_patterns("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(user)
+    ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").generate(ids, max_new_tokens=8, do_sample=False)
+
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    procs = {role: _party(role, tmp_path / "approx", rendezvous) for role in ROLES}
+    try:
+        model = SecureModelForCausalLM.from_pretrained(user, protocol="mpc", rendezvous=rendezvous)
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(got, expected)
+        assert model.secure_report()["DEALER"]["offline_bytes"] > 0
+        model.engine.close()  # the client ends the session: every party exits cleanly
+        for role, proc in procs.items():
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, (role, out)
+            assert "session over" in out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path):
+    convert_permute(str(DEMO_MODEL), tmp_path / "permuted", tmp_path / "key.safetensors")
+    for folder, message in ((tmp_path / "permuted", "convert approximate"), (DEMO_MODEL, "not a converted checkpoint")):
+        out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", "--role", "server0", "--model",
+                              str(folder), "--rendezvous", "tcp://127.0.0.1:1"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 1 and message in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["--role", "client"], ["--role", "server0"]])
+def test_party_command_line_errors(argv):
+    out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
