@@ -118,9 +118,11 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             report = {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start}
         else:
             inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
-            if role == SERVER1:
-                with channel.scope("offline"):
+            with channel.scope("offline"):
+                if role == SERVER1:
                     mpc.receive_offline()
+                # both servers hold their offline material before the online clock starts
+                channel.exchange(torch.zeros(1, dtype=torch.int64), mpc.peer)
             start = time.perf_counter()
             with channel.scope("online"):
                 outputs = program.forward(mpc, weights, inputs, public, state)
