@@ -94,15 +94,26 @@ class Channel:
         return out
 
     def exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
-        """Send ``tensor`` to ``peer`` and receive its tensor of the same shape and dtype: one round.
+        """Send ``tensor`` to ``peer`` and receive its tensor of the same shape and dtype: one round."""
+        return self.exchange_many([tensor], peer)[0]
 
-        Both sides know the shape, so header and payload travel as one int64 message (the hot path
-        of every protocol round); the peer's header is still checked.
+    def exchange_many(self, tensors: list[torch.Tensor], peer: int) -> list[torch.Tensor]:
+        """Exchange several int64 tensors with ``peer`` (the same shapes on both sides): one round.
+
+        Both sides know the shapes, so header and payloads travel as one int64 message (the hot
+        path of every protocol round), written into one buffer with a single copy; the peer's
+        header is still checked.
         """
-        if tensor.dtype != torch.int64:
-            raise PartyFailedError(f"exchange carries int64 ring elements, got {tensor.dtype}")
-        tensor = tensor.contiguous()
-        outgoing = torch.cat([self._header(tensor), tensor.reshape(-1)])
+        if any(t.dtype != torch.int64 for t in tensors):
+            raise PartyFailedError(f"exchange carries int64 ring elements, got {[t.dtype for t in tensors]}")
+        sizes = [t.numel() for t in tensors]
+        total = sum(sizes)
+        outgoing = torch.empty(_HEADER_LEN + total, dtype=torch.int64)
+        outgoing[:_HEADER_LEN] = self._header(torch.empty(total, dtype=torch.int64, device="meta"))
+        offset = _HEADER_LEN
+        for t, n in zip(tensors, sizes):
+            outgoing[offset : offset + n].view(t.shape).copy_(t)
+            offset += n
         incoming = torch.empty_like(outgoing)
         request = self._call(dist.isend, outgoing, peer, self.group)
         self._call(dist.recv, incoming, peer, self.group)
@@ -110,15 +121,18 @@ class Channel:
         if not torch.equal(incoming[:_HEADER_LEN], outgoing[:_HEADER_LEN]):
             raise PartyFailedError(
                 f"party {self.rank}: exchange with {peer} out of step (header {incoming[:4].tolist()}, "
-                f"expected session {self.session}, shape {tuple(tensor.shape)})"
+                f"expected session {self.session}, {total} elements)"
             )
         stats = self.stats[self._scope]
-        nbytes = tensor.numel() * tensor.element_size()
-        stats.bytes_sent += nbytes
-        stats.bytes_received += nbytes
+        stats.bytes_sent += total * 8
+        stats.bytes_received += total * 8
         stats.messages += 1
         stats.rounds += 1
-        return incoming[_HEADER_LEN:].view(tensor.shape)
+        out, offset = [], _HEADER_LEN
+        for t, n in zip(tensors, sizes):
+            out.append(incoming[offset : offset + n].view(t.shape))
+            offset += n
+        return out
 
     def send_json(self, obj, to: int) -> None:
         """A small JSON-encodable object (a manifest, a report) as one uint8 message."""

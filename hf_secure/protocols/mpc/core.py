@@ -136,17 +136,11 @@ class MPC:
         return x.share + self.channel.exchange(x.share, self.peer)
 
     def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
-        """Open several values in one round (one message of their concatenation)."""
+        """Open several values in one round (one message)."""
         if self.is_dealer or not xs:
             return [x.share for x in xs]
-        flat = torch.cat([x.share.reshape(-1) for x in xs])
-        opened = flat + self.channel.exchange(flat, self.peer)
-        out, start = [], 0
-        for x in xs:
-            out.append(opened[start : start + x.share.numel()].view(x.share.shape))
-            start += x.share.numel()
-        return out
-
+        theirs = self.channel.exchange_many([x.share for x in xs], self.peer)
+        return [x.share + t for x, t in zip(xs, theirs)]
 
     def products(self, pairs: list[tuple["Shared", "Shared"]], op=torch.mul) -> list["Shared"]:
         """``op(x, y)`` for every pair, with Beaver triples, all opened in one round.
@@ -196,13 +190,11 @@ class MPC:
                         [x.shape for x, _ in pairs], binary=True)
         if self.is_dealer:
             return [torch.empty(x.shape, dtype=torch.int64, device="meta") for x, _ in pairs]
-        words = torch.cat([v.reshape(-1) for (x, y), a, b in zip(pairs, a_s, b_s) for v in (x ^ a, y ^ b)])
-        opened = words ^ self.channel.exchange(words, self.peer)
-        out, start = [], 0
-        for (x, _), a, b, c in zip(pairs, a_s, b_s, cs):
-            n = x.numel()
-            e, f = opened[start : start + n].view(x.shape), opened[start + n : start + 2 * n].view(x.shape)
-            start += 2 * n
+        mine = [v for (x, y), a, b in zip(pairs, a_s, b_s) for v in (x ^ a, y ^ b)]
+        theirs = self.channel.exchange_many(mine, self.peer)
+        out = []
+        for k, (a, b, c) in enumerate(zip(a_s, b_s, cs)):
+            e, f = mine[2 * k] ^ theirs[2 * k], mine[2 * k + 1] ^ theirs[2 * k + 1]
             z = c ^ (e & b) ^ (a & f)
             out.append(z ^ (e & f) if self.role == SERVER0 else z)
         return out
