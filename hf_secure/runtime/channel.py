@@ -27,6 +27,7 @@ MAGIC = 0x6866736563  # "hfsec"
 MAX_DIMS = 6
 _DTYPES = [torch.int64, torch.float32, torch.float64, torch.int32, torch.uint8, torch.bool, torch.int8]
 _HEADER_LEN = 4 + MAX_DIMS
+PEER_FAILED = "peer failed or timed out"
 
 
 class Channel:
@@ -60,7 +61,7 @@ class Channel:
         try:
             return fn(*args)
         except RuntimeError as exc:  # gloo: connection closed by peer, timeout
-            raise PartyFailedError(f"party {self.rank}: peer failed or timed out ({str(exc).splitlines()[0]})") from exc
+            raise PartyFailedError(f"party {self.rank}: {PEER_FAILED} ({str(exc).splitlines()[0]})") from exc
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
         tensor = tensor.contiguous()

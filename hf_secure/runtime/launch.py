@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PartyFailedError
-from .channel import Channel
+from .channel import PEER_FAILED, Channel
 
 
 class Role(enum.IntEnum):
@@ -79,7 +79,7 @@ def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, p
         results.put((int(role), "ok", result))
         done.wait(timeout_s)
     except BaseException as exc:  # reported to the launcher, which raises it
-        results.put((int(role), "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        results.put((int(role), "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-10)}"))
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
@@ -127,6 +127,19 @@ class PartyGroup:
         if status == "error":
             raise PartyFailedError(f"party {Role(rank).name} failed: {payload}")
         self.collected[Role(rank)] = payload
+
+    def root_cause(self, wait_s: float = 2.0) -> str | None:
+        """After a failure: the first reported error that is not a party noticing a failed peer."""
+        errors, deadline = [], time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                rank, status, payload = self.results.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if status == "error":
+                errors.append(f"party {Role(rank).name} failed: {payload}")
+        causes = [e for e in errors if PEER_FAILED not in e]
+        return (causes or errors or [None])[0]
 
     def wait(self) -> dict[Role, object]:
         """Every party's result; raises as soon as one fails, or past the timeout."""

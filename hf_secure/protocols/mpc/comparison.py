@@ -94,7 +94,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     (rho_arith,) = mpc.dealt([lanes.unpack_bit(rho, bits - 1, n).view(x.shape)] if mpc.is_dealer else None,
                              [x.shape])
 
-    if mpc.is_dealer:  # replay the circuit on shapes to produce the AND triples
+    if mpc.offline:  # replay the circuit on shapes to produce (dealer) or draw (servers) the AND triples
         c = r_bits = torch.empty((words,), dtype=torch.int64, device="meta")
     else:
         mine = lanes.pack(lanes.low_bits(x.share + r))
@@ -112,7 +112,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
         g = g ^ carried
         shift *= 2
     bit_words = (p_in ^ (g << 1)) & top
-    if mpc.is_dealer:
+    if mpc.offline:
         return mpc.placeholder(x.shape)
     masked = bit_words ^ rho
     z_words = masked ^ mpc.channel.exchange(masked, mpc.peer)

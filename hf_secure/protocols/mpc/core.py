@@ -13,7 +13,11 @@ server 1's as a correction. Only corrections travel, dealer to server 1.
 
 Offline phase: protocols are data-oblivious, so the dealer runs the *same program* on meta
 tensors (shapes only, no data) and thereby produces every correction in order before the query;
-server 1 receives them as one batch. The online phase is then server-to-server only.
+server 1 receives them as one batch. Each server replays the program on shapes too
+(:meth:`MPC.prepare`) and keeps, in order, everything it will need that does not depend on the
+input: its shares of every mask and dealer secret (AES-CTR output) and products of masks with
+public values such as ``A @ (W - B)`` in a linear layer. The online phase is then
+server-to-server only and spends no time on randomness.
 
 Threat model: semi-honest servers that do not collude with each other or with the dealer; the
 dealer is trusted to follow the protocol and to learn nothing else (it sees no message of the
@@ -61,6 +65,18 @@ class MPC:
         self.counter = 0
         self.log = DealerLog()
         self._corrections: deque[torch.Tensor] = deque()
+        self.recording = False  # a server replaying the program on shapes (see prepare)
+        self._tape: deque[torch.Tensor] | None = None  # what that replay kept, in order
+
+    @property
+    def offline(self) -> bool:
+        """True while the program runs on shapes only: always on the dealer, on a server in :meth:`prepare`."""
+        return self.is_dealer or self.recording
+
+    @property
+    def prepared(self) -> bool:
+        """Online after :meth:`prepare`: input-independent values come from the preparation."""
+        return self._tape is not None and not self.recording
 
     @property
     def is_dealer(self) -> bool:
@@ -72,7 +88,46 @@ class MPC:
 
     # -- correlated randomness ------------------------------------------------------------
     def _uniform(self, party: int, shape, label: str) -> torch.Tensor:
-        return PRG.derive(self.seeds[party], self.counter, label).ring(shape)
+        if self.prepared:
+            return self.take(shape)
+        value = PRG.derive(self.seeds[party], self.counter, label).ring(shape)
+        return self.keep(value)
+
+    # -- a server's offline preparation ----------------------------------------------------
+    def prepare(self, replay) -> None:
+        """Server: run ``replay()`` (the program on placeholders) and keep what the online run will take.
+
+        Every mask share drawn during the replay, and every value a protocol :meth:`keep`s, is
+        stored in order; the online run of the same program then :meth:`take`s them back in the
+        same order instead of computing them. The request counter is rewound, so the online run
+        sees the same requests.
+        """
+        counter, self._tape, self.recording = self.counter, deque(), True
+        try:
+            replay()
+        finally:
+            self.counter, self.recording = counter, False
+
+    def keep(self, value: torch.Tensor) -> torch.Tensor:
+        """During :meth:`prepare`: store an input-independent value for the online run."""
+        if self.recording:
+            self._tape.append(value)
+        return value
+
+    def take(self, shape) -> torch.Tensor:
+        """Online, after :meth:`prepare`: the next value the replay kept (its shape is checked)."""
+        if not self._tape:
+            raise PartyFailedError("the offline preparation ran out: offline and online programs differ")
+        value = self._tape.popleft()
+        if tuple(value.shape) != tuple(shape):
+            raise PartyFailedError(f"prepared value has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        return value
+
+    def finish(self) -> None:
+        """After an online run: everything prepared must have been used."""
+        left, self._tape = self._tape, None
+        if left:
+            raise PartyFailedError(f"{len(left)} prepared values were not used: offline and online programs differ")
 
     def masks(self, *shapes, binary: bool = False) -> list[torch.Tensor]:
         """Fresh uniform masks: this server's shares (dealer: the masks themselves).
@@ -95,6 +150,8 @@ class MPC:
             return values
         if self.role == SERVER0:
             return [self._uniform(0, s, lb) for s, lb in zip(shapes, labels)]
+        if self.recording:  # server 1's shares are the dealer's corrections, received separately
+            return [torch.empty(tuple(s), dtype=torch.int64, device="meta") for s in shapes]
         out = []
         for shape in shapes:
             if not self._corrections:
@@ -130,14 +187,14 @@ class MPC:
         return Shared(self, torch.empty(tuple(shape), dtype=torch.int64, device="meta"))
 
     def open(self, x: "Shared") -> torch.Tensor:
-        """Reconstruct ``x`` on both servers (one round). The dealer gets a meta tensor."""
-        if self.is_dealer:
+        """Reconstruct ``x`` on both servers (one round). Offline: a meta tensor."""
+        if self.offline:
             return x.share
         return x.share + self.channel.exchange(x.share, self.peer)
 
     def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
         """Open several values in one round (one message)."""
-        if self.is_dealer or not xs:
+        if self.offline or not xs:
             return [x.share for x in xs]
         theirs = self.channel.exchange_many([x.share for x in xs], self.peer)
         return [x.share + t for x, t in zip(xs, theirs)]
@@ -157,10 +214,10 @@ class MPC:
         for sq in squares:
             a = next(masks)
             ab.append((a, a if sq else next(masks)))
-        meta = [op(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta")).shape for x, y in pairs]
-        cs = self.dealt([op(a, b) for a, b in ab] if self.is_dealer else None, meta)
-        if self.is_dealer:
-            return [self.placeholder(shape) for shape in meta]
+        shapes = [product_shape(op, x.shape, y.shape) for x, y in pairs]
+        cs = self.dealt([op(a, b) for a, b in ab] if self.is_dealer else None, shapes)
+        if self.offline:
+            return [self.placeholder(shape) for shape in shapes]
         to_open = []
         for (x, y), (a, b), sq in zip(pairs, ab, squares):
             to_open.append(x - self.shared(a))
@@ -188,7 +245,7 @@ class MPC:
         a_s, b_s = masks[0::2], masks[1::2]
         cs = self.dealt([a & b for a, b in zip(a_s, b_s)] if self.is_dealer else None,
                         [x.shape for x, _ in pairs], binary=True)
-        if self.is_dealer:
+        if self.offline:
             return [torch.empty(x.shape, dtype=torch.int64, device="meta") for x, _ in pairs]
         mine = [v for (x, y), a, b in zip(pairs, a_s, b_s) for v in (x ^ a, y ^ b)]
         theirs = self.channel.exchange_many(mine, self.peer)
@@ -198,6 +255,15 @@ class MPC:
             z = c ^ (e & b) ^ (a & f)
             out.append(z ^ (e & f) if self.role == SERVER0 else z)
         return out
+
+
+def product_shape(op, x_shape, y_shape) -> torch.Size:
+    """The shape of ``op(x, y)`` for ``op`` in (torch.mul, torch.matmul) (matmul: both at least 2-d)."""
+    if op is torch.mul:
+        return torch.broadcast_shapes(x_shape, y_shape)
+    if op is torch.matmul and len(x_shape) >= 2 and len(y_shape) >= 2 and x_shape[-1] == y_shape[-2]:
+        return torch.broadcast_shapes(x_shape[:-2], y_shape[:-2]) + (x_shape[-2], y_shape[-1])
+    raise ValueError(f"no product shape for {getattr(op, '__name__', op)} of {tuple(x_shape)} and {tuple(y_shape)}")
 
 
 class Shared:
@@ -236,7 +302,7 @@ class Shared:
         """x + c for a public real c (only server 0 adds it)."""
         if self.mpc.role != SERVER0:
             return self
-        return self._like(self.share + encode(torch.as_tensor(value), self.mpc.frac_bits))
+        return self._like(self.share + encode(torch.as_tensor(value), self.mpc.frac_bits).to(self.share.device))
 
     def mul_public(self, value) -> "Shared":
         """x * c for a public real c (tensor or number), truncated."""
@@ -248,7 +314,7 @@ class Shared:
 
     def truncate(self, bits: int | None = None) -> "Shared":
         bits = self.mpc.frac_bits if bits is None else bits
-        if self.mpc.is_dealer:
+        if self.mpc.offline:
             return self
         return self._like(truncate_share(self.share, self.mpc.role, bits))
 

@@ -55,13 +55,14 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     n = len(coeffs)
     mpc.next_request()
     shapes = [x.shape] * (1 + 2 * n)
+    secrets = None
     if mpc.is_dealer:
         t = PRG.fresh().ring(x.shape) & ((1 << _MASK_BITS) - 1)
         sines, cosines = _harmonics(t, modulus, n)
-        mpc.dealt([t] + [encode(s, mpc.frac_bits) for s in sines] + [encode(c, mpc.frac_bits) for c in cosines],
-                  shapes)
+        secrets = [t] + [encode(s, mpc.frac_bits) for s in sines] + [encode(c, mpc.frac_bits) for c in cosines]
+    t_share, *trig = mpc.dealt(secrets, shapes)
+    if mpc.offline:
         return mpc.placeholder(x.shape)
-    t_share, *trig = mpc.dealt(None, shapes)
     sin_t, cos_t = trig[:n], trig[n:]
     d = mpc.open(x - mpc.shared(t_share))
     sines, cosines = _harmonics(d, modulus, n)

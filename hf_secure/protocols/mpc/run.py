@@ -11,7 +11,8 @@ the masked matrices (one round). Then every query:
 1. the client sends the servers and the dealer the public part of the query (input shapes,
    masks, positions) and the servers its input shares;
 2. offline: the dealer replays ``program.forward`` on shapes only and sends server 1 its
-   corrections;
+   corrections; each server replays it on shapes too, keeping its input-independent material
+   (mask shares, ``A @ F`` of linear layers: :meth:`.core.MPC.prepare`);
 3. online: both servers run ``program.forward`` on their shares and send the client their output
    shares, which the client reconstructs;
 4. the servers and the dealer send the client their reports of the query (traffic per scope,
@@ -37,8 +38,8 @@ import torch
 
 from ...errors import PartyFailedError
 from ...runtime import CONTEXT, Channel, PartyGroup, Role
-from .core import DEALER, MPC, SERVER0, SERVER1
-from .layers import prepare_weights
+from .core import DEALER, MPC, SERVER0, SERVER1, Shared
+from .layers import SharedWeight, prepare_weights
 from .ring import DEFAULT_FRAC_BITS, decode, encode, share
 
 _SERVERS = (SERVER0, SERVER1)
@@ -119,6 +120,8 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
         else:
             inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
             with channel.scope("offline"):
+                placeholders = [mpc.placeholder(x.shape) for x in inputs]
+                mpc.prepare(lambda: program.forward(mpc, _shapes_only(weights), placeholders, public, _shapes_only(state)))
                 if role == SERVER1:
                     mpc.receive_offline()
                 # both servers hold their offline material before the online clock starts
@@ -126,6 +129,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             start = time.perf_counter()
             with channel.scope("online"):
                 outputs = program.forward(mpc, weights, inputs, public, state)
+                mpc.finish()
                 if role == SERVER0:
                     channel.send(torch.tensor([len(outputs)]), _CLIENT)
                 for out in outputs:
@@ -134,6 +138,26 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
         report["stats"] = channel.summary()
         with channel.scope("report"):
             channel.send_json(report, _CLIENT)
+
+
+def _shapes_only(obj):
+    """What a server's offline replay runs on: ``obj`` (weights, state) with shares as meta tensors.
+
+    Model weights keep their opened difference ``F`` (public to the servers), from which the
+    replay prepares ``A @ F``.
+    """
+    if isinstance(obj, torch.Tensor):
+        return _meta(obj.shape)
+    if isinstance(obj, Shared):
+        return obj.mpc.placeholder(obj.shape)
+    if isinstance(obj, SharedWeight):
+        opened = obj.opened if obj.static else _meta(obj.opened.shape)
+        return SharedWeight(obj.name, _meta(obj.share.shape), _meta(obj.mask.shape), opened, obj.static)
+    if isinstance(obj, dict):
+        return {k: _shapes_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_shapes_only(v) for v in obj)
+    return obj
 
 
 def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
@@ -195,8 +219,9 @@ class MPCSession:
         self._conn.send(("forward", inputs, public or {}))
         status, payload = self._await_answer()
         if status != "ok":
+            cause = self._group.root_cause()
             self.close()
-            raise PartyFailedError(payload)
+            raise PartyFailedError(cause or payload)
         return payload
 
     def _await_answer(self):
