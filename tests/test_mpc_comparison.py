@@ -39,11 +39,14 @@ def test_comparisons_match_plaintext():
     # the series tanh errs by <= 6e-4 on [-8, 8]; SiLU by <= 2.7e-3 (segment edges at |x| = 8 included)
     assert (got_silu - torch.nn.functional.silu(2 * g)).abs().max() < 5e-3
     # against the plaintext approximations the checkpoints run with: fixed-point error only, except
-    # within 2^-6 of a segment edge, where the narrow comparison may pick the neighbouring segment
-    # (an error of the jump there, ~5e-3 for SiLU at |x| = 8)
-    assert (got_gelu - SecFormerGELU()(g)).abs().max() < 2e-3
-    off_edge = ((2 * g).abs() - 8).abs() > 2**-6
-    assert (got_silu - SeriesSiLU()(2 * g))[off_edge].abs().max() < 2e-3
+    # within 2^-3 of a segment edge (the segment tests keep 4 fractional bits, +-1 unit after the
+    # local truncation), where the comparison may pick the neighbouring segment: an error of the
+    # jump there (bounded by the GeLU/SiLU tolerances above)
+    gelu_off_edge = ((g / 2**0.5).abs() - 2.5).abs() > 2**-3
+    assert gelu_off_edge.sum() > 150 and (~gelu_off_edge).sum() >= 2  # points on both sides of the edges
+    assert (got_gelu - SecFormerGELU()(g))[gelu_off_edge].abs().max() < 2e-3
+    silu_off_edge = ((2 * g).abs() - 8).abs() > 2**-3
+    assert (got_silu - SeriesSiLU()(2 * g))[silu_off_edge].abs().max() < 2e-3
     expected = torch.softmax(scores.masked_fill(CAUSAL == 0, float("-inf")), -1)
     assert (got_softmax - expected).abs().max() < 1e-2
     assert report["SERVER0"]["stats"]["online"]["rounds"] > 0

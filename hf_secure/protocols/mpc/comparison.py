@@ -8,8 +8,9 @@ truncation by ``drop`` bits), with a dealer, in ``ceil(log2(bits - 1)) + 2`` rou
 2. the servers open ``c = (x + r) mod 2^bits`` (uniform, since ``r`` is);
 3. ``x mod 2^bits = c - r = c + ~r + 1`` is recomputed on XOR shares by a Kogge-Stone carry
    network: ``g = c & ~r`` and ``p = c ^ ~r`` are local (``c`` is public), the carry-in is folded
-   into bit 0, and each level ``g ^= p & (g << k)``, ``p &= p << k`` costs one round of two ANDs;
-   the top bit is ``p[bits-1] ^ carry[bits-2]``;
+   into bit 0, and each level ``g ^= p & (g << k)``, ``p &= p << k`` costs one round
+   (:func:`_carry_level`: two ANDs that open only ``p`` and ``g``, masked; the last level only
+   the first AND); the top bit is ``p[bits-1] ^ carry[bits-2]``;
 4. the XOR-shared bit becomes arithmetic with a dealer bit ``rho`` held both ways: open
    ``z = b ^ rho`` and take ``b = z + rho - 2 z rho``.
 
@@ -108,8 +109,7 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     shift = 1
     while shift < bits - 1:
         keep = lanes.repeat(((1 << bits) - 1) ^ ((1 << shift) - 1))
-        carried, p = mpc.ands([(p, (g << shift) & keep), (p, (p << shift) & keep)])
-        g = g ^ carried
+        p, g = _carry_level(mpc, p, g, shift, keep, last=2 * shift >= bits - 1)
         shift *= 2
     bit_words = (p_in ^ (g << 1)) & top
     if mpc.offline:
@@ -119,6 +119,40 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     z = lanes.unpack_bit(z_words, bits - 1, n).view(x.shape)
     arith = rho_arith - 2 * z * rho_arith + (z if lead else 0)
     return mpc.shared(arith * mpc.scale)
+
+
+def _carry_level(mpc, p: torch.Tensor, g: torch.Tensor, shift: int, keep: int, last: bool):
+    """One level of the carry network on XOR-shared words, in one round:
+    ``g ^ (p & up(g))`` and (unless ``last``) ``p & up(p)``, with ``up(v) = (v << shift) & keep``.
+
+    Binary Beaver triples sharing their masks: ``a`` masks ``p`` and ``b`` masks ``g``; ``up`` is
+    XOR-linear, so ``up(b)`` and ``up(a)`` mask ``up(g)`` and ``up(p)`` and the servers open only
+    ``e = p ^ a`` and ``f = g ^ b`` (half the traffic of two independent ANDs). For ``y`` masked by
+    ``m`` with ``o = y ^ m`` public: ``p & y = c ^ (e & m) ^ (a & o) ^ (e & o)`` where the dealer
+    shares ``c = a & m`` (the last term on server 0 only).
+    """
+    mpc.next_request()
+    a, b = mpc.masks(p.shape, p.shape, binary=True)
+
+    def up(v):
+        return (v << shift) & keep
+
+    products = None
+    if mpc.is_dealer:
+        products = [a & up(b)] + ([] if last else [a & up(a)])
+    cs = mpc.dealt(products, [p.shape] * (1 if last else 2), binary=True)
+    if mpc.offline:
+        return p, g
+    mine = [p ^ a, g ^ b]
+    e, f = (m ^ t for m, t in zip(mine, mpc.channel.exchange_many(mine, mpc.peer)))
+    lead = mpc.role == SERVER0
+
+    def and_with(c, mask, opened):
+        z = c ^ (e & mask) ^ (a & opened)
+        return z ^ (e & opened) if lead else z
+
+    g = g ^ and_with(cs[0], up(b), up(f))
+    return (None if last else and_with(cs[1], up(a), up(e))), g
 
 
 def drelu(x: Shared, bits: int = 64, drop: int = 0) -> Shared:

@@ -234,28 +234,6 @@ class MPC:
             out.append(self.shared(z).truncate())
         return out
 
-    def ands(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Bitwise AND of XOR-shared int64 words, all pairs in one round (binary Beaver triples).
-
-        Dealer: ``a, b`` uniform, ``c = a & b``; servers open ``e = x ^ a``, ``f = y ^ b`` and compute
-        ``x & y = c ^ (e & b) ^ (a & f) ^ (e & f)`` (the last term on server 0 only).
-        """
-        self.next_request()
-        masks = self.masks(*[shape for x, y in pairs for shape in (x.shape, y.shape)], binary=True)
-        a_s, b_s = masks[0::2], masks[1::2]
-        cs = self.dealt([a & b for a, b in zip(a_s, b_s)] if self.is_dealer else None,
-                        [x.shape for x, _ in pairs], binary=True)
-        if self.offline:
-            return [torch.empty(x.shape, dtype=torch.int64, device="meta") for x, _ in pairs]
-        mine = [v for (x, y), a, b in zip(pairs, a_s, b_s) for v in (x ^ a, y ^ b)]
-        theirs = self.channel.exchange_many(mine, self.peer)
-        out = []
-        for k, (a, b, c) in enumerate(zip(a_s, b_s, cs)):
-            e, f = mine[2 * k] ^ theirs[2 * k], mine[2 * k + 1] ^ theirs[2 * k + 1]
-            z = c ^ (e & b) ^ (a & f)
-            out.append(z ^ (e & f) if self.role == SERVER0 else z)
-        return out
-
 
 def product_shape(op, x_shape, y_shape) -> torch.Size:
     """The shape of ``op(x, y)`` for ``op`` in (torch.mul, torch.matmul) (matmul: both at least 2-d)."""
