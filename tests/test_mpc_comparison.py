@@ -13,7 +13,8 @@ CAUSAL = torch.tril(torch.ones(6, 6, dtype=torch.int64))
 
 
 def _program(mpc, x, a, b, rows, g, scores):
-    return [msb(x), drelu(x), relu(x), select(drelu(a - b), a, b), maximum(rows), gelu(g), silu(g.mul_public(2.0)),
+    return [msb(x).arithmetic(), drelu(x).arithmetic(), relu(x), select(drelu(a - b), a, b), maximum(rows), gelu(g),
+            silu(g.mul_public(2.0)),
             softmax(scores, CAUSAL)]
 
 
@@ -53,7 +54,7 @@ def test_comparisons_match_plaintext():
 
 
 def _narrow(mpc, x):
-    return [msb(x, 20, 0), msb(x, 20, 10), msb(x, 12, 0), drelu(x, 33, 4)]
+    return [bit.arithmetic() for bit in (msb(x, 20, 0), msb(x, 20, 10), msb(x, 12, 0), drelu(x, 33, 4))]
 
 
 def test_packed_narrow_comparisons():

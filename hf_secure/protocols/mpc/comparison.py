@@ -11,8 +11,11 @@ truncation by ``drop`` bits), with a dealer, in ``ceil(log2(bits - 1)) + 2`` rou
    into bit 0, and each level ``g ^= p & (g << k)``, ``p &= p << k`` costs one round
    (:func:`_carry_level`: two ANDs that open only ``p`` and ``g``, masked; the last level only
    the first AND); the top bit is ``p[bits-1] ^ carry[bits-2]``;
-4. the XOR-shared bit becomes arithmetic with a dealer bit ``rho`` held both ways: open
-   ``z = b ^ rho`` and take ``b = z + rho - 2 z rho``.
+4. the XOR-shared bit is masked by a dealer bit ``rho``, held XOR-wise and as arithmetic shares
+   (integers): the servers open ``z = b ^ rho`` and keep the bit as :class:`SharedBit`
+   ``(z, [rho])``, i.e. ``b = z + rho - 2 z rho``. Multiplying a shared value by it
+   (:meth:`SharedBit.times`, the multiplexer) opens only the value, masked, and needs no
+   truncation: ``b v = z v + (1 - 2z) rho v`` with ``rho v = rho (v - a) + [rho a]``.
 
 Narrow comparisons are packed: with ``bits < 64`` each 64-bit word carries ``64 // (bits + 1)``
 elements in lanes of ``bits + 1`` bits (one guard bit absorbs the carry when the two shares of
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import SERVER0, Shared
+from .core import MPC, SERVER0, Shared
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,53 @@ class _Lanes:
         return values if self.bits == 64 else values & ((1 << self.bits) - 1)
 
 
-def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
-    """Shares of 1 where ``x < 0`` and 0 elsewhere (fixed point).
+@dataclass(frozen=True)
+class SharedBit:
+    """A secret bit per element, ``b = z XOR rho``: ``z`` public to the servers (uniform, as it is
+    masked by ``rho``), ``rho`` the dealer's random bit, held by each server as an arithmetic
+    share of the integer 0/1 (the dealer holds ``rho`` itself). Offline, ``z`` is a meta tensor.
+    """
+
+    mpc: MPC
+    z: torch.Tensor
+    rho: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.z.shape
+
+    def flip(self) -> "SharedBit":
+        """NOT b (local): ``1 - b = (1 - z) XOR rho``."""
+        return SharedBit(self.mpc, 1 - self.z, self.rho)
+
+    def arithmetic(self) -> Shared:
+        """Fixed-point shares of ``b = z + rho - 2 z rho`` (local)."""
+        mpc = self.mpc
+        if mpc.offline:
+            return mpc.placeholder(self.shape)
+        b = self.rho - 2 * self.z * self.rho + (self.z if mpc.role == SERVER0 else 0)
+        return mpc.shared(b * mpc.scale)
+
+    def times(self, v: Shared) -> Shared:
+        """``b * v`` (broadcast), one round that opens only ``v - a``; exact, no truncation.
+
+        ``b v = z v + (1 - 2z) rho v`` and ``rho v = rho e + [rho a]`` with ``e = v - a`` public,
+        ``a`` a fresh mask and ``[rho a]`` dealt (``rho`` is an integer, so no scaling arises).
+        """
+        mpc = self.mpc
+        mpc.next_request()
+        (a,) = mpc.masks(v.shape)
+        shape = torch.broadcast_shapes(self.shape, v.shape)
+        (rho_a,) = mpc.dealt([self.rho * a] if mpc.is_dealer else None, [shape])
+        if mpc.offline:
+            return mpc.placeholder(shape)
+        e = mpc.open(v - mpc.shared(a))
+        rho_v = self.rho * e + rho_a
+        return mpc.shared(self.z * v.share + (1 - 2 * self.z) * rho_v)
+
+
+def msb(x: Shared, bits: int = 64, drop: int = 0) -> SharedBit:
+    """The bit ``x < 0`` (fixed point), as a :class:`SharedBit`.
 
     ``drop`` low bits are first truncated locally; the rest must satisfy ``|x| < 2^(bits-1)``.
     """
@@ -92,8 +140,8 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
     (rho,) = mpc.masks((words,), binary=True)
     rho = rho & top
     mpc.next_request()
-    (rho_arith,) = mpc.dealt([lanes.unpack_bit(rho, bits - 1, n).view(x.shape)] if mpc.is_dealer else None,
-                             [x.shape])
+    rho_bit = lanes.unpack_bit(rho, bits - 1, n).view(x.shape) if mpc.is_dealer else None
+    (rho_arith,) = mpc.dealt([rho_bit] if mpc.is_dealer else None, [x.shape])
 
     if mpc.offline:  # replay the circuit on shapes to produce (dealer) or draw (servers) the AND triples
         c = r_bits = torch.empty((words,), dtype=torch.int64, device="meta")
@@ -113,12 +161,10 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
         shift *= 2
     bit_words = (p_in ^ (g << 1)) & top
     if mpc.offline:
-        return mpc.placeholder(x.shape)
+        return SharedBit(mpc, torch.empty(x.shape, dtype=torch.int64, device="meta"), rho_arith)
     masked = bit_words ^ rho
     z_words = masked ^ mpc.channel.exchange(masked, mpc.peer)
-    z = lanes.unpack_bit(z_words, bits - 1, n).view(x.shape)
-    arith = rho_arith - 2 * z * rho_arith + (z if lead else 0)
-    return mpc.shared(arith * mpc.scale)
+    return SharedBit(mpc, lanes.unpack_bit(z_words, bits - 1, n).view(x.shape), rho_arith)
 
 
 def _carry_level(mpc, p: torch.Tensor, g: torch.Tensor, shift: int, keep: int, last: bool):
@@ -155,18 +201,18 @@ def _carry_level(mpc, p: torch.Tensor, g: torch.Tensor, shift: int, keep: int, l
     return (None if last else and_with(cs[1], up(a), up(e))), g
 
 
-def drelu(x: Shared, bits: int = 64, drop: int = 0) -> Shared:
-    """Shares of ``[x >= 0]`` (see :func:`msb` for ``bits`` and ``drop``)."""
-    return (-msb(x, bits, drop)).add_public(1.0)
+def drelu(x: Shared, bits: int = 64, drop: int = 0) -> SharedBit:
+    """The bit ``x >= 0`` (see :func:`msb` for ``bits`` and ``drop``)."""
+    return msb(x, bits, drop).flip()
 
 
 def relu(x: Shared) -> Shared:
-    return x * drelu(x)
+    return drelu(x).times(x)
 
 
-def select(condition: Shared, if_true: Shared, if_false: Shared) -> Shared:
-    """``condition ? if_true : if_false`` for a shared 0/1 ``condition`` (one product)."""
-    return if_false + condition * (if_true - if_false)
+def select(condition: SharedBit, if_true: Shared, if_false: Shared) -> Shared:
+    """``condition ? if_true : if_false`` (one round)."""
+    return if_false + condition.times(if_true - if_false)
 
 
 def maximum(x: Shared, dim: int = -1, bits: int = 64, drop: int = 0) -> Shared:
@@ -177,7 +223,7 @@ def maximum(x: Shared, dim: int = -1, bits: int = 64, drop: int = 0) -> Shared:
         half = n // 2
         a, b = current[..., :half], current[..., half : 2 * half]
         diff = a - b
-        larger = b + drelu(diff, bits, drop) * diff
+        larger = b + drelu(diff, bits, drop).times(diff)
         if n % 2:
             larger = x.mpc.shared(torch.cat([larger.share, current[..., 2 * half :].share], dim=-1))
         current = larger

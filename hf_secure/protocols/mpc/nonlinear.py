@@ -42,6 +42,7 @@ TANH_HALF_PERIOD = 22
 SILU_CUT = 8.0
 ERF_CUT = 2.5
 _MASK_BITS = 62
+_CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
 # Narrow comparisons (bits, dropped low bits): the segment tests of GeLU and SiLU keep 4 fractional
 # bits and need |u| < 2^10 (15-bit lanes: four per word, four carry levels); the max of attention
 # scores keeps 8 fractional bits and needs |difference| < 2^11.
@@ -63,11 +64,17 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     t_share, trig_t = mpc.dealt(secrets, shapes)
     if mpc.offline:
         return mpc.placeholder(x.shape)
-    d = mpc.open(x - mpc.shared(t_share))
+    d = mpc.open(x - mpc.shared(t_share)).reshape(-1)
+    trig_t = trig_t.reshape(2, n, -1)
     # sum_k b_k (sin(kwd) [cos kwt] + cos(kwd) [sin kwt]): public times shared, local. The public
-    # factors are encoded by truncation instead of rounding (one pass less; error < 1 unit).
-    b = torch.tensor(coeffs, dtype=torch.float64).view(1, n, *([1] * len(x.shape))) * mpc.scale
-    return mpc.shared((trig_t * (_harmonics(d, modulus, n) * b).long()).sum((0, 1))).truncate()
+    # factors are encoded by truncation instead of rounding (error < 1 unit). In chunks that stay
+    # in cache: the 2n terms per element would otherwise stream through memory several times.
+    b = torch.tensor(coeffs, dtype=torch.float64).view(1, n, 1) * mpc.scale
+    total = torch.empty_like(d)
+    for i in range(0, d.numel(), _CHUNK):
+        part = slice(i, i + _CHUNK)
+        total[part] = (trig_t[:, :, part] * (_harmonics(d[part], modulus, n) * b).long()).sum((0, 1))
+    return mpc.shared(total.view(x.shape)).truncate()
 
 
 def _harmonics(v: torch.Tensor, modulus: int, n: int) -> torch.Tensor:
@@ -168,9 +175,10 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0, sum_bou
 def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
     """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``."""
     bounds = x.mpc.shared(torch.stack([u.add_public(cut).share, u.add_public(-cut).share]))
-    above = drelu(bounds, *SEGMENT_COMPARISON)
-    rise, fall = x.mpc.products([(above[0], series.add_public(1.0)), (above[1], series.add_public(-1.0))])
-    return (x * (rise - fall)).mul_public(0.5)  # 1 + g = rise - fall
+    above = drelu(bounds, *SEGMENT_COMPARISON)  # [u >= -cut, u >= cut]
+    # 1 + g = above0 (series + 1) - above1 (series - 1): one multiplexer round on the series
+    scaled, bits = above.times(series), above.arithmetic()
+    return (x * (scaled[0] - scaled[1] + bits[0] + bits[1])).mul_public(0.5)
 
 
 def gelu(x: Shared) -> Shared:
