@@ -61,8 +61,14 @@ class Approximations:
 
 
 def scope(mpc: MPC, name: str):
-    """Attribute a block's traffic to ``name`` in the per-scope report (a no-op without a channel)."""
-    return mpc.channel.scope(name) if mpc.channel is not None else contextlib.nullcontext()
+    """Attribute a block's traffic and time to ``name`` in the per-scope report.
+
+    A no-op without a channel and in offline replays (the dealer's, a server's preparation): their
+    time belongs to the ``offline`` scope.
+    """
+    if mpc.channel is None or mpc.offline:
+        return contextlib.nullcontext()
+    return mpc.channel.scope(name)
 
 
 @torch.no_grad()
