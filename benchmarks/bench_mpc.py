@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-le
 from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
 from hf_secure.protocols.mpc.approximations import Approximations  # noqa: E402
-from hf_secure.protocols.mpc.bert import BertProgram, calibrate  # noqa: E402
+from hf_secure.protocols.mpc.bert import BertProgram  # noqa: E402
+from hf_secure.protocols.mpc.client import calibrate  # noqa: E402
 from hf_secure.protocols.mpc.run import online_traffic, run_program  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
     with torch.no_grad():
         hidden = model.embeddings(input_ids=ids)
         reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    bounds = calibrate(model, input_ids=ids, attention_mask=mask)
+    bounds = calibrate(model, "bert", input_ids=ids, attention_mask=mask)
     approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds)
     weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     public = {"attention_mask": mask}

@@ -24,7 +24,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_secure.protocols.mpc.approximations import Approximations
-from hf_secure.protocols.mpc.bert import BertProgram, calibrate
+from hf_secure.protocols.mpc.bert import BertProgram
+from hf_secure.protocols.mpc.client import calibrate
 from hf_secure.protocols.mpc.run import run_program
 
 SENTENCES = [
@@ -141,7 +142,7 @@ def _pool(hidden, mask):
 
 def _secure_pooled_exact(model, tokenizer, batches):
     calib = tokenizer(CALIBRATION, return_tensors="pt", padding=True)  # the owner's text, disjoint from SENTENCES
-    approx = Approximations(ln_bounds=calibrate(model, input_ids=calib["input_ids"], attention_mask=calib["attention_mask"]))
+    approx = Approximations(ln_bounds=calibrate(model, "bert", input_ids=calib["input_ids"], attention_mask=calib["attention_mask"]))
     program = BertProgram.from_config(model.config, approx)
     weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and not k.startswith("pooler.")}
     for enc in batches:

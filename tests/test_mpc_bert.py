@@ -14,7 +14,8 @@ from transformers import AutoModel, AutoTokenizer
 from hf_secure.convert import convert_approximate
 from hf_secure.errors import UnknownOptionError, UnsupportedModelError
 from hf_secure.protocols.mpc.approximations import Approximations
-from hf_secure.protocols.mpc.bert import BertProgram, calibrate
+from hf_secure.protocols.mpc.bert import BertProgram
+from hf_secure.protocols.mpc.client import calibrate
 from hf_secure.protocols.mpc.run import run_program
 
 from .conftest import make_tiny, minilm_folder
@@ -38,7 +39,7 @@ def test_tiny_bert_matches_plaintext(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding at the end
-    bounds = calibrate(model, input_ids=ids, attention_mask=mask)
+    bounds = calibrate(model, "bert", input_ids=ids, attention_mask=mask)
     approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds)
     onehot, public, weights = _inputs(model, ids, mask)
     (hidden,), report = run_program(BertProgram.from_config(model.config, approx), [onehot], weights, public)
@@ -138,7 +139,7 @@ def test_session_serves_several_queries_and_fails_cleanly_when_a_server_dies(tmp
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     onehot, public, weights = _inputs(model, ids, mask)
-    approx = Approximations(ln_bounds=calibrate(model, input_ids=ids, attention_mask=mask))
+    approx = Approximations(ln_bounds=calibrate(model, "bert", input_ids=ids, attention_mask=mask))
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).last_hidden_state
     session = MPCSession(BertProgram.from_config(model.config, approx), weights, timeout_s=30)

@@ -22,12 +22,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
 from ..modeling.approximate import APPROX_FAMILIES
-from ..protocols.mpc import bert, gpt2, llama
+from ..protocols.mpc.client import calibrate
 from .distill import distill
 
 GELU_CHOICES = ("quad", "secformer")
 SOFTMAX_CHOICES = ("2quad", "exact")
-_CALIBRATE = {"bert": bert.calibrate, "gpt2": gpt2.calibrate, "llama": llama.calibrate}
 DEFAULT_CALIBRATION = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife.",
@@ -96,7 +95,7 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
             model.config._attn_implementation = "eager"
         history = distill(source, model, tokenizer, distill_text, epochs=distill_epochs)
     batch = tokenizer(calibration_text or DEFAULT_CALIBRATION, return_tensors="pt", padding=True)
-    bounds = _CALIBRATE[family](model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    bounds = calibrate(model, family, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     section = {
         "protocol": "mpc",
         "version": 1,

@@ -32,7 +32,6 @@ SOFTMAXES = ("exact", "2quad")
 class Approximations:
     activation: str = "secformer_gelu"
     softmax: str = "exact"
-    ln_iterations: int = 12
     ln_bounds: dict = field(default_factory=dict)  # normalisation site -> deflation bound
 
     def __post_init__(self):
@@ -51,7 +50,7 @@ class Approximations:
         """Softmax over the last dim of ``scores``; ``keep``: public 0/1 mask broadcastable to them."""
         if self.softmax == "exact":
             return softmax(scores, keep)
-        return two_quad_softmax(scores, keep, sum_bound=scores.shape[-1] * 128.0)
+        return two_quad_softmax(scores, keep)
 
     @classmethod
     def from_config(cls, config) -> "Approximations":
@@ -78,7 +77,7 @@ def calibrate_norms(model, sites: dict[str, str], margin: float = 1.5, **inputs)
     ``sites`` maps module names (or their last components, e.g. ``"h.0.ln_1"``) to site names. The
     statistic is the variance plus eps for ``nn.LayerNorm``, the mean square plus eps otherwise
     (RMSNorm). Deflating by the bound puts the largest value at ``1 / margin`` of Goldschmidt's fast
-    range (0, 2]; smaller ones need more iterations (``Approximations.ln_iterations``).
+    range; smaller ones (down to 1e-4 of the bound) need more Goldschmidt steps (:func:`.nonlinear.inv_sqrt`).
     """
     seen: dict[str, float] = {}
     hooks = []

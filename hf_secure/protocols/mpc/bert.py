@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .approximations import Approximations, calibrate_norms, scope
+from .approximations import Approximations, scope
 from .core import MPC, Shared
 from .layers import linear, rows
 from .nonlinear import layer_norm
@@ -94,7 +94,7 @@ class BertProgram:
         return self._layer_norm(out + h, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], f"{i}.ln2")
 
     def _layer_norm(self, x: Shared, weight: Shared, bias: Shared, site: str) -> Shared:
-        return layer_norm(x, weight, bias, self.eps, self.approx.bound(site), self.approx.ln_iterations)
+        return layer_norm(x, weight, bias, self.eps, self.approx.bound(site))
 
 
 def norm_sites(num_layers: int) -> dict[str, str]:
@@ -105,8 +105,4 @@ def norm_sites(num_layers: int) -> dict[str, str]:
         sites[f"encoder.layer.{i}.output.LayerNorm"] = f"{i}.ln2"
     return sites
 
-
-def calibrate(model, margin: float = 1.5, **inputs) -> dict[str, float]:
-    """The LayerNorm bounds of a BERT model from a plaintext pass (:func:`.approximations.calibrate_norms`)."""
-    return calibrate_norms(model, norm_sites(model.config.num_hidden_layers), margin, **inputs)
 

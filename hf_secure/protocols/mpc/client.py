@@ -23,13 +23,20 @@ from safetensors.torch import load_file
 
 from ...accounting import Traffic
 from ...errors import UnknownOptionError, UnsupportedModelError
-from .approximations import Approximations
-from .bert import BertProgram
-from .gpt2 import GPT2Program
-from .llama import LlamaProgram
+from . import bert, gpt2, llama
+from .approximations import Approximations, calibrate_norms
 from .run import MPCSession, online_traffic
 
-PROGRAMS = {"bert": BertProgram, "gpt2": GPT2Program, "llama": LlamaProgram}
+PROGRAMS = {"bert": bert.BertProgram, "gpt2": gpt2.GPT2Program, "llama": llama.LlamaProgram}
+NORM_SITES = {"bert": bert.norm_sites, "gpt2": gpt2.norm_sites, "llama": llama.norm_sites}
+
+
+def calibrate(model, family: str, margin: float = 1.5, **inputs) -> dict[str, float]:
+    """The normalisation bounds of a plaintext ``family`` model from one pass over ``inputs``
+    (:func:`.approximations.calibrate_norms`)."""
+    if family not in NORM_SITES:
+        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
+    return calibrate_norms(model, NORM_SITES[family](model.config.num_hidden_layers), margin, **inputs)
 
 
 def load_program(config):

@@ -204,36 +204,32 @@ class MPC:
 
         With masks ``a, b`` and ``c = op(a, b)`` from the dealer, the servers open ``e = x - a`` and
         ``f = y - b`` and compute ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` (the last term
-        on server 0 only), then truncate. ``op`` must be bilinear (elementwise product, matmul).
-        A square (the same object twice) uses ``b = a`` and opens only ``e``: half the traffic.
+        on server 0 only), then truncate. ``op`` must be bilinear (elementwise product with
+        broadcasting, matmul). Each distinct operand (the same object in several pairs, or both
+        sides of a square) gets one mask and is opened once.
         """
         self.next_request()
-        squares = [x is y for x, y in pairs]
-        masks = iter(self.masks(*[s for (x, y), sq in zip(pairs, squares) for s in ((x.shape,) if sq else (x.shape, y.shape))]))
-        ab = []
-        for sq in squares:
-            a = next(masks)
-            ab.append((a, a if sq else next(masks)))
+        operands: dict[int, int] = {}  # id(operand) -> its index in ``distinct``
+        distinct = []
+        for v in (v for pair in pairs for v in pair):
+            if id(v) not in operands:
+                operands[id(v)] = len(distinct)
+                distinct.append(v)
+        index = [(operands[id(x)], operands[id(y)]) for x, y in pairs]
+        masks = self.masks(*[v.shape for v in distinct])
         shapes = [product_shape(op, x.shape, y.shape) for x, y in pairs]
-        cs = self.dealt([op(a, b) for a, b in ab] if self.is_dealer else None, shapes)
+        cs = self.dealt([op(masks[i], masks[j]) for i, j in index] if self.is_dealer else None, shapes)
         if self.offline:
             return [self.placeholder(shape) for shape in shapes]
-        to_open = []
-        for (x, y), (a, b), sq in zip(pairs, ab, squares):
-            to_open.append(x - self.shared(a))
-            if not sq:
-                to_open.append(y - self.shared(b))
-        opened = iter(self.open_many(*to_open))
+        opened = self.open_many(*[v - self.shared(m) for v, m in zip(distinct, masks)])
         out = []
-        for c, (a, b), sq in zip(cs, ab, squares):
-            e = next(opened)
-            f = e if sq else next(opened)
-            z = c + op(e, b) + op(a, f)
+        for c, (i, j) in zip(cs, index):
+            e, f = opened[i], opened[j]
+            z = c + op(e, masks[j]) + op(masks[i], f)
             if self.role == SERVER0:
                 z = z + op(e, f)
             out.append(self.shared(z).truncate())
         return out
-
 
 def product_shape(op, x_shape, y_shape) -> torch.Size:
     """The shape of ``op(x, y)`` for ``op`` in (torch.mul, torch.matmul) (matmul: both at least 2-d)."""

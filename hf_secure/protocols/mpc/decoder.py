@@ -70,7 +70,8 @@ class DecoderProgram:
     """The parts every causal family shares: caches, masks, layers in scopes, the LM head.
 
     A family defines ``derive`` (weights by state-dict key -> program weights), ``embed``,
-    ``layer`` and ``final_norm``; ``num_layers`` and ``approx`` are its fields.
+    ``layer`` and ``final_norm``, and may add public constants computed once per query
+    (``with_constants``); ``num_layers`` and ``approx`` are its fields.
     """
 
     num_layers: int
@@ -89,6 +90,7 @@ class DecoderProgram:
             cached = [(k.narrow(2, past), v.narrow(2, past)) for k, v in cached]
         (onehot,) = inputs
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])
+        public = self.with_constants(public)
         h = self.embed(mpc, w, onehot, public)
         layers = []
         for i in range(self.num_layers):
@@ -101,3 +103,7 @@ class DecoderProgram:
             h = h[:, -n:]
         with scope(mpc, "lm_head"):
             return [linear(self.final_norm(w, h), w["lm_head"])]
+
+    def with_constants(self, public: dict) -> dict:
+        """``public`` plus what every layer needs and only the public fields determine."""
+        return public

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .approximations import Approximations, calibrate_norms
+from .approximations import Approximations
 from .core import MPC, Shared
 from .decoder import DecoderProgram, cached_attention, split_heads
 from .layers import linear, rows
@@ -64,7 +64,7 @@ class GPT2Program(DecoderProgram):
         return self._norm(w, h, "final")
 
     def _norm(self, w: dict, x: Shared, site: str) -> Shared:
-        return layer_norm(x, w[site + ".w"], w[site + ".b"], self.eps, self.approx.bound(site), self.approx.ln_iterations)
+        return layer_norm(x, w[site + ".w"], w[site + ".b"], self.eps, self.approx.bound(site))
 
 
 def norm_sites(num_layers: int) -> dict[str, str]:
@@ -74,6 +74,3 @@ def norm_sites(num_layers: int) -> dict[str, str]:
         sites[f"transformer.h.{i}.ln_2"] = f"{i}.ln2"
     return sites
 
-
-def calibrate(model, margin: float = 1.5, **inputs) -> dict[str, float]:
-    return calibrate_norms(model, norm_sites(model.config.n_layer), margin, **inputs)

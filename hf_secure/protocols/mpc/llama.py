@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UnsupportedModelError
-from .approximations import Approximations, calibrate_norms
+from .approximations import Approximations
 from .core import MPC, Shared
 from .decoder import DecoderProgram, cached_attention, split_heads
 from .layers import linear
@@ -75,7 +75,7 @@ class LlamaProgram(DecoderProgram):
     def layer(self, mpc: MPC, w: dict, i: int, h: Shared, keep: torch.Tensor, public: dict, cache):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = linear(self._norm(w, h, f"{i}.ln1"), w[f"{i}.qkv"], w.get(f"{i}.qkv.b"))
-        cos, sin = self._rotary(public["position_ids"])
+        cos, sin = public["rope"]
         q = _rope(split_heads(qkv[..., :q_width], self.num_heads), cos, sin)
         k = _rope(split_heads(qkv[..., q_width : q_width + kv_width], self.num_kv_heads), cos, sin)
         v = split_heads(qkv[..., q_width + kv_width :], self.num_kv_heads)
@@ -90,13 +90,15 @@ class LlamaProgram(DecoderProgram):
         return self._norm(w, h, "final")
 
     def _norm(self, w: dict, x: Shared, site: str) -> Shared:
-        return rms_norm(x, w[site + ".w"], self.eps, self.approx.bound(site), self.approx.ln_iterations)
+        return rms_norm(x, w[site + ".w"], self.eps, self.approx.bound(site))
 
-    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Public ``cos, sin`` of shape ``[batch, 1, seq, head_dim]`` (as transformers computes them)."""
-        freqs = position_ids[..., None].float() * torch.tensor(self.inv_freq, dtype=torch.float32)
+    def with_constants(self, public: dict) -> dict:
+        """RoPE's public ``cos, sin`` of shape ``[batch, 1, seq, head_dim]`` (as transformers computes
+        them), once per query for every layer."""
+        freqs = public["position_ids"][..., None].float() * torch.tensor(self.inv_freq, dtype=torch.float32)
         angles = torch.cat([freqs, freqs], dim=-1)
-        return ((angles.cos() * self.rope_scaling).double()[:, None], (angles.sin() * self.rope_scaling).double()[:, None])
+        rope = ((angles.cos() * self.rope_scaling).double()[:, None], (angles.sin() * self.rope_scaling).double()[:, None])
+        return {**public, "rope": rope}
 
 
 def _rope(x: Shared, cos: torch.Tensor, sin: torch.Tensor) -> Shared:
@@ -113,6 +115,3 @@ def norm_sites(num_layers: int) -> dict[str, str]:
         sites[f"model.layers.{i}.post_attention_layernorm"] = f"{i}.ln2"
     return sites
 
-
-def calibrate(model, margin: float = 1.5, **inputs) -> dict[str, float]:
-    return calibrate_norms(model, norm_sites(model.config.num_hidden_layers), margin, **inputs)

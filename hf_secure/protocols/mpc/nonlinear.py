@@ -10,11 +10,13 @@
 * :func:`gelu`, :func:`silu` -- ``0.5 x (1 + g)`` with ``g`` odd and saturating: ``erf(x / sqrt 2)``
   for GeLU, ``tanh(x / 2)`` for SiLU (``x sigmoid(x)``). ``g`` is a sine series on ``[-c, c]`` and
   -1 / +1 outside, chosen by two comparisons (SecFormer's segmentation).
-* :func:`inv_sqrt` -- Goldschmidt: ``x0 = v / s`` (input deflation by a public bound ``s`` so that
-  ``x0`` lies in (0, 3)), ``y0 = 1``; repeat ``m = (3 - x) / 2; x <- x m^2; y <- y m``; then
-  ``y -> 1 / sqrt(x0)`` and ``1 / sqrt(v) = y / sqrt(s)``.
-* :func:`reciprocal` -- Goldschmidt division: ``x0 = v / s`` in (0, 2), ``y0 = 1``;
-  ``m = 2 - x; x <- x m; y <- y m``; ``y -> 1 / x0``.
+* :func:`inv_sqrt`, :func:`reciprocal` -- Goldschmidt iterations after input deflation by a
+  public bound ``s``: ``x0 = v / s``, then ``m = a_k - b_k x; x <- x m^p; y <- y m`` (``p = 2``
+  for the inverse square root, 1 for the reciprocal) until ``x -> 1``, so that
+  ``y -> x0^(-1/p)``. SecFormer uses Newton's fixed ``m = (3 - x) / 2`` (resp. ``2 - x``), which
+  converges slowly from small ``x0``; we pick each step's line for the public interval that ``x``
+  is known to lie in (:func:`_goldschmidt_steps`), which covers ``x0`` in [1e-4, 2] in 8 steps
+  instead of about 15. The last step needs only ``y``.
 * :func:`layer_norm`, :func:`rms_norm` -- statistics by local sums and one square, then
   :func:`inv_sqrt`.
 * :func:`quad_gelu` (MPCFormer: ``0.125 x^2 + 0.25 x + 0.5``) and :func:`two_quad_softmax`
@@ -43,11 +45,12 @@ SILU_CUT = 8.0
 ERF_CUT = 2.5
 _MASK_BITS = 62
 _CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
-# Narrow comparisons (bits, dropped low bits): the segment tests of GeLU and SiLU keep 4 fractional
-# bits and need |u| < 2^10 (15-bit lanes: four per word, four carry levels); the max of attention
-# scores keeps 8 fractional bits and needs |difference| < 2^11.
+# Narrow comparisons (bits, dropped low bits): 15-bit lanes (four per word, four carry levels) that
+# keep 4 fractional bits and need |value| < 2^10. The segment tests of GeLU and SiLU compare u -+ cut;
+# the max of attention scores compares score differences (a max that is off by 2^-3 only shifts
+# the exponentials' common factor: the softmax is unchanged).
 SEGMENT_COMPARISON = (15, 12)
-MAX_COMPARISON = (20, 8)
+MAX_COMPARISON = (15, 12)
 
 
 def sine_series(x: Shared, coeffs, period: int) -> Shared:
@@ -99,40 +102,70 @@ def erf_series(u: Shared) -> Shared:
     return sine_series(u, ERF_SINE_COEFFS, ERF_PERIOD)
 
 
-def inv_sqrt(v: Shared, bound: float, iterations: int = 8) -> Shared:
-    """1/sqrt(v) for 0 < v <= 2 * bound (``bound``: the public deflation constant).
+INV_SQRT_RANGE = (1e-4, 2.0)  # deflated inputs of inv_sqrt: 2 allows 1.5x the calibrated maximum
 
-    The iteration converges on (0, 3) after deflation but stalls near 3 (m ~ 0 there); on
-    [0.01, 2] eight iterations reach fixed-point precision.
+
+def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> list[tuple[float, float]]:
+    """Coefficients ``(a, b)`` of Goldschmidt steps ``m = a - b x; x <- x m^power`` taking every
+    ``x`` in the public interval ``[lo, hi]`` to within ``tol`` of 1.
+
+    Each step chooses the line for the current interval: ``g(x) = x (1 - r x)^power`` with ``r``
+    such that ``g(lo) = g(hi)`` (the ends balanced; the maximum is inside), then scaled so that the
+    image's ends are reciprocal around 1. The image is the next interval. Public: the servers and
+    the dealer compute the same steps.
     """
-    x = v.mul_public(1.0 / bound)
-    y = None
-    for _ in range(iterations):
-        m = (-x).add_public(3.0).mul_public(0.5)
+    steps = []
+    while max(1 - lo, hi - 1) > tol:
+        if power == 1:
+            r = 1 / (lo + hi)
+        else:
+            r = (math.sqrt(hi) - math.sqrt(lo)) / (hi**1.5 - lo**1.5)
+        peak = 1 / ((power + 1) * r)  # where x (1 - r x)^power is largest
+        values = [x * (1 - r * x) ** power for x in (lo, hi, min(max(peak, lo), hi))]
+        low, high = min(values), max(values)
+        c = (low * high) ** (-1 / (2 * power))
+        steps.append((c, c * r))
+        lo, hi = c**power * low, c**power * high
+    return steps
+
+
+def _goldschmidt(v: Shared, scale: float, steps: list[tuple[float, float]], power: int) -> Shared:
+    """``y = prod_k m_k`` for ``x0 = v * scale`` over the steps (see :func:`_goldschmidt_steps`).
+
+    The first step reads ``v`` itself (``m = a - (b scale) v``, ``x1 = (v m^power) scale``): a small
+    ``x0`` would lose its precision to the deflation. Rounds: ``power`` for the first step, then
+    ``power`` per step (``m^2`` with ``y m``, then ``x m^2``; ``x m`` with ``y m`` for power 1),
+    and one for the last (``y m`` only).
+    """
+    x, y = v, None
+    for k, (a, b) in enumerate(steps):
+        m = x.mul_public(-b * (scale if y is None else 1.0)).add_public(a)
+        if k == len(steps) - 1:
+            return m if y is None else y * m
         if y is None:
             y = m
-            x = x * m.square()
-        else:
-            m2, y = v.mpc.products([(m, m), (y, m)])
+            x = (x * m.square() if power == 2 else x * m).mul_public(scale)
+        elif power == 2:
+            m2, y = x.mpc.products([(m, m), (y, m)])
             x = x * m2
-    return y.mul_public(1.0 / math.sqrt(bound))
-
-
-def reciprocal(v: Shared, bound: float, iterations: int = 10) -> Shared:
-    """1/v for 0 < v < 2 * bound."""
-    x = v.mul_public(1.0 / bound)
-    y = None
-    for _ in range(iterations):
-        m = (-x).add_public(2.0)
-        if y is None:
-            x, y = x * m, m
         else:
-            x, y = v.mpc.products([(x, m), (y, m)])
-    return y.mul_public(1.0 / bound)
+            x, y = x.mpc.products([(x, m), (y, m)])
+    return y
 
 
-def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float,
-               iterations: int = 8) -> Shared:
+def inv_sqrt(v: Shared, bound: float) -> Shared:
+    """1/sqrt(v) for ``v / bound`` in :data:`INV_SQRT_RANGE` (``bound``: the public deflation constant)."""
+    steps = _goldschmidt_steps(*INV_SQRT_RANGE, power=2)
+    return _goldschmidt(v, 1.0 / bound, steps, 2).mul_public(1.0 / math.sqrt(bound))
+
+
+def reciprocal(v: Shared, low: float, high: float) -> Shared:
+    """1/v for ``v`` in the public interval ``[low, high]``."""
+    steps = _goldschmidt_steps(low / high, 1.0, power=1)
+    return _goldschmidt(v, 1.0 / high, steps, 1).mul_public(1.0 / high)
+
+
+def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float) -> Shared:
     """LayerNorm over the last dimension; ``var_bound``: public deflation bound of the variance.
 
     Rounds: ``(x - mean)^2`` and ``(x - mean) * gamma`` together, the inverse square root, then one
@@ -140,24 +173,20 @@ def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: f
     """
     n = x.shape[-1]
     centered = x - x.sum(-1, keepdim=True).mul_public(1.0 / n)
-    squared, scaled = x.mpc.products([(centered, centered), (centered, _broadcast(weight, x.shape))])
+    squared, scaled = x.mpc.products([(centered, centered), (centered, weight)])
     var = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
-    return scaled * _broadcast(inv_sqrt(var, var_bound, iterations), x.shape) + bias
+    return scaled * inv_sqrt(var, var_bound) + bias
 
 
-def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float, iterations: int = 8) -> Shared:
+def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
     """RMSNorm (Llama) over the last dimension; ``ms_bound``: public deflation bound of the mean square.
 
     Rounds as in :func:`layer_norm`: ``x^2`` and ``x * gamma`` together, the inverse square root, one product.
     """
     n = x.shape[-1]
-    squared, scaled = x.mpc.products([(x, x), (x, _broadcast(weight, x.shape))])
+    squared, scaled = x.mpc.products([(x, x), (x, weight)])
     ms = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
-    return scaled * _broadcast(inv_sqrt(ms, ms_bound, iterations), x.shape)
-
-
-def _broadcast(v: Shared, shape) -> Shared:
-    return v.mpc.shared(v.share.expand(shape).contiguous())
+    return scaled * inv_sqrt(ms, ms_bound)
 
 
 def quad_gelu(x: Shared) -> Shared:
@@ -165,11 +194,14 @@ def quad_gelu(x: Shared) -> Shared:
     return x.square().mul_public(0.125) + x.mul_public(0.25).add_public(0.5)
 
 
-def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0, sum_bound: float = 1.0) -> Shared:
-    """MPCFormer's 2Quad: ``(s + c)^2 * mask / sum``; ``mask`` is public 0/1, broadcastable to scores."""
+def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shared:
+    """MPCFormer's 2Quad: ``(s + c)^2 * mask / sum``; ``mask`` is public 0/1, broadcastable to scores.
+
+    The row sums are assumed in ``[1, 256 n]`` (``n`` scores per row: ``|s + c| < 16``).
+    """
     q = scores.add_public(c).square().mul_public(mask.to(torch.int64))
     total = q.sum(-1, keepdim=True)
-    return q * _broadcast(reciprocal(total, sum_bound), q.shape)
+    return q * reciprocal(total, 1.0, 256.0 * scores.shape[-1])
 
 
 def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
@@ -209,8 +241,9 @@ def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
     n = scores.shape[-1]
     offset = (1 - mask.to(torch.float64)) * -64.0
     lowered = scores.add_public(offset)
-    t = lowered - _broadcast(maximum(lowered, -1, *MAX_COMPARISON), lowered.shape)
+    t = lowered - maximum(lowered, -1, *MAX_COMPARISON)
     e = exp_negative(t).mul_public(mask.to(torch.int64))
     total = e.sum(-1, keepdim=True)
-    return e * _broadcast(reciprocal(total, bound=float(n), iterations=int(math.log2(n)) + 6), e.shape)
+    # the row max is exact to 2^-3 (MAX_COMPARISON), so each e <= e^(1/8) and the largest >= e^(-1/8)
+    return e * reciprocal(total, 0.85, 1.15 * n)
 
