@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -107,3 +108,42 @@ def _foreign_message(role, channel, kind):
 def test_shares_of_another_session_or_dtype_are_rejected(kind, message):
     with pytest.raises(PartyFailedError, match=message):
         run_parties(_foreign_message, {Role.SERVER0: (kind,), Role.SERVER1: (kind,)}, timeout_s=20)
+
+
+def test_server_preparation_replays_the_same_randomness_and_checks_it():
+    """A server's offline replay keeps its mask shares; the online run takes them back in order."""
+    from hf_secure.protocols.mpc.core import MPC
+
+    fresh, prepared = MPC(0, None, b"s" * 16), MPC(0, None, b"s" * 16)
+
+    def draw(mpc):
+        mpc.next_request()
+        return mpc.masks((2, 3), (4,)) + mpc.dealt(None, [(5,)])
+
+    prepared.prepare(lambda: draw(prepared))
+    assert prepared.counter == 0  # rewound: the online run sees the same requests
+    for want, got in zip(draw(fresh), draw(prepared)):
+        assert torch.equal(want, got)
+    prepared.finish()
+
+    prepared.prepare(lambda: draw(prepared))
+    prepared.next_request()
+    with pytest.raises(PartyFailedError, match="prepared value has shape"):
+        prepared.masks((3, 2))
+    with pytest.raises(PartyFailedError, match="not used"):
+        prepared.finish()
+
+
+def test_goldschmidt_steps_cover_their_interval():
+    """The per-step lines take every deflated input of the interval to 1 (plaintext check of the schedule)."""
+    from hf_secure.protocols.mpc.nonlinear import INV_SQRT_RANGE, _goldschmidt_steps
+
+    for lo, hi, power, most in ((*INV_SQRT_RANGE, 2, 8), (0.85 / 1.15 / 128, 1.0, 1, 6), (1 / 32768, 1.0, 1, 11)):
+        steps = _goldschmidt_steps(lo, hi, power)
+        assert len(steps) <= most
+        x0 = torch.logspace(math.log10(lo), math.log10(hi), 2001, dtype=torch.float64)
+        x, y = x0.clone(), torch.ones_like(x0)
+        for a, b in steps:
+            m = a - b * x
+            x, y = x * m**power, y * m
+        assert ((y * x0 ** (1 / power)) - 1).abs().max() < 1e-3
