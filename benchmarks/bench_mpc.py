@@ -3,7 +3,9 @@
 Both start from the embeddings' output (computed by the client) so that exactly the encoder runs
 under MPC; both use two computing processes plus a dealer on this machine, one torch thread each.
 Reported per system: online seconds, online bytes between the servers (both directions),
-online rounds, max |error| against plaintext transformers, and dealer (offline) bytes and time.
+online rounds, max |error| against plaintext transformers, and dealer (offline) bytes and time;
+for us also server 0's offline time (its preparation, :meth:`MPC.prepare`, and receiving) and
+its peak memory.
 
     python benchmarks/bench_mpc.py                   # BERT-base size: 12 layers, 768, 128 tokens
     python benchmarks/bench_mpc.py --layers 2 --hidden 128 --heads 2 --intermediate 512 --seq 16
@@ -46,6 +48,8 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
         "max_abs_error": (out - reference).abs().max().item(),
         "offline_bytes": report["DEALER"]["offline_bytes"],
         "offline_seconds": report["DEALER"]["offline_seconds"],
+        "server_offline_seconds": report["SERVER0"]["stats"]["offline"]["seconds"],
+        "server_peak_rss_mb": round(report["SERVER0"]["peak_rss_mb"]),
     }
 
 

@@ -16,7 +16,7 @@ the masked matrices (one round). Then every query:
 3. online: both servers run ``program.forward`` on their shares and send the client their output
    shares, which the client reconstructs;
 4. the servers and the dealer send the client their reports of the query (traffic per scope,
-   seconds, the dealer's offline material).
+   seconds, the dealer's offline material, the process's peak memory).
 
 The user's process talks to the client process through a pipe; a party that fails or dies ends
 the query with :class:`~hf_secure.errors.PartyFailedError` within the session timeout.
@@ -31,6 +31,7 @@ keeps the matching masks).
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -136,6 +137,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
                     channel.send(out.share, _CLIENT)
             report = {"online_seconds": time.perf_counter() - start}
         report["stats"] = channel.summary()
+        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         with channel.scope("report"):
             channel.send_json(report, _CLIENT)
 
