@@ -102,7 +102,8 @@ def erf_series(u: Shared) -> Shared:
     return sine_series(u, ERF_SINE_COEFFS, ERF_PERIOD)
 
 
-INV_SQRT_RANGE = (1e-4, 2.0)  # deflated inputs of inv_sqrt: 2 allows 1.5x the calibrated maximum
+INV_SQRT_RANGE = (1e-4, 2.0)  # inputs of inv_sqrt relative to the bound: 2 allows 1.5x the calibrated maximum
+_HEADROOM = 0.25  # each Goldschmidt line keeps m >= _HEADROOM * a on its interval
 
 
 def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> list[tuple[float, float]]:
@@ -110,9 +111,11 @@ def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> l
     ``x`` in the public interval ``[lo, hi]`` to within ``tol`` of 1.
 
     Each step chooses the line for the current interval: ``g(x) = x (1 - r x)^power`` with ``r``
-    such that ``g(lo) = g(hi)`` (the ends balanced; the maximum is inside), then scaled so that the
-    image's ends are reciprocal around 1. The image is the next interval. Public: the servers and
-    the dealer compute the same steps.
+    such that ``g(lo) = g(hi)`` (the ends balanced; the maximum is inside), but with ``1 - r hi``
+    at least :data:`_HEADROOM`: near the line's root an error in ``x`` would be amplified, and an
+    ``x`` somewhat above ``hi`` must still give a positive ``m``. The line is then scaled so that
+    the image's ends are reciprocal around 1; the image is the next interval. Public: the servers
+    and the dealer compute the same steps.
     """
     steps = []
     while max(1 - lo, hi - 1) > tol:
@@ -120,6 +123,7 @@ def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> l
             r = 1 / (lo + hi)
         else:
             r = (math.sqrt(hi) - math.sqrt(lo)) / (hi**1.5 - lo**1.5)
+        r = min(r, (1 - _HEADROOM) / hi)
         peak = 1 / ((power + 1) * r)  # where x (1 - r x)^power is largest
         values = [x * (1 - r * x) ** power for x in (lo, hi, min(max(peak, lo), hi))]
         low, high = min(values), max(values)
@@ -129,22 +133,27 @@ def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> l
     return steps
 
 
-def _goldschmidt(v: Shared, scale: float, steps: list[tuple[float, float]], power: int) -> Shared:
-    """``y = prod_k m_k`` for ``x0 = v * scale`` over the steps (see :func:`_goldschmidt_steps`).
+def _times_pow2(x: Shared, k: int) -> Shared:
+    """``x * 2^-k`` (a local truncation; for ``k < 0`` an exact integer product)."""
+    return x.truncate(k) if k > 0 else x.mul_public(torch.tensor(1 << -k)) if k < 0 else x
 
-    The first step reads ``v`` itself (``m = a - (b scale) v``, ``x1 = (v m^power) scale``): a small
-    ``x0`` would lose its precision to the deflation. Rounds: ``power`` for the first step, then
-    ``power`` per step (``m^2`` with ``y m``, then ``x m^2``; ``x m`` with ``y m`` for power 1),
-    and one for the last (``y m`` only).
+
+def _goldschmidt(v: Shared, k: int, steps: list[tuple[float, float]], power: int) -> Shared:
+    """``y = prod_j m_j ~ x0^(-1/power)`` for ``x0 = v 2^-k`` over the steps (:func:`_goldschmidt_steps`).
+
+    Deflation by a power of two is exact, and the first step reads ``v`` itself
+    (``m = a - (b v) 2^-k``, ``x1 = (v m^power) 2^-k``), so a small ``x0`` keeps its precision.
+    Rounds: ``power`` for the first step, then ``power`` per step (``m^2`` with ``y m``, then
+    ``x m^2``; ``x m`` with ``y m`` for power 1), and one for the last (``y m`` only).
     """
     x, y = v, None
-    for k, (a, b) in enumerate(steps):
-        m = x.mul_public(-b * (scale if y is None else 1.0)).add_public(a)
-        if k == len(steps) - 1:
+    for j, (a, b) in enumerate(steps):
+        m = (_times_pow2(x.mul_public(-b), k) if y is None else x.mul_public(-b)).add_public(a)
+        if j == len(steps) - 1:
             return m if y is None else y * m
         if y is None:
             y = m
-            x = (x * m.square() if power == 2 else x * m).mul_public(scale)
+            x = _times_pow2(x * m.square() if power == 2 else x * m, k)
         elif power == 2:
             m2, y = x.mpc.products([(m, m), (y, m)])
             x = x * m2
@@ -154,15 +163,27 @@ def _goldschmidt(v: Shared, scale: float, steps: list[tuple[float, float]], powe
 
 
 def inv_sqrt(v: Shared, bound: float) -> Shared:
-    """1/sqrt(v) for ``v / bound`` in :data:`INV_SQRT_RANGE` (``bound``: the public deflation constant)."""
-    steps = _goldschmidt_steps(*INV_SQRT_RANGE, power=2)
-    return _goldschmidt(v, 1.0 / bound, steps, 2).mul_public(1.0 / math.sqrt(bound))
+    """1/sqrt(v) for ``v / bound`` in :data:`INV_SQRT_RANGE` (``bound``: the public deflation constant).
+
+    Deflation by ``2^k >= bound`` (``k`` even, so that ``2^(-k/2)`` rescales exactly).
+    """
+    k = math.ceil(math.log2(bound))
+    k += k % 2
+    lo, hi = (r * bound / 2**k for r in INV_SQRT_RANGE)
+    return _times_pow2(_goldschmidt(v, k, _goldschmidt_steps(lo, hi, power=2), 2), k // 2)
+
+
+def _inverse(v: Shared, low: float, high: float) -> tuple[Shared, int]:
+    """``(y, k)`` with ``y 2^-k ~ 1/v`` for ``v`` in the public interval ``[low, high]``
+    (deflation by ``2^k >= high``). Multiply by ``y`` first and rescale after, to keep precision."""
+    k = math.ceil(math.log2(high))
+    return _goldschmidt(v, k, _goldschmidt_steps(low / 2**k, high / 2**k, power=1), 1), k
 
 
 def reciprocal(v: Shared, low: float, high: float) -> Shared:
     """1/v for ``v`` in the public interval ``[low, high]``."""
-    steps = _goldschmidt_steps(low / high, 1.0, power=1)
-    return _goldschmidt(v, 1.0 / high, steps, 1).mul_public(1.0 / high)
+    y, k = _inverse(v, low, high)
+    return _times_pow2(y, k)
 
 
 def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: float) -> Shared:
@@ -200,8 +221,8 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shar
     The row sums are assumed in ``[1, 256 n]`` (``n`` scores per row: ``|s + c| < 16``).
     """
     q = scores.add_public(c).square().mul_public(mask.to(torch.int64))
-    total = q.sum(-1, keepdim=True)
-    return q * reciprocal(total, 1.0, 256.0 * scores.shape[-1])
+    y, k = _inverse(q.sum(-1, keepdim=True), 1.0, 256.0 * scores.shape[-1])
+    return _times_pow2(q * y, k)
 
 
 def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
@@ -245,5 +266,6 @@ def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
     e = exp_negative(t).mul_public(mask.to(torch.int64))
     total = e.sum(-1, keepdim=True)
     # the row max is exact to 2^-3 (MAX_COMPARISON), so each e <= e^(1/8) and the largest >= e^(-1/8)
-    return e * reciprocal(total, 0.85, 1.15 * n)
+    y, k = _inverse(total, 0.85, 1.15 * n)
+    return _times_pow2(e * y, k)
 
