@@ -15,8 +15,8 @@
   for the inverse square root, 1 for the reciprocal) until ``x -> 1``, so that
   ``y -> x0^(-1/p)``. SecFormer uses Newton's fixed ``m = (3 - x) / 2`` (resp. ``2 - x``), which
   converges slowly from small ``x0``; we pick each step's line for the public interval that ``x``
-  is known to lie in (:func:`_goldschmidt_steps`), which covers ``x0`` in [1e-4, 2] in 8 steps
-  instead of about 15. The last step needs only ``y``.
+  is known to lie in (:func:`_goldschmidt_steps`), which covers ``x0`` in [1e-4, 2] in 9 steps
+  instead of about 15. The last step needs only ``y``. Deflation is by a power of two.
 * :func:`layer_norm`, :func:`rms_norm` -- statistics by local sums and one square, then
   :func:`inv_sqrt`.
 * :func:`quad_gelu` (MPCFormer: ``0.125 x^2 + 0.25 x + 0.5``) and :func:`two_quad_softmax`
