@@ -140,8 +140,8 @@ def msb(x: Shared, bits: int = 64, drop: int = 0) -> SharedBit:
     (rho,) = mpc.masks((words,), binary=True)
     rho = rho & top
     mpc.next_request()
-    rho_bit = lanes.unpack_bit(rho, bits - 1, n).view(x.shape) if mpc.is_dealer else None
-    (rho_arith,) = mpc.dealt([rho_bit] if mpc.is_dealer else None, [x.shape])
+    (rho_arith,) = mpc.dealt([lanes.unpack_bit(rho, bits - 1, n).view(x.shape)] if mpc.is_dealer else None,
+                             [x.shape])
 
     if mpc.offline:  # replay the circuit on shapes to produce (dealer) or draw (servers) the AND triples
         c = r_bits = torch.empty((words,), dtype=torch.int64, device="meta")

@@ -104,6 +104,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             raw = {name: channel.recv(_OWNER, shape=shape, dtype=torch.int64) for name, shape in weight_shapes.items()}
         derived, matrices = program.derive(raw)
         weights = prepare_weights(mpc, derived, matrices)
+        replay_weights = _shapes_only(weights)  # what a server's offline replay runs on
     state = {}  # what a program keeps between queries (a decoder's KV cache shares)
     while True:
         op, n_inputs, n_public = channel.recv(_CLIENT, shape=(3,), dtype=torch.int64).tolist()
@@ -122,7 +123,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
             with channel.scope("offline"):
                 placeholders = [mpc.placeholder(x.shape) for x in inputs]
-                mpc.prepare(lambda: program.forward(mpc, _shapes_only(weights), placeholders, public, _shapes_only(state)))
+                mpc.prepare(lambda: program.forward(mpc, replay_weights, placeholders, public, _shapes_only(state)))
                 if role == SERVER1:
                     mpc.receive_offline()
                 # both servers hold their offline material before the online clock starts
