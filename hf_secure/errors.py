@@ -36,6 +36,15 @@ class UnknownOptionError(HfSecureError):
     """An option name or value that hf_secure does not know."""
 
 
+class InvalidInputError(HfSecureError):
+    """The caller's input cannot be computed on: token ids out of range, a mask or position tensor of
+    the wrong shape or dtype, a value outside what the protocol was built for."""
+
+
+class NotConvertedError(HfSecureError):
+    """A plain checkpoint was given where a converted one is needed; the message names the command."""
+
+
 class ServerError(HfSecureError):
     """The computing server rejected a request, lost a session, or cannot be reached."""
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 import hf_secure  # noqa: F401
 from hf_secure.errors import (
     CorruptKeyError,
+    InvalidInputError,
     KeyMismatchError,
     MissingKeyError,
     TamperedCheckpointError,
@@ -118,7 +119,7 @@ def test_unknown_options(tiny):
     model = SecureModelForCausalLM.from_pretrained(folder, key=key)
     with pytest.raises(UnknownOptionError, match="output_attentions"):
         model(torch.arange(4)[None], output_attentions=True)
-    with pytest.raises(UnknownOptionError, match="out of range"):
+    with pytest.raises(InvalidInputError, match="out of range"):
         model(torch.tensor([[1, 10_000]]))
     with pytest.raises(UnknownOptionError, match="beam search"):
         model.generate(torch.arange(3, 8)[None], num_beams=2, max_new_tokens=3)

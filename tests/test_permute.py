@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoTokenizer, pipeline
 
 import hf_secure  # noqa: F401  (registers the secure pipelines)
 from hf_secure.convert import convert_permute
+from hf_secure.compat import CACHE_NAME
 from hf_secure.errors import UnknownOptionError, UnsupportedModelError
 from hf_secure.modeling import SecureModel, SecureModelForCausalLM
 
@@ -34,7 +35,7 @@ def test_causal_logits_match_plaintext(tiny, family, embeddings):
         out = secure(ids, attention_mask=mask)
     assert out.logits.shape == expected.shape
     assert (out.logits - expected).abs().max().item() < TOL
-    assert out.past_key_values.get_seq_length() == 17
+    assert getattr(out, CACHE_NAME).get_seq_length() == 17
 
 
 @pytest.mark.parametrize("embeddings", MODES)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
-from ..errors import KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
+from ..compat import CACHE_NAME, one_cache
+from ..errors import InvalidInputError, KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
 from ..hub import push_converted, resolve_folder
 from ..keys import resolve_key
 from ..protocols.mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine
@@ -39,9 +41,59 @@ _IGNORED_HF_KWARGS = {"_from_pipeline", "_commit_hash", "trust_remote_code", "de
 _PROTOCOLS = ("permute", "mpc")
 
 
-def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
-        raise UnknownOptionError(f"input_ids out of range [0, {vocab_size})")
+def _check_int(name: str, tensor, shape: tuple[int, ...] | None = None, low: int = 0,
+               high: int | None = None) -> torch.Tensor:
+    """``tensor`` as int64 after checking type, shape and range; a clear error otherwise."""
+    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+        raise InvalidInputError(f"{name} must be an integer tensor, got {type(tensor).__name__}"
+                                f"{'' if not isinstance(tensor, torch.Tensor) else ' of ' + str(tensor.dtype)}")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise InvalidInputError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.numel() and (tensor.min() < low or (high is not None and tensor.max() >= high)):
+        raise InvalidInputError(f"{name} out of range [{low}, {high if high is not None else 'inf'})")
+    return tensor.long()
+
+
+def _check_ids(input_ids, vocab_size: int) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise InvalidInputError("input_ids must be a non-empty integer tensor of shape (batch, sequence)")
+    return _check_int("input_ids", input_ids, high=vocab_size)
+
+
+def _check_positions(config, family: str | None, length: int, position_ids) -> None:
+    """Learned position tables (GPT-2, BERT) end at their size; rotary positions (Llama) do not."""
+    if family not in ("gpt2", "bert"):
+        return
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    top = length if position_ids is None else int(position_ids.max()) + 1 if position_ids.numel() else 0
+    if limit and max(length, top) > limit:
+        raise InvalidInputError(f"sequence of {max(length, top)} positions is longer than the model's {limit}")
+
+
+def _check_off(**flags) -> None:
+    """Output flags a secure model cannot honour: None or False only, never judged by truthiness."""
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            raise UnknownOptionError(f"{name}=True is not available through a secure model")
+        raise UnknownOptionError(f"{name} must be a bool or None, got {type(value).__name__}")
+
+
+def _check_bool(name: str, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise UnknownOptionError(f"{name} must be a bool or None, got {type(value).__name__}")
+
+
+def _refuse_unknown(model, kwargs: dict) -> None:
+    if kwargs:
+        raise UnknownOptionError(f"{type(model).__name__}.forward does not take {sorted(kwargs)}; it takes "
+                                 f"{', '.join(model.forward_arguments)}")
+
+
+def _as_return(output, return_dict):
+    _check_bool("return_dict", return_dict)
+    return output.to_tuple() if return_dict is False else output
 
 
 class SecurePreTrainedModel(PreTrainedModel):
@@ -167,18 +219,15 @@ class SecurePreTrainedModel(PreTrainedModel):
             )
         return self.engine
 
-    def _check_flags(self, **flags) -> None:
-        wanted = [name for name, value in flags.items() if value]
-        if wanted:
-            raise UnknownOptionError(f"{', '.join(wanted)} not available through a secure model")
-
-    def _server_forward(self, engine, input_ids, inputs_embeds, extra, want, session=None, logits_to_keep=0):
+    def _server_forward(self, engine, input_ids, inputs_embeds, extra, want, session=None, logits_to_keep=0,
+                        token_types=None):
         if (input_ids is None) == (inputs_embeds is None):
-            raise UnknownOptionError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            _check_ids(input_ids, engine.vocab_size)
-        inputs = engine.encode(input_ids, inputs_embeds)
-        inputs.update({k: v.long() for k, v in extra.items() if v is not None})
+            raise InvalidInputError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None and (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
+                                          or not inputs_embeds.is_floating_point()):
+            raise InvalidInputError("inputs_embeds must be a float tensor of shape (batch, sequence, hidden)")
+        inputs = engine.encode(input_ids, inputs_embeds, token_types)
+        inputs.update({k: v for k, v in extra.items() if v is not None})
         output = engine.server_output(want)
         outputs, length = self.backend.forward(
             inputs,
@@ -206,61 +255,142 @@ class SecurePreTrainedModel(PreTrainedModel):
         return push_converted(self.folder, repo_id, **kwargs)
 
 
+def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:
+    tensor = input_ids if input_ids is not None else inputs_embeds
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+        raise InvalidInputError("pass input_ids (batch, sequence) or inputs_embeds (batch, sequence, hidden)")
+    return tuple(tensor.shape[:2])
+
+
 class SecureModel(SecurePreTrainedModel):
     """Final hidden states (and BERT's pooled output) computed on the server."""
 
+    forward_arguments = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                         "output_attentions", "output_hidden_states", "return_dict")
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        """BERT encoder outputs: ``last_hidden_state`` (batch, sequence, hidden) and ``pooler_output``.
+
+        Every argument is checked: integer tensors of shape (batch, sequence) for the masks, ids and
+        positions; output flags may only be None or False. Raises InvalidInputError,
+        UnknownOptionError (an argument not listed in the signature), MissingKeyError (unbound).
+        """
         engine = self._require_bound()
-        self._check_flags(output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs)
+        _refuse_unknown(self, kwargs)
+        _check_off(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        _check_bool("return_dict", return_dict)
+        if input_ids is not None:
+            input_ids = _check_ids(input_ids, engine.vocab_size)
+        shape = _batch_and_length(input_ids, inputs_embeds)
+        if attention_mask is not None:
+            attention_mask = _check_int("attention_mask", attention_mask, shape, high=2)
+        if token_type_ids is not None:
+            token_type_ids = _check_int("token_type_ids", token_type_ids, shape,
+                                        high=getattr(self.config, "type_vocab_size", None))
+        if position_ids is not None:
+            position_ids = _check_int("position_ids", position_ids, shape)
+        _check_positions(self.config, self.section.get("family"), shape[1], position_ids)
         if isinstance(engine, MPCBertEngine):
             if inputs_embeds is not None or input_ids is None:
-                raise UnknownOptionError("the mpc protocol takes input_ids (shared as one-hot rows)")
-            _check_ids(input_ids, engine.vocab_size)
+                raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
             hidden = engine.hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
-            return BaseModelOutputWithPooling(last_hidden_state=hidden)
+            return _as_return(BaseModelOutputWithPooling(last_hidden_state=hidden), return_dict)
         extra = {"attention_mask": attention_mask, "token_type_ids": token_type_ids, "position_ids": position_ids}
         outputs, _ = self._server_forward(engine, input_ids, inputs_embeds, extra, "hidden")
         pooled = outputs.get("pooled")
-        return BaseModelOutputWithPooling(
+        return _as_return(BaseModelOutputWithPooling(
             last_hidden_state=engine.decode(outputs["hidden"], "hidden"),
             pooler_output=engine.decode(pooled, "hidden") if pooled is not None else None,
-        )
+        ), return_dict)
 
 
 class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
     """A causal LM whose transformer runs on the server; ``generate()`` keeps the KV cache there."""
 
+    forward_arguments = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+                         "inputs_embeds", "token_type_ids", "labels", "use_cache", "logits_to_keep",
+                         "output_attentions", "output_hidden_states", "return_dict")
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is created by the first forward, on the server
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                inputs_embeds=None, token_type_ids=None, labels=None, use_cache=None, logits_to_keep=0,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        """Logits of the new tokens, with the KV cache kept by the server(s).
+
+        Args:
+            input_ids: int (batch, new) token ids in [0, vocab); or ``inputs_embeds`` (permute only).
+            attention_mask: 0/1 ints (batch, past + new), left padding allowed.
+            position_ids: ints (batch, new); None: ``past .. past + new - 1`` as transformers does.
+            cache / past_key_values: a :class:`RemoteSessionCache` from an earlier call (either
+                name; transformers >= 5.24 says ``cache``), or an empty transformers cache.
+            token_type_ids: GPT-2 only: ids (batch, new) embedded with the token table, as GPT-2 does.
+            labels: ints (batch, new) for the causal LM loss.
+            logits_to_keep: int >= 0 (the last n positions; 0: all) or a 1-D tensor of positions.
+            output_attentions / output_hidden_states: None or False only.
+            return_dict: False returns a tuple, as transformers does.
+
+        Returns: ``CausalLMOutputWithPast`` with the cache under the installed transformers' name.
+        Raises: InvalidInputError (bad tensors), UnknownOptionError (unknown argument, or an option a
+            secure model does not offer), MissingKeyError (no key bound), ServerError.
+        """
         engine = self._require_bound()
-        self._check_flags(output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs)
+        _refuse_unknown(self, kwargs)
+        _check_off(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        _check_bool("return_dict", return_dict)
+        _check_bool("use_cache", use_cache)
+        cache = one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, RemoteSessionCache):
-            if past_key_values.get_seq_length() > 0:
-                raise UnknownOptionError("a secure model continues only from its own RemoteSessionCache")
-            past_key_values = None
-        if past_key_values is None and use_cache:
-            past_key_values = RemoteSessionCache(self.backend, self.backend.open_session())
-        if past_key_values is not None and past_key_values.backend is not self.backend:
+        if cache is not None and not isinstance(cache, RemoteSessionCache):
+            if not isinstance(cache, Cache):
+                raise InvalidInputError(f"the cache must be a transformers Cache, got {type(cache).__name__}")
+            if cache.get_seq_length() > 0:
+                raise InvalidInputError("a secure model continues only from its own RemoteSessionCache")
+            cache = None
+        if cache is None and use_cache:
+            cache = RemoteSessionCache(self.backend, self.backend.open_session())
+        if cache is not None and cache.backend is not self.backend:
             raise ServerError("this cache belongs to another server connection")
-        keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
+        if input_ids is not None:
+            input_ids = _check_ids(input_ids, engine.vocab_size)
+        batch, new = _batch_and_length(input_ids, inputs_embeds)
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = _check_int("attention_mask", attention_mask, (batch, past + new), high=2)
+        if position_ids is not None:
+            if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+                position_ids = position_ids.expand(batch, -1)
+            position_ids = _check_int("position_ids", position_ids, (batch, new))
+        _check_positions(self.config, self.section.get("family"), past + new, position_ids)
+        if token_type_ids is not None:
+            if self.section.get("family") != "gpt2":
+                raise UnknownOptionError(f"token_type_ids: a {self.section.get('family')} model has no token types")
+            token_type_ids = _check_int("token_type_ids", token_type_ids, (batch, new), high=engine.vocab_size)
+        if labels is not None:
+            labels = _check_int("labels", labels, (batch, new), low=-100, high=engine.vocab_size)
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits_to_keep = _check_int("logits_to_keep", logits_to_keep, high=new)
+            if logits_to_keep.dim() != 1:
+                raise InvalidInputError("logits_to_keep as a tensor must be 1-D positions")
+            keep = 0
+        elif isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
+            keep = logits_to_keep
+        else:
+            raise InvalidInputError(f"logits_to_keep must be an int >= 0 or a 1-D tensor, got {logits_to_keep!r}")
         if isinstance(engine, MPCCausalEngine):
             if inputs_embeds is not None or input_ids is None:
-                raise UnknownOptionError("the mpc protocol takes input_ids (shared as one-hot rows)")
-            _check_ids(input_ids, engine.vocab_size)
-            logits = engine.logits(input_ids, attention_mask, position_ids, past_key_values, keep)
-            return self._causal_output(logits, logits_to_keep, labels, past_key_values if use_cache else None)
-        extra = {"attention_mask": attention_mask, "position_ids": position_ids}
-        outputs, output = self._server_forward(engine, input_ids, inputs_embeds, extra, "logits",
-                                               session=past_key_values, logits_to_keep=keep)
-        logits = engine.decode(outputs[output], "logits")
-        return self._causal_output(logits, logits_to_keep, labels, past_key_values if use_cache else None)
+                raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
+            logits = engine.logits(input_ids, attention_mask, position_ids, cache, keep, token_type_ids)
+        else:
+            extra = {"attention_mask": attention_mask, "position_ids": position_ids}
+            outputs, output = self._server_forward(engine, input_ids, inputs_embeds, extra, "logits",
+                                                   session=cache, logits_to_keep=keep, token_types=token_type_ids)
+            logits = engine.decode(outputs[output], "logits")
+        return _as_return(self._causal_output(logits, logits_to_keep, labels, cache if use_cache else None),
+                          return_dict)
 
     def _causal_output(self, logits, logits_to_keep, labels, cache) -> CausalLMOutputWithPast:
         if not isinstance(logits_to_keep, int):
@@ -268,4 +398,4 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.engine.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})

@@ -1,6 +1,7 @@
 """A transformers ``Cache`` whose keys and values live on the server.
 
-``generate()`` threads ``past_key_values`` from one forward to the next; for a secure model that
+``generate()`` threads the cache (``cache`` since transformers 5.24, ``past_key_values`` before)
+from one forward to the next; for a secure model that
 object is a handle: the session id on the server and the number of tokens cached there. The
 client never holds the (permuted) keys and values, so it has nothing to reorder for beam search.
 """
@@ -33,6 +34,25 @@ class RemoteSessionCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    # transformers reads these from ``self.layers``, which a handle does not hold; for an empty list
+    # ``all(cache.is_linear)`` is True and generate() would stop slicing the prompt to the uncached
+    # tokens. The server keeps full attention keys and values, which it can crop.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
 
     def crop(self, max_length: int) -> None:
         """Forget tokens past ``max_length``; the server crops its cache on the next forward."""

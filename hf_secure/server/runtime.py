@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
+from ..compat import CACHE_NAME
 from ..errors import InvalidRequestError, TamperedCheckpointError, UnknownSessionError
 from ..integrity import verify_weights
 from ..protocols.permute.rewrite import family_of
@@ -132,7 +133,7 @@ class ModelServer:
             elif past_length:
                 raise InvalidRequestError("past_length without a session")
             if self.causal:
-                kwargs.update(past_key_values=cache, use_cache=cache is not None)
+                kwargs.update({CACHE_NAME: cache, "use_cache": cache is not None})
             result = self._run(kwargs, output, logits_to_keep)
             if cache is not None:
                 session.length = cache.get_seq_length()
@@ -183,6 +184,13 @@ class ModelServer:
         limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
         if limit and (past_length + seq > limit or (positions is not None and (positions.min() < 0 or positions.max() >= limit))):
             raise InvalidRequestError(f"sequence longer than the model's {limit} positions")
-        if "token_type_ids" in inputs and self.section["family"] != "bert":
-            raise InvalidRequestError("token_type_ids only apply to BERT models")
+        types = inputs.get("token_type_ids")
+        if types is not None:
+            # BERT has a token type table; GPT-2 embeds token types with its token table; Llama has none.
+            high = {"bert": getattr(self.config, "type_vocab_size", 0), "gpt2": self.config.vocab_size}.get(
+                self.section["family"])
+            if high is None:
+                raise InvalidRequestError(f"token_type_ids do not apply to {self.section['family']} models")
+            if types.min() < 0 or types.max() >= high:
+                raise InvalidRequestError(f"token_type_ids out of range [0, {high})")
         return dict(inputs)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from ...accounting import Traffic
-from ...errors import UnknownOptionError, UnsupportedModelError
+from ...errors import InvalidInputError, UnknownOptionError, UnsupportedModelError
 from . import bert, gpt2, llama
 from .approximations import Approximations, calibrate_norms
 from .run import MPCSession, online_traffic
@@ -68,8 +68,12 @@ class MPCEngine:
         self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
 
-    def run(self, input_ids: torch.Tensor, public: dict) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, public: dict, token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """One query on the private ``input_ids`` (shared as one-hot rows); ``token_types`` (GPT-2) add
+        their own one-hot rows: GPT-2 embeds them with the token table, and the embedding is linear."""
         onehot = torch.nn.functional.one_hot(input_ids, self.vocab_size)
+        if token_types is not None:
+            onehot = onehot + torch.nn.functional.one_hot(token_types, self.vocab_size)
         (out,), self.last_report = self.session.run([onehot], public)
         for name, value in online_traffic(self.last_report["SERVER0"]).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
@@ -118,25 +122,29 @@ class MPCCausalEngine(MPCEngine):
             self._drop.append(int(session_id))
 
     def logits(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, session=None,
-               logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits of the new tokens ``input_ids`` after the ``session.length`` tokens cached (None: no cache)."""
+               logits_to_keep: int = 0, token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the new tokens ``input_ids`` after the ``session.length`` tokens cached (None: no cache).
+
+        Without ``position_ids`` positions run ``past .. past + new - 1`` in every row, padded or
+        not, as the plain transformers model numbers them.
+        """
         cache_id = int(session.session_id) if session is not None else 0
         past = session.length if session is not None else 0
         if session is not None and past > self._lengths.get(cache_id, -1):
-            raise UnknownOptionError(f"cache {session.session_id} holds {self._lengths.get(cache_id, 0)} tokens, "
+            raise InvalidInputError(f"cache {session.session_id} holds {self._lengths.get(cache_id, 0)} tokens, "
                                      f"cannot continue from {past}")
         batch, new = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + new, dtype=torch.long)
         if attention_mask.shape != (batch, past + new):
-            raise UnknownOptionError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
+            raise InvalidInputError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
                                      f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:  # as transformers derives them from the padding mask
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new)[None].expand(batch, -1)
         public = {"attention_mask": attention_mask.long(), "position_ids": position_ids.long(),
                   "cache": torch.tensor([cache_id]), "past_length": torch.tensor([past]),
                   "logits_to_keep": torch.tensor([logits_to_keep]), "drop": torch.tensor(self._drop, dtype=torch.long)}
-        logits = self.run(input_ids, public)
+        logits = self.run(input_ids, public, token_types)
         self._drop = [] if session is not None else [0]
         if session is not None:
             session.length = self._lengths[cache_id] = past + new

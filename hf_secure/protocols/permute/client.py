@@ -104,13 +104,25 @@ class PermuteClient:
             self.head_permuted = head.to(dtype)[:, self.hidden].contiguous()
             self.head_bias = key.lm_head_bias.to(dtype) if key.lm_head_bias is not None else None
 
-    def encode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """What the server receives instead of the private tokens or embeddings."""
-        if inputs_embeds is not None:
-            return {"inputs_embeds": gather_last(inputs_embeds, self.hidden)}
+    def encode(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               token_types: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What the server receives instead of the private tokens or embeddings.
+
+        ``token_types`` are GPT-2's token type ids, which GPT-2 embeds with its token table
+        (``wte(input_ids) + wte(token_type_ids)``): with client-held embeddings they are added to
+        the embeddings here, with server-held ones they travel vocabulary-permuted like the ids.
+        """
         if self.embeddings == "server":
-            return {"input_ids": self.vocab_inv[input_ids]}
-        return {"inputs_embeds": torch.nn.functional.embedding(input_ids, self.embed_permuted)}
+            out = ({"inputs_embeds": gather_last(inputs_embeds, self.hidden)} if inputs_embeds is not None
+                   else {"input_ids": self.vocab_inv[input_ids]})
+            if token_types is not None:
+                out["token_type_ids"] = self.vocab_inv[token_types]
+            return out
+        embeds = (gather_last(inputs_embeds, self.hidden) if inputs_embeds is not None
+                  else torch.nn.functional.embedding(input_ids, self.embed_permuted))
+        if token_types is not None:
+            embeds = embeds + torch.nn.functional.embedding(token_types, self.embed_permuted)
+        return {"inputs_embeds": embeds}
 
     def server_output(self, want: str) -> str:
         """Which tensor to ask the server for: ``want`` is "logits" or "hidden"."""
