@@ -67,7 +67,7 @@ def _party(args) -> None:
 
     folder = resolve_folder(args.model, revision=args.revision)
     config = AutoConfig.from_pretrained(folder)
-    if read_section(config)["protocol"] != "mpc":
+    if read_section(config, args.model, "mpc")["protocol"] != "mpc":
         raise UnknownOptionError(f"{folder} is not an mpc checkpoint (hf-secure convert approximate)")
     role = Role[args.role.upper()]
     program = load_program(config)

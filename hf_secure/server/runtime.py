@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from ..compat import CACHE_NAME
-from ..errors import InvalidRequestError, TamperedCheckpointError, UnknownSessionError
+from ..errors import InvalidRequestError, NotConvertedError, TamperedCheckpointError, UnknownSessionError
 from ..integrity import verify_weights
 from ..protocols.permute.rewrite import family_of
 
@@ -29,10 +29,25 @@ OUTPUTS = ("hidden", "logits")
 INPUT_NAMES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 
 
-def read_section(config) -> dict:
+def read_section(config, source: str = "this checkpoint", protocol: str | None = None) -> dict:
+    """The ``hf_secure`` section of a converted checkpoint's config.
+
+    Raises NotConvertedError (naming the conversion command) when there is none: a plain
+    transformers checkpoint. TamperedCheckpointError when the section is there but malformed.
+    """
     section = getattr(config, "hf_secure", None)
+    if section is None:
+        commands = {
+            "permute": f"hf-secure convert permute {source} --out CONVERTED --key-out client.key.safetensors",
+            "mpc": f"hf-secure convert approximate {source} --out CONVERTED",
+        }
+        wanted = [commands[protocol]] if protocol in commands else list(commands.values())
+        raise NotConvertedError(
+            f"{source} is a plain transformers checkpoint, not converted for hf_secure (its config.json has no "
+            f"'hf_secure' section). Convert it first: {' or '.join(f'`{c}`' for c in wanted)}, then load CONVERTED."
+        )
     if not isinstance(section, dict) or "protocol" not in section:
-        raise TamperedCheckpointError("config.json has no 'hf_secure' section: not a converted checkpoint")
+        raise TamperedCheckpointError(f"the 'hf_secure' section of {source}'s config.json is malformed")
     return section
 
 
@@ -54,7 +69,7 @@ class ModelServer:
         session_ttl_s: float = 900.0,
     ):
         config = AutoConfig.from_pretrained(folder)
-        self.section = read_section(config)
+        self.section = read_section(config, folder)
         verify_weights(folder, self.section.get("weights", {}))
         architecture = (config.architectures or [""])[0]
         self.causal = family_of(config).causal
