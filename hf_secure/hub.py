@@ -1,7 +1,8 @@
 """The Hub side: resolving a model name to a local folder, and uploading converted checkpoints.
 
-``push_converted`` refuses to upload anything that is key material: a safetensors file whose
-metadata says it is an hf_secure key, a file named like a key, or a folder with no ``hf_secure``
+``push_converted`` uploads an allow-list (the checkpoint's weight files, config, model card,
+tokenizer), never whatever else lies in the folder, and refuses the upload when any file in the
+folder holds key material, by content, whatever its name; or when the folder has no ``hf_secure``
 section (an unconverted model would leak its plaintext weights under a "secure" name).
 """
 
@@ -11,8 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from .errors import KeyMaterialUploadError
-from .keys import KEY_FORMAT
+import safetensors.torch
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+
+from .errors import KeyMaterialUploadError, UnknownOptionError
+from .integrity import checkpoint_files
+from .keys import KEY_FORMAT, fingerprint
 
 
 def resolve_folder(name_or_path, revision=None, token=None, cache_dir=None, local_files_only=False) -> str:
@@ -25,34 +30,67 @@ def resolve_folder(name_or_path, revision=None, token=None, cache_dir=None, loca
                              local_files_only=local_files_only)
 
 
-def _is_key_file(path: Path) -> bool:
-    if ".key" in path.name:
-        return True
-    if path.suffix != ".safetensors":
-        return False
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return False
-        header = handle.read(min(int.from_bytes(head, "little"), 1 << 24))
+# Public files a converted checkpoint may carry besides its weights: config, model card, tokenizer.
+COMPANION_FILES = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def _is_key_material(path: Path, key_fingerprint: str | None) -> bool:
+    """Whether ``path`` holds an hf_secure key, by content: any name, any suffix.
+
+    A file that parses as safetensors is key material if its metadata says so, or if its tensors
+    hash to the checkpoint's key fingerprint (a key re-saved without its metadata).
+    """
     try:
-        meta = json.loads(header).get("__metadata__") or {}
-    except ValueError:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return False
+            size = int.from_bytes(head, "little")
+            if not 2 <= size <= 1 << 24:
+                return False
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
         return False
-    return meta.get("format") == KEY_FORMAT
+    if not isinstance(header, dict):
+        return False
+    meta = header.get("__metadata__") or {}
+    if isinstance(meta, dict) and meta.get("format") == KEY_FORMAT:
+        return True
+    if key_fingerprint is None:
+        return False
+    try:
+        tensors = safetensors.torch.load(path.read_bytes())
+    except Exception:  # noqa: BLE001  (not a loadable safetensors file: not a key either)
+        return False
+    return fingerprint(tensors) == key_fingerprint
 
 
 def check_uploadable(folder: str | os.PathLike) -> list[Path]:
-    """The files of a converted checkpoint that may be uploaded; raises on key material."""
+    """The files of a converted checkpoint to upload: an allow-list, never the rest of the folder.
+
+    Uploaded: the checkpoint's weight files (as transformers resolves them, plus the shard
+    index), its config, generation config, model card and tokenizer files. Every file under
+    ``folder`` (any name, nested or hidden folders included) is first checked for key material by
+    content; one such file refuses the whole upload (KeyMaterialUploadError).
+    """
     folder = Path(folder)
     config = folder / "config.json"
-    if not config.is_file() or "hf_secure" not in json.loads(config.read_text()):
+    section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
+    if not isinstance(section, dict):
         raise KeyMaterialUploadError(f"{folder} is not a converted hf_secure checkpoint; refusing to upload it")
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and ".cache" not in p.parts]
-    keys = [str(p.relative_to(folder)) for p in files if _is_key_file(p)]
+    every = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    weights = set(checkpoint_files(folder))
+    recorded = section.get("weights")
+    keys = [str(p.relative_to(folder)) for p in every
+            if not (p.parent == folder and p.name in weights and recorded and p.name in recorded)
+            and _is_key_material(p, section.get("key_fingerprint"))]
     if keys:
-        raise KeyMaterialUploadError(f"refusing to upload key material: {', '.join(keys)}")
-    return files
+        raise KeyMaterialUploadError(f"refusing to upload {folder}: it holds key material ({', '.join(keys)}); "
+                                     "move the key out of the model folder")
+    allowed = weights | set(COMPANION_FILES) | {SAFE_WEIGHTS_INDEX_NAME}
+    return [folder / name for name in sorted(allowed) if (folder / name).is_file()]
 
 
 def push_converted(folder, repo_id: str, *, token=None, private: bool | None = None,
@@ -62,12 +100,17 @@ def push_converted(folder, repo_id: str, *, token=None, private: bool | None = N
 
     from .convert.model_card import write_model_card
 
+    unknown = set(kwargs) - {"revision", "create_pr", "parent_commit"}
+    if unknown:
+        raise UnknownOptionError(f"push of a converted checkpoint does not take {sorted(unknown)} (the files it "
+                                 "uploads are fixed: weights, config, model card, tokenizer)")
     folder = Path(folder)
-    check_uploadable(folder)
+    files = check_uploadable(folder)
     if not (folder / "README.md").is_file():
         section = json.loads((folder / "config.json").read_text())["hf_secure"]
         write_model_card(folder, section, source=str(folder))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    files = check_uploadable(folder)  # again: the model card is now part of it
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                             ignore_patterns=[".cache/*"], **kwargs)
+                             allow_patterns=[p.name for p in files], **kwargs)

@@ -161,3 +161,33 @@ def test_cli_unknown_option_exits_2():
     out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "convert", "permute", "x", "--out", "y",
                           "--key-out", "z", "--frobnicate"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--frobnicate" in out.stderr
+
+
+def test_a_stray_safetensors_file_is_never_read(tiny, tmp_path):
+    """The checkpoint is what transformers loads (model.safetensors or the index's shards), nothing else."""
+    plain, folder, key = tiny("gpt2", "server")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    shutil.copy(key, copy / "zz-extra.safetensors")
+    model = SecureModelForCausalLM.from_pretrained(copy, key=key)
+    ids = torch.arange(3, 9)[None]
+    with torch.no_grad():
+        assert (model(ids).logits - plain(ids).logits).abs().max() < TOL
+    (copy / "model.safetensors").rename(copy / "other.safetensors")
+    with pytest.raises(TamperedCheckpointError, match="model.safetensors"):
+        ModelServer(str(copy))
+
+
+def test_a_sharded_checkpoint_follows_its_index(tmp_path):
+    from hf_secure.convert import convert_permute
+
+    from .conftest import make_tiny
+
+    plain = make_tiny("gpt2", tmp_path / "plain")
+    plain.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    convert_permute(tmp_path / "sharded", tmp_path / "out", tmp_path / "k.safetensors", embeddings="server")
+    model = SecureModelForCausalLM.from_pretrained(tmp_path / "out", key=tmp_path / "k.safetensors")
+    ids = torch.arange(3, 9)[None]
+    with torch.no_grad():
+        assert (model(ids).logits - plain(ids).logits).abs().max() < TOL

@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 
-from hf_secure.errors import KeyMaterialUploadError
+from safetensors.torch import load_file, save_file
+
+from hf_secure.errors import KeyMaterialUploadError, UnknownOptionError
 from hf_secure.hub import push_converted
 from hf_secure.modeling import SecureModelForCausalLM
 
@@ -41,16 +43,44 @@ def test_push_and_load_back(hub, tiny):
     assert hub.files("owner/copy")["model.safetensors"] == files["model.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["client.key.safetensors", "weights.safetensors"])
-def test_push_refuses_key_material(hub, tiny, tmp_path, name):
-    _, folder, key = tiny("gpt2", "server")
+def _resaved_without_metadata(key, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(key)), str(path))  # the key's tensors, no hf_secure metadata
+
+
+@pytest.mark.parametrize("name", ["client.key.safetensors", "weights.safetensors", "backup/client.safetensors.bak",
+                                  ".hidden/k", "a/b/c/model.safetensors", "tokenizer.json", "stripped/key.bin"])
+@pytest.mark.parametrize("embeddings", ["client", "server"])
+def test_push_refuses_key_material(hub, tiny, tmp_path, name, embeddings):
+    """Renamed, nested, hidden-folder copies of the key, and a copy without its metadata."""
+    _, folder, key = tiny("gpt2", embeddings)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    shutil.copy(key, copy / name)  # a key under an innocent name is caught by its metadata
+    if name.startswith("stripped/"):
+        _resaved_without_metadata(key, copy / name)
+    else:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(key, copy / name)  # a key under an innocent name is caught by its content
     with pytest.raises(KeyMaterialUploadError, match=name):
         push_converted(copy, "owner/leaky", token="x")
     with pytest.raises(KeyError):
         hub.files("owner/leaky")  # nothing was created, let alone uploaded
+
+
+def test_push_uploads_only_the_allow_list(hub, tiny, tmp_path):
+    _, folder, _ = tiny("gpt2", "client")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "notes.txt").write_text("private notes")
+    (copy / "stray.safetensors").write_bytes((copy / "model.safetensors").read_bytes())
+    (copy / ".git").mkdir()
+    (copy / ".git" / "config").write_text("[core]")
+    push_converted(copy, "owner/tidy", token="x")
+    files = set(hub.files("owner/tidy"))
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= files
+    assert not files & {"notes.txt", "stray.safetensors", ".git/config"}
+    with pytest.raises(UnknownOptionError, match="allow_patterns"):
+        push_converted(copy, "owner/tidy", token="x", allow_patterns=["*"])
 
 
 def test_push_refuses_unconverted_model(hub, tiny, tmp_path):

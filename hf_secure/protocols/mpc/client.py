@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from ...accounting import Traffic
-from ...errors import InvalidInputError, UnknownOptionError, UnsupportedModelError
+from ...errors import InvalidInputError, UnsupportedModelError
+from ...integrity import checkpoint_files
 from . import bert, gpt2, llama
 from .approximations import Approximations, calibrate_norms
 from .run import MPCSession, online_traffic
@@ -50,10 +51,8 @@ def load_program(config):
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
     """The model owner's weights (float tensors by state-dict key) from a converted checkpoint."""
     weights = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        weights.update(load_file(str(path)))
-    if not weights:
-        raise UnknownOptionError(f"no weights (*.safetensors) in {folder}: the model owner needs them")
+    for name in checkpoint_files(folder):
+        weights.update(load_file(str(Path(folder, name))))
     return {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
 
 
