@@ -58,7 +58,7 @@ def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_pat
 
 def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path):
     convert_permute(str(DEMO_MODEL), tmp_path / "permuted", tmp_path / "key.safetensors")
-    for folder, message in ((tmp_path / "permuted", "convert approximate"), (DEMO_MODEL, "not a converted checkpoint")):
+    for folder, message in ((tmp_path / "permuted", "convert approximate"), (DEMO_MODEL, "not converted")):
         out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", "--role", "server0", "--model",
                               str(folder), "--rendezvous", "tcp://127.0.0.1:1"], capture_output=True, text=True,
                              timeout=120)
@@ -70,3 +70,46 @@ def test_party_command_line_errors(argv):
     out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", *argv], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2
+
+
+@pytest.fixture(scope="module")
+def demo_approx(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo") / "approx"
+    convert_approximate(str(DEMO_MODEL), folder)
+    return folder
+
+
+SCRIPT = """
+from transformers import pipeline
+import hf_secure
+generator = pipeline("secure-text-generation", model={folder!r}, protocol="mpc")
+print("OUT", generator("It is a truth", max_new_tokens=3, do_sample=False)[0]["generated_text"])
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "-c"])
+def test_mpc_pipeline_runs_from_a_script_without_a_main_guard(demo_approx, tmp_path, how):
+    """The local parties are processes of the package: the user's script is never re-imported by them."""
+    code = SCRIPT.format(folder=str(demo_approx))
+    (tmp_path / "user_script.py").write_text(code)
+    argv = [str(tmp_path / "user_script.py")] if how == "script" else ["-c", code]
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("OUT It is a truth") == 1, out.stdout
+
+
+def test_mpc_batched_left_padded_generation_equals_plaintext(demo_approx):
+    tokenizer = AutoTokenizer.from_pretrained(demo_approx)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(["It is a truth universally acknowledged", "Emma"], return_tensors="pt", padding=True)
+    assert batch.attention_mask[1, 0] == 0  # the second row is left-padded
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = AutoModelForCausalLM.from_pretrained(demo_approx).generate(**batch, **kwargs)
+    model = SecureModelForCausalLM.from_pretrained(demo_approx, protocol="mpc")
+    try:
+        got = model.generate(**batch, **kwargs)
+        for row in range(2):
+            assert torch.equal(got[row], expected[row]), row
+    finally:
+        model.engine.close()

@@ -4,7 +4,8 @@ Roles are fixed ranks in one torch.distributed process group (gloo on CPU): the 
 servers, the dealer (correlated randomness, independent of inputs and weights), the client (shares
 the input, reconstructs the output) and the model owner (shares the weights).
 
-``run_parties`` starts one process per role on this machine (rendezvous on loopback) and returns
+``run_parties`` starts one process per role on this machine (rendezvous on loopback; each a
+process of this package, :mod:`hf_secure.runtime.worker`) and returns
 each party's result. Parties may also live on other machines: :func:`join` is what every party
 runs, whether :class:`PartyGroup` started it here or ``hf-secure party --role ... --rendezvous
 tcp://HOST:PORT`` started it there (HOST:PORT is where server 0, rank 0, hosts the rendezvous). If a party raises or dies, the others fail at their next message to it
@@ -17,19 +18,24 @@ from __future__ import annotations
 
 import datetime
 import enum
-import multiprocessing as mp
+import json
 import os
 import queue
+import multiprocessing
 import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 import zlib
 from collections.abc import Callable
+from multiprocessing.connection import AuthenticationError, Connection, Listener
 
 import torch
 import torch.distributed as dist
 
-from ..errors import PartyFailedError
+from ..errors import PartyFailedError, UnknownOptionError
 from .channel import PEER_FAILED, Channel
 
 
@@ -41,7 +47,7 @@ class Role(enum.IntEnum):
     OWNER = 4
 
 
-CONTEXT = mp.get_context("spawn")
+PIPE = "hf_secure.runtime.PIPE"  # in a role's arguments: becomes a connection to the launcher (PartyGroup.pipe)
 
 
 def _free_port() -> int:
@@ -66,20 +72,20 @@ def join(role: Role, rendezvous: str, timeout_s: float, world_size: int = len(Ro
 
 
 def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, program: Callable, args: tuple,
-               results, done, threads: int) -> None:
+               control: Connection, threads: int) -> None:
     """One party started by :class:`PartyGroup`: join, run ``program(role, channel, *args)``, report.
 
-    A party that finishes early waits (blocking, idle) until every party is done before it tears
-    down the process group: gloo's teardown busy-waits, which would steal a core from the parties
-    still computing.
+    The result (or the error) goes back over ``control``. A party that finishes early then waits
+    (blocking, idle) until the launcher says every party is done before it tears down the process
+    group: gloo's teardown busy-waits, which would steal a core from the parties still computing.
     """
     try:
         channel = join(Role(role), rendezvous, timeout_s, world_size, threads)
         result = program(Role(role), channel, *args)
-        results.put((int(role), "ok", result))
-        done.wait(timeout_s)
+        control.send(("ok", result))
+        control.poll(timeout_s)
     except BaseException as exc:  # reported to the launcher, which raises it
-        results.put((int(role), "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-10)}"))
+        control.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-10)}"))
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
@@ -87,7 +93,15 @@ def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, p
 
 
 class PartyGroup:
-    """One process per local role, started together; results and failures come back through a queue.
+    """One process per local role, started together; results and failures come back to the launcher.
+
+    Each party is its own process of this package (``python -m hf_secure.runtime.worker``, the
+    code path of ``hf-secure party``): the user's script, notebook or ``python -c`` is never
+    re-imported, whether or not it has an ``if __name__ == "__main__":`` guard. A party connects
+    back to the launcher over loopback with the launcher's process key (random, 256 bits: multiprocessing's
+    authenticated connections, HMAC challenge) given on its standard input, receives its job, and reports its
+    result over the same connection. ``PIPE`` in a role's arguments becomes a second connection,
+    whose launcher end is :meth:`pipe`.
 
     Without ``rendezvous`` every rank ``0..n-1`` must be local (a loopback group of those roles);
     with it, the group has ``world_size`` ranks and the missing roles join from elsewhere.
@@ -97,28 +111,77 @@ class PartyGroup:
                  threads: int = 1, rendezvous: str | None = None, world_size: int | None = None):
         roles = list(args_by_role)
         if rendezvous is None and sorted(int(r) for r in roles) != list(range(len(roles))):
-            raise ValueError("roles must be a prefix of Role (ranks 0..n-1)")
+            raise UnknownOptionError("roles must be a prefix of Role (ranks 0..n-1)")
         self.timeout_s = timeout_s
-        self.results = CONTEXT.Queue()
-        self._done = CONTEXT.Event()
+        self.results: queue.Queue = queue.Queue()
+        self.collected: dict[Role, object] = {}
         rendezvous = rendezvous or f"tcp://127.0.0.1:{_free_port()}"
         world_size = world_size or len(roles)
-        self.procs = {
-            role: CONTEXT.Process(target=party_main, daemon=True,
-                                  args=(role, world_size, rendezvous, timeout_s, program,
-                                        args_by_role[role], self.results, self._done, threads))
-            for role in roles
-        }
-        for proc in self.procs.values():
-            proc.start()
-        self.collected: dict[Role, object] = {}
+        self._jobs = {role: (int(role), world_size, rendezvous, timeout_s, program, args_by_role[role], threads)
+                      for role in roles}
+        self._controls: dict[Role, Connection] = {}
+        self._pipes: dict[Role, Connection] = {}
+        self._arrived = threading.Condition()
+        self._stopping = False
+        # The process's own key, as multiprocessing's spawn hands it down: torch sends tensors between
+        # processes as shared memory, whose file descriptors travel over connections checked with it.
+        authkey = multiprocessing.current_process().authkey
+        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        threading.Thread(target=self._accept, daemon=True).start()
+        host, port = self._listener.address
+        ticket = json.dumps({"host": host, "port": port, "authkey": authkey.hex()})
+        self.procs = {}
+        for role in roles:
+            proc = subprocess.Popen([sys.executable, "-m", "hf_secure.runtime.worker", Role(role).name.lower()],
+                                    stdin=subprocess.PIPE, text=True)
+            proc.stdin.write(json.dumps({**json.loads(ticket), "role": int(role)}) + "\n")
+            proc.stdin.close()
+            self.procs[role] = proc
 
+    # -- connections from the parties ------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+                role, kind = conn.recv()
+                role = Role(role)
+            except (OSError, EOFError, ValueError, AuthenticationError):
+                if self._stopping:
+                    return
+                continue  # not one of our parties (wrong key, garbage): ignore it
+            if kind == "control":
+                conn.send(list(sys.path))  # the launcher's import path, for the program's own modules
+                conn.send(self._jobs[role])
+                threading.Thread(target=self._read, args=(role, conn), daemon=True).start()
+            with self._arrived:
+                (self._controls if kind == "control" else self._pipes)[role] = conn
+                self._arrived.notify_all()
+
+    def _read(self, role: Role, conn: Connection) -> None:
+        try:
+            status, payload = conn.recv()
+        except (EOFError, OSError):
+            return  # died without a result: check() notices the exited process
+        self.results.put((int(role), status, payload))
+
+    def pipe(self, role: Role) -> Connection:
+        """The launcher's end of ``role``'s ``PIPE`` argument, once the party has connected."""
+        deadline = time.monotonic() + self.timeout_s + 30  # start-up (imports) comes on top
+        with self._arrived:
+            while role not in self._pipes:
+                self.check()
+                if time.monotonic() > deadline:
+                    raise PartyFailedError(f"party {role.name} did not connect within {self.timeout_s} s")
+                self._arrived.wait(0.2)
+            return self._pipes[role]
+
+    # -- results ----------------------------------------------------------------------------
     def check(self, wait_s: float = 0.0) -> None:
         """Collect finished parties' results (waiting up to ``wait_s``); raise on a failed or dead party."""
         try:
             rank, status, payload = self.results.get(timeout=wait_s) if wait_s else self.results.get_nowait()
         except queue.Empty:
-            dead = [r.name for r, p in self.procs.items() if not p.is_alive() and r not in self.collected]
+            dead = [r.name for r, p in self.procs.items() if p.poll() is not None and r not in self.collected]
             if dead:
                 time.sleep(0.5)  # a dying party's own report may still be in flight
                 if self.results.empty():
@@ -151,12 +214,28 @@ class PartyGroup:
         return self.collected
 
     def stop(self) -> None:
-        self._done.set()
+        """Tell every party to finish, then end whatever still runs; the listener closes."""
+        with self._arrived:
+            controls = list(self._controls.values())
+        for conn in controls:
+            try:
+                conn.send(("done",))
+            except OSError:
+                pass  # that party is gone already
         for proc in self.procs.values():
-            proc.join(timeout=2)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
                 proc.terminate()
-                proc.join(timeout=5)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._stopping = True
+        self._listener.close()
+        for conn in [*controls, *self._pipes.values()]:
+            conn.close()
 
 
 def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
@@ -164,7 +243,8 @@ def run_parties(program: Callable, args_by_role: dict[Role, tuple], timeout_s: f
     """Run ``program(role, channel, *args_by_role[role])`` in one process per role; return ``{role: result}``.
 
     The roles must be the ranks 0..n-1 (a prefix of :class:`Role`); each process receives only its
-    own arguments. Results travel back through a multiprocessing queue, so they must be picklable.
+    own arguments. Programs and arguments travel pickled, so they must be importable by name
+    (defined in a module, not in the user's ``__main__``); results travel back the same way.
     """
     group = PartyGroup(program, args_by_role, timeout_s, threads)
     try:

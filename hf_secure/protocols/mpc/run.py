@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PartyFailedError
-from ...runtime import CONTEXT, Channel, PartyGroup, Role
+from ...runtime import PIPE, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1, Shared
 from .layers import SharedWeight, prepare_weights
 from .ring import DEFAULT_FRAC_BITS, decode, encode, share
@@ -204,8 +204,7 @@ class MPCSession:
     def __init__(self, program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
                  timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None):
         self.timeout_s = timeout_s
-        self._conn, client_end = CONTEXT.Pipe()
-        private = {Role.CLIENT: client_end, Role.OWNER: weights}
+        private = {Role.CLIENT: PIPE, Role.OWNER: weights}
         if rendezvous is None:
             roles = list(Role)
         else:
@@ -214,6 +213,11 @@ class MPCSession:
         self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
                                  rendezvous=rendezvous, world_size=len(Role))
         self.closed = False
+        try:
+            self._conn = self._group.pipe(Role.CLIENT)
+        except PartyFailedError:
+            self.close()
+            raise
 
     def run(self, inputs: list[torch.Tensor], public: dict[str, torch.Tensor] | None = None):
         """One query: returns (decoded outputs, {role name: report of this query})."""
@@ -245,7 +249,7 @@ class MPCSession:
             return
         self.closed = True
         try:
-            if self._group.procs[Role.CLIENT].is_alive():
+            if getattr(self, "_conn", None) is not None and self._group.procs[Role.CLIENT].poll() is None:
                 self._conn.send(("stop",))
                 if self._conn.poll(10):
                     self._conn.recv()
