@@ -8,6 +8,10 @@
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL]
     hf-secure push DIR REPO_ID
     hf-secure demo
+
+Every failure ends in one line on stderr, ``hf-secure: error: Type: message``, exit status 1
+(usage errors: argparse's, status 2); ``-v``/``--verbose``, before or after the command, adds the
+traceback and info logging.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import HfSecureError, UnknownOptionError
@@ -89,18 +94,26 @@ def _keys(args) -> None:
     if args.keys_command == "import":
         print(f"imported {store.import_key(args.file)} into {store.root}")
     elif args.keys_command == "list":
-        for row in store.list():
+        rows = store.list()
+        if not rows:
+            print(f"no keys in the key store {store.root} (HF_SECURE_HOME sets its parent folder); "
+                  "add one with `hf-secure keys import KEYFILE`")
+        for row in rows:
             print(f"{row['fingerprint']}  {row['protocol']}  {row['model']}")
     elif args.keys_command == "remove":
         if not store.remove(args.fingerprint):
-            raise HfSecureError(f"no key {args.fingerprint} in {store.root}")
+            raise HfSecureError(f"no key {args.fingerprint} in {store.root}: "
+                                "`hf-secure keys list` shows the stored keys")
         print(f"removed {args.fingerprint}")
 
 
 def _generate(args) -> None:
     from transformers import pipeline
 
-    generator = pipeline("secure-text-generation", model=args.model, key=args.key, server_url=args.server_url)
+    from .hub import resolve_folder
+
+    folder = resolve_folder(args.model)  # a bad name fails here, clearly, not inside pipeline()
+    generator = pipeline("secure-text-generation", model=folder, key=args.key, server_url=args.server_url)
     result = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(result[0]["generated_text"])
     print(json.dumps(generator.secure_stats))
@@ -121,12 +134,20 @@ def _demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-secure", description="Private inference for transformers models")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="on failure, show the traceback too")
+    # the same flag after any command; SUPPRESS keeps the value given before the command
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="on failure, show the traceback too")
+
+    def command(subparsers, name, **kwargs) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[verbose], **kwargs)
+
     sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="convert a checkpoint for a protocol")
+    convert = command(sub, "convert", help="convert a checkpoint for a protocol")
     protocols = convert.add_subparsers(dest="protocol", required=True)
-    permute = protocols.add_parser("permute", help="STIP: permute the hidden dimension")
+    permute = command(protocols, "permute", help="STIP: permute the hidden dimension")
     permute.add_argument("src", help="local folder or Hub id")
     permute.add_argument("--out", required=True, help="output model folder")
     permute.add_argument("--key-out", required=True, help="client key file (outside the model folder)")
@@ -137,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("--seed", type=int, default=None, help="seed (testing only; default: OS randomness)")
     permute.add_argument("--revision", default=None)
     permute.set_defaults(func=_convert)
-    approximate = protocols.add_parser("approximate", help="MPC-friendly checkpoint for the mpc protocol (BERT, GPT-2, Llama)")
+    approximate = command(protocols, "approximate",
+                          help="MPC-friendly checkpoint for the mpc protocol (BERT, GPT-2, Llama)")
     approximate.add_argument("src", help="local folder or Hub id")
     approximate.add_argument("--out", required=True, help="output model folder")
     approximate.add_argument("--gelu", choices=("quad", "secformer"), default=None,
@@ -152,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     approximate.add_argument("--revision", default=None)
     approximate.set_defaults(func=_approximate)
 
-    serve = sub.add_parser("serve", help="run the HTTP server for a converted checkpoint")
+    serve = command(sub, "serve", help="run the HTTP server for a converted checkpoint")
     serve.add_argument("model", help="converted folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -162,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--revision", default=None)
     serve.set_defaults(func=_serve)
 
-    party = sub.add_parser("party", help="run one party of an mpc session (the client is the user's process)")
+    party = command(sub, "party", help="run one party of an mpc session (the client is the user's process)")
     party.add_argument("--role", required=True, choices=("server0", "server1", "dealer", "owner"))
     party.add_argument("--model", required=True,
                        help="converted folder or Hub id (config for servers and dealer; weights for the owner)")
@@ -173,16 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--revision", default=None)
     party.set_defaults(func=_party)
 
-    keys = sub.add_parser("keys", help="the local key store")
+    keys = command(sub, "keys", help="the local key store")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    imp = keys_sub.add_parser("import", help="verify a key file and add it to the store")
+    imp = command(keys_sub, "import", help="verify a key file and add it to the store")
     imp.add_argument("file")
-    keys_sub.add_parser("list", help="list stored keys")
-    rem = keys_sub.add_parser("remove", help="delete a stored key")
+    command(keys_sub, "list", help="list stored keys")
+    rem = command(keys_sub, "remove", help="delete a stored key")
     rem.add_argument("fingerprint")
     keys.set_defaults(func=_keys)
 
-    gen = sub.add_parser("generate", help="generate text privately")
+    gen = command(sub, "generate", help="generate text privately")
     gen.add_argument("model", help="converted folder or Hub id")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--key", default=None, help="key file (default: look it up in the key store)")
@@ -190,13 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.set_defaults(func=_generate)
 
-    push = sub.add_parser("push", help="upload a converted checkpoint (never its key) to the Hub")
+    push = command(sub, "push", help="upload a converted checkpoint (never its key) to the Hub")
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=_push)
 
-    demo = sub.add_parser("demo", help="convert, serve and generate privately, end to end")
+    demo = command(sub, "demo", help="convert, serve and generate privately, end to end")
     demo.add_argument("--model", default=None, help="source model (default: the embedded demo GPT-2)")
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--max-new-tokens", type=int, default=32)
@@ -210,10 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except HfSecureError as exc:
-        print(f"hf-secure: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001  every failure ends in one line; the traceback only under -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"hf-secure: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """``Type: message`` on one line; an error hf_secure did not raise on purpose says how to see more."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if isinstance(exc, HfSecureError) else f"{line} (unexpected: rerun with -v for the traceback)"
 
 
 if __name__ == "__main__":

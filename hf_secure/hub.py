@@ -8,6 +8,7 @@ section (an unconverted model would leak its plaintext weights under a "secure" 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,19 +16,90 @@ from pathlib import Path
 import safetensors.torch
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-from .errors import KeyMaterialUploadError, UnknownOptionError
+from .errors import KeyMaterialUploadError, ModelNotFoundError, UnknownOptionError
 from .integrity import checkpoint_files
 from .keys import KEY_FORMAT, fingerprint
 
 
 def resolve_folder(name_or_path, revision=None, token=None, cache_dir=None, local_files_only=False) -> str:
-    """A local folder for ``name_or_path``: itself if it is a folder, else a Hub snapshot."""
+    """A local folder for ``name_or_path``: itself if it is a folder, else a Hub snapshot.
+
+    Raises :class:`ModelNotFoundError`, one line naming the fix, for a path that does not exist
+    and for a Hub id that cannot be fetched (no such repo or revision, gated, Hub unreachable).
+    """
     if os.path.isdir(name_or_path):
         return str(name_or_path)
+    _check_hub_id(name_or_path)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
-                             local_files_only=local_files_only)
+    with _hub_errors(name_or_path, revision):
+        return snapshot_download(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=local_files_only)
+
+
+def load_config(name_or_path, revision=None, **kwargs):
+    """``AutoConfig.from_pretrained(name_or_path, ...)`` with :func:`resolve_folder`'s errors for a
+    bad name, and :class:`ModelNotFoundError` for a folder without ``config.json``."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(name_or_path):
+        _check_hub_id(name_or_path)
+    elif not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ModelNotFoundError(f"{name_or_path} has no config.json: give the folder of a transformers model "
+                                 "(as written by save_pretrained)")
+    with _hub_errors(name_or_path, revision):
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, **kwargs)
+
+
+def _check_hub_id(name) -> None:
+    """Refuse a name that is not a folder and cannot be a Hub id either: a missing path, a file."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.exists(name):
+        raise ModelNotFoundError(f"{name} is a file, not a model folder: give the folder that holds config.json")
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise ModelNotFoundError(f"{name} does not exist: give the path of a model folder, "
+                                 "or a Hub model id such as 'user/model'") from None
+
+
+@contextlib.contextmanager
+def _hub_errors(name, revision):
+    """Turn huggingface_hub's errors (also when transformers wraps them in an ``OSError``) into a
+    :class:`ModelNotFoundError`; anything else passes unchanged."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        cause = error
+        while cause is not None:
+            if isinstance(cause, GatedRepoError):
+                message = (f"{name} is a gated model: accept its terms at {constants.ENDPOINT}/{name}, "
+                           "then log in with `hf auth login`")
+            elif isinstance(cause, RepositoryNotFoundError):
+                message = (f"{name} is neither a local folder nor a model on the Hub: check the name "
+                           "(a private model needs `hf auth login`)")
+            elif isinstance(cause, RevisionNotFoundError):
+                message = f"{name} has no revision {revision!r} on the Hub: check the branch, tag or commit"
+            elif isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+                offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+                message = (f"{name} is not a local folder, and the Hub cannot be reached{offline} to fetch it "
+                           "(nor is it cached): check the name and the network, or give a local folder")
+            else:
+                cause = cause.__cause__ or cause.__context__
+                continue
+            raise ModelNotFoundError(message) from error
+        raise
 
 
 # Public files a converted checkpoint may carry besides its weights: config, model card, tokenizer.
@@ -76,6 +148,8 @@ def check_uploadable(folder: str | os.PathLike) -> list[Path]:
     content; one such file refuses the whole upload (KeyMaterialUploadError).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder} does not exist: give the folder written by `hf-secure convert`")
     config = folder / "config.json"
     section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
     if not isinstance(section, dict):

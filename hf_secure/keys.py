@@ -37,7 +37,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 
@@ -76,10 +76,16 @@ def load_key(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
         raise CorruptKeyError(f"{path} is a safetensors file but not an hf_secure key")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:  # KeyError: dtype torch lacks
         raise CorruptKeyError(f"{path}: cannot read key tensors: {exc}") from exc
     if fingerprint(tensors) != meta.get("fingerprint"):
         raise CorruptKeyError(f"{path}: key content does not match its fingerprint (corrupted file)")
+    try:  # the fingerprint covers the tensors, not the metadata: check what callers parse
+        weights = json.loads(meta.get("weights", "{}"))
+    except (ValueError, RecursionError):
+        weights = None
+    if not isinstance(weights, dict):
+        raise CorruptKeyError(f"{path}: metadata 'weights' is not a JSON object (corrupted file)")
     return tensors, meta
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
+from ..hub import load_config
 from ..modeling.approximate import APPROX_FAMILIES
 from ..protocols.mpc.client import calibrate
 from .distill import distill
@@ -64,7 +65,7 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
     With ``distill_text`` the approximated model is first distilled from the original
     (:mod:`hf_secure.convert.distill`, MPCFormer's two stages); the losses are recorded.
     """
-    config = AutoConfig.from_pretrained(src, revision=revision)
+    config = load_config(src, revision=revision)
     family = _family(config)
     if family == "llama" and gelu is not None:
         raise UnknownOptionError("Llama uses SiLU (approximated by a segmented sine series): gelu does not apply")

@@ -22,6 +22,18 @@ from ..errors import InvalidRequestError, UnknownSessionError
 from . import wire
 from .runtime import OUTPUTS, ModelServer
 
+# What the OpenAPI schema says of the bodies FastAPI cannot infer (fuzzers generate from it).
+_ERROR = {"description": "Malformed request", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_FORWARD = {
+    "openapi_extra": {"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: _BINARY}}},
+    "responses": {200: {"content": {wire.CONTENT_TYPE: _BINARY}}, 400: _ERROR,
+                  404: {**_ERROR, "description": "Unknown or expired session"}},
+    "response_class": Response,
+}
+
+
 def create_app(server: ModelServer) -> FastAPI:
     app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""))
 
@@ -34,7 +46,7 @@ def create_app(server: ModelServer) -> FastAPI:
     def info():
         return server.info()
 
-    @app.post("/v1/sessions")
+    @app.post("/v1/sessions", responses={400: _ERROR})
     def open_session():
         return {"session_id": server.open_session()}
 
@@ -42,7 +54,7 @@ def create_app(server: ModelServer) -> FastAPI:
     def close_session(session_id: str):
         return {"closed": server.close_session(session_id)}
 
-    @app.post("/v1/forward")
+    @app.post("/v1/forward", **_FORWARD)
     async def forward(
         request: Request,
         session_id: str | None = None,

@@ -6,7 +6,8 @@ key: what it receives is already permuted, and what it returns is permuted.
 
 Causal models keep one KV cache per session. Every forward names the number of tokens the client
 believes are cached (``past_length``): a shorter value crops the cache (a new generation that
-reuses a prefix), a longer one is an error (the server lost state, e.g. it restarted).
+reuses a prefix), a longer one is an error (the server lost state, e.g. it restarted); 0 starts
+afresh, with any batch size, which a continuation must keep.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..protocols.permute.rewrite import family_of
 
 OUTPUTS = ("hidden", "logits")
 INPUT_NAMES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def read_section(config, source: str = "this checkpoint", protocol: str | None = None) -> dict:
@@ -55,6 +57,7 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
 class Session:
     cache: DynamicCache
     length: int = 0
+    batch: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -127,9 +130,10 @@ class ModelServer:
         """Run the model on already-transformed inputs; return (outputs, cached length)."""
         if output not in OUTPUTS or (output == "logits" and not self.has_lm_head):
             raise InvalidRequestError(f"output {output!r} not available; this server offers {self.info()['outputs']}")
-        if logits_to_keep < 0:
-            raise InvalidRequestError("logits_to_keep must be >= 0")
+        if logits_to_keep < 0 or past_length < 0:
+            raise InvalidRequestError("logits_to_keep and past_length must be >= 0")
         kwargs = self._validate(inputs, past_length)
+        batch = len(kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"])
         with self._lock, torch.inference_mode():
             cache = None
             if session_id is not None:
@@ -140,8 +144,13 @@ class ModelServer:
                     raise InvalidRequestError(
                         f"session holds {session.length} tokens but the request continues after {past_length}"
                     )
-                if past_length < session.length:
+                if past_length and batch != session.batch:
+                    raise InvalidRequestError(f"session holds a batch of {session.batch}, the request sends {batch}")
+                if past_length == 0:
+                    session.cache = DynamicCache(config=self.config)
+                elif past_length < session.length:
                     session.cache.crop(past_length)
+                session.batch = batch
                 cache = session.cache
                 self._sessions.move_to_end(session_id)
                 session.last_used = time.monotonic()
@@ -182,8 +191,9 @@ class ModelServer:
             batch, seq = ids.shape
         else:
             embeds = inputs["inputs_embeds"]
-            if not embeds.is_floating_point() or embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
-                raise InvalidRequestError(f"inputs_embeds must be float [batch, seq, {self.config.hidden_size}]")
+            hidden = self.config.hidden_size
+            if embeds.dtype not in FLOAT_DTYPES or embeds.dim() != 3 or embeds.shape[-1] != hidden:
+                raise InvalidRequestError(f"inputs_embeds must be float [batch, seq, {hidden}]")
             if embeds.shape[0] == 0 or embeds.shape[1] == 0:
                 raise InvalidRequestError("inputs_embeds is empty")
             if not torch.isfinite(embeds).all():

@@ -19,7 +19,8 @@ CONTENT_TYPE = "application/octet-stream"
 
 
 def encode(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or {})
+    # metadata=None, not {}: safetensors 0.8 writes invalid JSON for no tensors and empty metadata.
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or None)
 
 
 def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -32,8 +33,12 @@ def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise InvalidRequestError("safetensors header longer than the message")
     try:
         header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise InvalidRequestError("malformed safetensors message: the header is not a JSON object")
         meta = header.get("__metadata__") or {}
         tensors = load(bytes(data))
     except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
         raise InvalidRequestError(f"malformed safetensors message: {exc}") from exc
+    except KeyError as exc:  # a dtype safetensors parses but torch lacks (F4, F6_*)
+        raise InvalidRequestError(f"malformed safetensors message: unsupported dtype {exc}") from exc
     return tensors, meta

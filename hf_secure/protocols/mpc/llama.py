@@ -3,13 +3,16 @@
 RMSNorm with Goldschmidt's inverse square root; Q/K/V and gate/up fused locally on the shares;
 SiLU by the segmented sine series (:func:`.nonlinear.silu`), then one product with ``up``; RoPE is
 a public-constant operation (``q cos + rotate_half(q) sin`` with public positions): local, no
-communication. Grouped-query attention repeats key/value heads locally. Cache, masks and head:
-:mod:`.decoder`.
+communication. ``cos, sin`` come from transformers' own ``LlamaRotaryEmbedding`` for the query's
+position ids, so every ``rope_type`` it implements (default, linear, dynamic, yarn, longrope,
+llama3, ...) is computed as the plaintext model computes it. Grouped-query attention repeats
+key/value heads locally. Cache, masks and head: :mod:`.decoder`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -27,23 +30,29 @@ class LlamaProgram(DecoderProgram):
     num_kv_heads: int = 1
     head_dim: int = 1
     eps: float = 1e-6
-    inv_freq: tuple = ()  # RoPE's inverse frequencies (from transformers' rope initialisation)
-    rope_scaling: float = 1.0
     has_bias: bool = False
+    rope_config: dict = field(default_factory=dict)  # the config's fields: each process rebuilds the rotary module
 
     @classmethod
     def from_config(cls, config, approx: Approximations) -> "LlamaProgram":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
+        """Raises :class:`UnsupportedModelError` for MLP biases and for a RoPE variant transformers'
+        Llama rotary module cannot compute at full head width."""
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError("Llama MLP biases are not supported by the mpc protocol")
-        rotary = LlamaRotaryEmbedding(config)
-        if rotary.rope_type == "dynamic":
-            raise UnsupportedModelError("dynamic RoPE scaling is not supported by the mpc protocol")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "hf_secure")}
+        rotary_embedding(fields, head_dim)  # refuse here, not in the parties
         return cls(config.num_hidden_layers, approx, config.num_attention_heads, config.num_key_value_heads,
-                   head_dim, config.rms_norm_eps, tuple(rotary.inv_freq.tolist()), float(rotary.attention_scaling),
-                   bool(getattr(config, "attention_bias", False)))
+                   head_dim, config.rms_norm_eps, bool(getattr(config, "attention_bias", False)), fields)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "rotary"}  # each process builds its own
+
+    @cached_property
+    def rotary(self):
+        """transformers' rotary module, one per process as one per plaintext model: dynamic scaling
+        keeps the state transformers keeps (the longest sequence seen so far)."""
+        return rotary_embedding(self.rope_config, self.head_dim)
 
     def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
         def t(name):  # nn.Linear stores (out, in); products want (in, out)
@@ -93,12 +102,31 @@ class LlamaProgram(DecoderProgram):
         return rms_norm(x, w[site + ".w"], self.eps, self.approx.bound(site))
 
     def with_constants(self, public: dict) -> dict:
-        """RoPE's public ``cos, sin`` of shape ``[batch, 1, seq, head_dim]`` (as transformers computes
-        them), once per query for every layer."""
-        freqs = public["position_ids"][..., None].float() * torch.tensor(self.inv_freq, dtype=torch.float32)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        rope = ((angles.cos() * self.rope_scaling).double()[:, None], (angles.sin() * self.rope_scaling).double()[:, None])
-        return {**public, "rope": rope}
+        """RoPE's public ``cos, sin`` of shape ``[batch, 1, seq, head_dim]`` for ``position_ids``
+        ``[batch, seq]``, from transformers' rotary module, once per query for every layer."""
+        cos, sin = self.rotary(torch.empty(0), public["position_ids"])
+        return {**public, "rope": (cos.double()[:, None], sin.double()[:, None])}
+
+
+def rotary_embedding(fields: dict, head_dim: int):
+    """transformers' ``LlamaRotaryEmbedding`` for the config ``fields`` (``config.to_dict()``).
+
+    Raises :class:`UnsupportedModelError` when transformers has no such ``rope_type`` or rejects
+    its parameters, or when the rotation covers less than ``head_dim`` (partial rotary factor).
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling")
+    try:
+        rotary = LlamaRotaryEmbedding(LlamaConfig(**fields))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UnsupportedModelError(f"RoPE {rope} is not supported by this transformers' Llama rotary "
+                                    f"embedding: {exc}") from exc
+    if 2 * rotary.inv_freq.numel() != head_dim:
+        raise UnsupportedModelError(f"RoPE {rope} rotates {2 * rotary.inv_freq.numel()} of the {head_dim} head "
+                                    "dimensions; the mpc protocol needs a full rotation")
+    return rotary
 
 
 def _rope(x: Shared, cos: torch.Tensor, sin: torch.Tensor) -> Shared:

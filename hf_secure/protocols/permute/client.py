@@ -50,6 +50,7 @@ def is_permutation(perm: torch.Tensor) -> bool:
     return (
         perm.dtype == torch.int64
         and perm.dim() == 1
+        and perm.numel() > 0
         and torch.equal(torch.sort(perm).values, torch.arange(perm.numel()))
     )
 
@@ -74,13 +75,26 @@ class PermuteKey:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "PermuteKey":
         if meta.get("protocol") != "permute":
             raise CorruptKeyError(f"not a permute key (protocol {meta.get('protocol')!r})")
-        key = cls(embeddings=check_embedding_mode(meta.get("embeddings", "")), **tensors)
+        if meta.get("embeddings") not in EMBEDDING_MODES:
+            raise CorruptKeyError(f"key metadata 'embeddings' must be one of {EMBEDDING_MODES}")
+        fields = set(cls.__dataclass_fields__) - {"embeddings"}
+        if not {"hidden", "key_id"} <= set(tensors) <= fields:
+            raise CorruptKeyError(f"key tensors {sorted(tensors)}: need hidden and key_id, may have {sorted(fields)}")
+        key = cls(embeddings=meta["embeddings"], **tensors)
         if not is_permutation(key.hidden):
             raise CorruptKeyError("key field 'hidden' is not a permutation")
         if key.embeddings == "server" and (key.vocab is None or not is_permutation(key.vocab)):
             raise CorruptKeyError("a server-embedding key needs a 'vocab' permutation")
         if key.embeddings == "client" and key.embed_tokens is None:
             raise CorruptKeyError("a client-embedding key needs 'embed_tokens'")
+        for name in ("embed_tokens", "lm_head"):
+            table = getattr(key, name)
+            if table is not None and (not table.is_floating_point() or table.dim() != 2 or not table.shape[0]
+                                      or table.shape[1] != key.hidden.numel()):
+                raise CorruptKeyError(f"key field {name!r} must be a float matrix [vocab, {key.hidden.numel()}]")
+        head, bias = key.lm_head if key.lm_head is not None else key.embed_tokens, key.lm_head_bias
+        if bias is not None and (head is None or not bias.is_floating_point() or bias.shape != head.shape[:1]):
+            raise CorruptKeyError("key field 'lm_head_bias' must be a float vector [vocab]")
         return key
 
 
