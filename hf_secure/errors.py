@@ -28,6 +28,11 @@ class TamperedCheckpointError(HfSecureError):
     """The checkpoint's weight files do not match the digests recorded at conversion."""
 
 
+class ModelNotFoundError(HfSecureError):
+    """A model name that is neither a local folder nor a Hub repository that can be reached; the
+    message says which (no such folder, no such repo or revision, gated, Hub unreachable)."""
+
+
 class UnsupportedModelError(HfSecureError):
     """The architecture (or a feature of it) is not supported by the requested protocol."""
 
@@ -39,6 +44,11 @@ class UnknownOptionError(HfSecureError):
 class InvalidInputError(HfSecureError):
     """The caller's input cannot be computed on: token ids out of range, a mask or position tensor of
     the wrong shape or dtype, a value outside what the protocol was built for."""
+
+
+class OutOfRangeError(InvalidInputError):
+    """A value of the query left the input range a fixed-point approximation was built for: the
+    servers refused the query rather than return garbage (see ``protocols/mpc/ranges.py``)."""
 
 
 class NotConvertedError(HfSecureError):
