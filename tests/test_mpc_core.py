@@ -31,8 +31,9 @@ def test_local_truncation_error_and_failure_rate():
     err = (t - (v >> 16)).abs()
     # error at most one unit in the last place, except for the rare wrap-around failure
     failures = (err > 1).sum().item()
-    assert failures <= 2, failures  # expected ~ 200000 * 2^(27+1-64) << 1
-    assert (t.double() / 2**16 - x).abs().max().item() < 2 ** -15
+    assert failures <= 2, failures  # expected ~ 200000 * 2^(27+1-64) << 1 (issue 10: truly ~0.05)
+    ok = err <= 1  # the accuracy of the truncations that did not fail (one in ~20 runs has a failure)
+    assert (t.double() / 2**16 - x)[ok].abs().max().item() < 2 ** -15
 
 
 def _arith(mpc, x, y, w):

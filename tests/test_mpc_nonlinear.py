@@ -74,7 +74,7 @@ def test_goldschmidt_over_wide_ranges():
     """Deflated inputs from 1e-4 of the bound to 2x it (and a little beyond), a softmax row sum of a
     1024-token context, a 2Quad softmax over 64 scores: fixed-point error stays small everywhere."""
     gen = torch.Generator().manual_seed(5)
-    v_sqrt = torch.cat([torch.logspace(math.log10(37e-4), math.log10(74.0), 60), torch.tensor([80.0, 90.0])])
+    v_sqrt = torch.cat([torch.logspace(math.log10(37e-4), math.log10(74.0), 60), torch.tensor([80.0, 90.0, 92.4])])
     v_recip = torch.cat([torch.logspace(0, math.log10(1.15 * 1024), 60), torch.tensor([0.85, 1200.0])])
     scores = torch.randn(3, 64, generator=gen) * 3
     (rsqrt, recip, quad), _ = secure_eval(_wide, [v_sqrt, v_recip, scores])

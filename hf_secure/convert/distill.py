@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..progress import progress
+
 
 def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int, gen: torch.Generator):
     order = torch.randperm(len(texts), generator=gen).tolist()
@@ -47,17 +49,21 @@ def distill(teacher, student, tokenizer, texts: list[str], epochs: tuple[int, in
     gen = torch.Generator().manual_seed(seed)
     teacher.eval()
     history = []
-    for stage, (n_epochs, lr) in enumerate(zip(epochs, lrs), start=1):
-        optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
-        for _ in range(n_epochs):
-            student.train()
-            losses = []
-            for batch in _batches(tokenizer, texts, batch_size, max_length, gen):
-                loss = distillation_loss(teacher, student, batch, stage)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            history.append(sum(losses) / max(len(losses), 1))
+    per_epoch = -(-len(texts) // batch_size)
+    with progress(sum(epochs) * per_epoch, "distillation", unit="batch") as bar:
+        for stage, (n_epochs, lr) in enumerate(zip(epochs, lrs), start=1):
+            optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+            for _ in range(n_epochs):
+                student.train()
+                losses = []
+                for batch in _batches(tokenizer, texts, batch_size, max_length, gen):
+                    loss = distillation_loss(teacher, student, batch, stage)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                    bar.set_postfix(stage=stage, loss=f"{losses[-1]:.4f}")
+                    bar.update()
+                history.append(sum(losses) / max(len(losses), 1))
     student.eval()
     return history

@@ -59,15 +59,23 @@ class Approximations:
         return cls(activation=recorded["activation"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"])
 
 
+@contextlib.contextmanager
 def scope(mpc: MPC, name: str):
-    """Attribute a block's traffic and time to ``name`` in the per-scope report.
+    """Attribute a block's traffic and time to ``name`` in the per-scope report, and name it in range
+    checks (:mod:`.ranges`).
 
-    A no-op without a channel and in offline replays (the dealer's, a server's preparation): their
-    time belongs to the ``offline`` scope.
+    The report part is a no-op without a channel and in offline replays (the dealer's, a server's
+    preparation): their time belongs to the ``offline`` scope.
     """
-    if mpc.channel is None or mpc.offline:
-        return contextlib.nullcontext()
-    return mpc.channel.scope(name)
+    outer, mpc.where = mpc.where, name
+    try:
+        if mpc.channel is None or mpc.offline:
+            yield
+        else:
+            with mpc.channel.scope(name):
+                yield
+    finally:
+        mpc.where = outer
 
 
 @torch.no_grad()

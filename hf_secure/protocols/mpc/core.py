@@ -67,6 +67,8 @@ class MPC:
         self._corrections: deque[torch.Tensor] = deque()
         self.recording = False  # a server replaying the program on shapes (see prepare)
         self._tape: deque[torch.Tensor] | None = None  # what that replay kept, in order
+        self.where = ""  # the program's current scope (a layer), named in range checks
+        self.range_checks: list = []  # inputs whose ranges are compared at the end of the query (.ranges)
 
     @property
     def offline(self) -> bool:

@@ -32,6 +32,7 @@ import torch
 from .comparison import drelu, maximum
 from .core import MPC, Shared
 from .prg import PRG
+from .ranges import COARSE, FINE, expect_within
 from .ring import encode
 
 # SecFormer's coefficients: erf(u) ~ sum_k b_k sin(k pi u / 10) on [-2.5, 2.5] (period 20 in u).
@@ -51,6 +52,12 @@ _CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
 # the exponentials' common factor: the softmax is unchanged).
 SEGMENT_COMPARISON = (15, 12)
 MAX_COMPARISON = (15, 12)
+# Range limits checked per query (:mod:`.ranges`): the segment tests' lanes (|u -+ cut| < 2^10), the
+# exponential's limit form ((1 + t/256)^256 needs t > -256; a max exact to 2^-3 leaves t <= 1/8),
+# and a LayerNorm/RMSNorm input whose square must fit the ring (16 fractional bits twice).
+SEGMENT_LIMIT = 1000.0
+EXP_LIMIT, MAX_ABOVE = 240.0, 4.0
+SQUARE_LIMIT = float(1 << 15)
 
 
 def sine_series(x: Shared, coeffs, period: int) -> Shared:
@@ -103,6 +110,9 @@ def erf_series(u: Shared) -> Shared:
 
 
 INV_SQRT_RANGE = (1e-4, 2.0)  # inputs of inv_sqrt relative to the bound: 2 allows 1.5x the calibrated maximum
+# What a query may bring (checked, :mod:`.ranges`): the steps' headroom keeps inputs up to 2.5x the
+# bound accurate (tests/test_mpc_nonlinear.py), and the low end allows for the fixed point's rounding.
+INV_SQRT_CHECKED = (0.9e-4, 2.5)
 _HEADROOM = 0.25  # each Goldschmidt line keeps m >= _HEADROOM * a on its interval
 
 
@@ -165,8 +175,10 @@ def _goldschmidt(v: Shared, k: int, steps: list[tuple[float, float]], power: int
 def inv_sqrt(v: Shared, bound: float) -> Shared:
     """1/sqrt(v) for ``v / bound`` in :data:`INV_SQRT_RANGE` (``bound``: the public deflation constant).
 
-    Deflation by ``2^k >= bound`` (``k`` even, so that ``2^(-k/2)`` rescales exactly).
+    Deflation by ``2^k >= bound`` (``k`` even, so that ``2^(-k/2)`` rescales exactly). The range is
+    checked at the end of the query (:mod:`.ranges`).
     """
+    expect_within(v, INV_SQRT_CHECKED[0] * bound, INV_SQRT_CHECKED[1] * bound, "LayerNorm/RMSNorm statistic")
     k = math.ceil(math.log2(bound))
     k += k % 2
     lo, hi = (r * bound / 2**k for r in INV_SQRT_RANGE)
@@ -194,6 +206,7 @@ def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: f
     """
     n = x.shape[-1]
     centered = x - x.sum(-1, keepdim=True).mul_public(1.0 / n)
+    expect_within(centered, -SQUARE_LIMIT, SQUARE_LIMIT, "LayerNorm input", COARSE)
     squared, scaled = x.mpc.products([(centered, centered), (centered, weight)])
     var = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
     return scaled * inv_sqrt(var, var_bound) + bias
@@ -205,6 +218,7 @@ def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
     Rounds as in :func:`layer_norm`: ``x^2`` and ``x * gamma`` together, the inverse square root, one product.
     """
     n = x.shape[-1]
+    expect_within(x, -SQUARE_LIMIT, SQUARE_LIMIT, "RMSNorm input", COARSE)
     squared, scaled = x.mpc.products([(x, x), (x, weight)])
     ms = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
     return scaled * inv_sqrt(ms, ms_bound)
@@ -220,13 +234,16 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shar
 
     The row sums are assumed in ``[1, 256 n]`` (``n`` scores per row: ``|s + c| < 16``).
     """
-    q = scores.add_public(c).square().mul_public(mask.to(torch.int64))
-    y, k = _inverse(q.sum(-1, keepdim=True), 1.0, 256.0 * scores.shape[-1])
+    q = scores.add_public(c).square().mul_public(attended(mask, scores.shape).to(torch.int64))
+    total = q.sum(-1, keepdim=True)
+    expect_within(total, 1.0, 256.0 * scores.shape[-1], "2Quad row sum")
+    y, k = _inverse(total, 1.0, 256.0 * scores.shape[-1])
     return _times_pow2(q * y, k)
 
 
 def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
     """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``."""
+    expect_within(u, -SEGMENT_LIMIT, SEGMENT_LIMIT, "GeLU/SiLU input", FINE)
     bounds = x.mpc.shared(torch.stack([u.add_public(cut).share, u.add_public(-cut).share]))
     above = drelu(bounds, *SEGMENT_COMPARISON)  # [u >= -cut, u >= cut]
     # 1 + g = above0 (series + 1) - above1 (series - 1): one multiplexer round on the series
@@ -256,16 +273,34 @@ def exp_negative(t: Shared, squarings: int = 8) -> Shared:
 def softmax(scores: Shared, mask: torch.Tensor) -> Shared:
     """Exact-style softmax over the last dim: max by comparisons, exp, Goldschmidt division.
 
-    ``mask`` is public 0/1 (causal and padding), broadcastable to ``scores``; masked entries are
-    excluded from the max (pushed down by a public offset) and zeroed after the exponential.
+    ``mask`` is public 0/1 (causal and padding), broadcastable to ``scores``. Masked entries are
+    excluded from the max by selection, not by an additive constant: each is replaced by an
+    attended score of its row (a public choice of share entries, no protocol), which leaves the
+    row's max unchanged; after the exponential they are zeroed. A row that attends to nothing
+    (a padding query) attends to everything, as transformers' masks make it. The exponent
+    ``t = s - max`` and the row sums are range-checked (:mod:`.ranges`).
     """
     n = scores.shape[-1]
-    offset = (1 - mask.to(torch.float64)) * -64.0
-    lowered = scores.add_public(offset)
+    keep = attended(mask, scores.shape)
+    lowered = scores if scores.mpc.offline else scores.mpc.shared(
+        torch.where(keep, scores.share, scores.share.gather(-1, _attended_column(keep))))
     t = lowered - maximum(lowered, -1, *MAX_COMPARISON)
-    e = exp_negative(t).mul_public(mask.to(torch.int64))
+    expect_within(t, -EXP_LIMIT, MAX_ABOVE, "softmax exponent", FINE)
+    e = exp_negative(t).mul_public(keep.to(torch.int64))
     total = e.sum(-1, keepdim=True)
     # the row max is exact to 2^-3 (MAX_COMPARISON), so each e <= e^(1/8) and the largest >= e^(-1/8)
+    expect_within(total, 0.85, 1.15 * n, "softmax row sum")
     y, k = _inverse(total, 0.85, 1.15 * n)
     return _times_pow2(e * y, k)
 
+
+def attended(mask: torch.Tensor, shape) -> torch.Tensor:
+    """The public 0/1 ``mask`` as booleans of ``shape``; rows that attend to nothing attend to everything."""
+    keep = mask.to(torch.bool).expand(shape)
+    return keep | ~keep.any(-1, keepdim=True)
+
+
+def _attended_column(keep: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of its last attended column, repeated along the row (for ``gather``)."""
+    positions = torch.arange(keep.shape[-1]).expand(keep.shape)
+    return torch.where(keep, positions, torch.zeros_like(positions)).amax(-1, keepdim=True).expand(keep.shape)

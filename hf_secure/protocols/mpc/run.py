@@ -37,15 +37,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import PartyFailedError
+from ...errors import OutOfRangeError, PartyFailedError
+from ...progress import progress
 from ...runtime import PIPE, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1, Shared
 from .layers import SharedWeight, prepare_weights
+from .ranges import verify_ranges
 from .ring import DEFAULT_FRAC_BITS, decode, encode, share
 
 _SERVERS = (SERVER0, SERVER1)
 _CLIENT, _OWNER = int(Role.CLIENT), int(Role.OWNER)
 _STOP, _FORWARD = 0, 1
+SETUP_STEPS = (Role.OWNER, Role.DEALER, Role.SERVER0, Role.SERVER1)  # in the order they get ready
+_REFUSED = -1  # in place of the output count: the query left a range (.ranges)
 
 
 def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -86,6 +90,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
                 w0, w1 = share(_encode(private[name], frac_bits))
                 channel.send(w0, SERVER0)
                 channel.send(w1, SERVER1)
+            channel.send_json({"ready": role.name}, _CLIENT)
         return {"stats": channel.summary()}
     if role == Role.CLIENT:
         return _client_loop(channel, private, frac_bits)
@@ -105,6 +110,7 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
         derived, matrices = program.derive(raw)
         weights = prepare_weights(mpc, derived, matrices)
         replay_weights = _shapes_only(weights)  # what a server's offline replay runs on
+        channel.send_json({"ready": role.name}, _CLIENT)
     state = {}  # what a program keeps between queries (a decoder's KV cache shares)
     while True:
         op, n_inputs, n_public = channel.recv(_CLIENT, shape=(3,), dtype=torch.int64).tolist()
@@ -117,13 +123,15 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             shapes = [tuple(channel.recv(_CLIENT, dtype=torch.int64).tolist()) for _ in range(n_inputs)]
             with channel.scope("offline"):
                 program.forward(mpc, weights, [mpc.placeholder(s) for s in shapes], public, state)
+                verify_ranges(mpc)
                 nbytes = mpc.send_offline()
             report = {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start}
         else:
             inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
             with channel.scope("offline"):
                 placeholders = [mpc.placeholder(x.shape) for x in inputs]
-                mpc.prepare(lambda: program.forward(mpc, replay_weights, placeholders, public, _shapes_only(state)))
+                mpc.prepare(lambda: (program.forward(mpc, replay_weights, placeholders, public, _shapes_only(state)),
+                                     verify_ranges(mpc)))
                 if role == SERVER1:
                     mpc.receive_offline()
                 # both servers hold their offline material before the online clock starts
@@ -131,11 +139,16 @@ def session_party(role: Role, channel: Channel, program, private, frac_bits: int
             start = time.perf_counter()
             with channel.scope("online"):
                 outputs = program.forward(mpc, weights, inputs, public, state)
+                with channel.scope("ranges"):
+                    out_of_range = verify_ranges(mpc)
                 mpc.finish()
-                if role == SERVER0:
-                    channel.send(torch.tensor([len(outputs)]), _CLIENT)
-                for out in outputs:
-                    channel.send(out.share, _CLIENT)
+                if role == SERVER0:  # a refused query sends the client what left its range, not outputs
+                    channel.send(torch.tensor([_REFUSED if out_of_range else len(outputs)]), _CLIENT)
+                    if out_of_range:
+                        channel.send_json(out_of_range, _CLIENT)
+                if not out_of_range:
+                    for out in outputs:
+                        channel.send(out.share, _CLIENT)
             report = {"online_seconds": time.perf_counter() - start}
         report["stats"] = channel.summary()
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -164,8 +177,14 @@ def _shapes_only(obj):
 
 
 def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
-    """The client process: relays the user's queries, shares inputs, reconstructs outputs."""
+    """The client process: relays the user's queries, shares inputs, reconstructs outputs.
+
+    First it relays the setup's progress: each party says when it is ready (:data:`SETUP_STEPS`).
+    """
     parties = (SERVER0, SERVER1, DEALER)
+    with channel.scope("setup"):
+        for party in SETUP_STEPS:
+            conn.send(("progress", channel.recv_json(int(party))["ready"]))
     while True:
         request = conn.recv()
         if request[0] == "stop":
@@ -185,12 +204,14 @@ def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
                 channel.send(x0, SERVER0)
                 channel.send(x1, SERVER1)
             count = int(channel.recv(SERVER0, shape=(1,)).item())
-            outputs = [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits) for _ in range(count)]
+            refused = channel.recv_json(SERVER0) if count == _REFUSED else None
+            outputs = [] if refused else [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits)
+                                          for _ in range(count)]
             reports = {Role(party).name: channel.recv_json(party) for party in parties}
         except PartyFailedError as exc:
             conn.send(("error", str(exc)))
             raise
-        conn.send(("ok", (outputs, reports)))
+        conn.send(("refused", (refused, reports)) if refused else ("ok", (outputs, reports)))
 
 
 class MPCSession:
@@ -213,11 +234,20 @@ class MPCSession:
         self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
                                  rendezvous=rendezvous, world_size=len(Role))
         self.closed = False
-        try:
-            self._conn = self._group.pipe(Role.CLIENT)
-        except PartyFailedError:
-            self.close()
-            raise
+        with progress(1 + len(SETUP_STEPS), "mpc session setup", unit="party") as bar:
+            try:
+                self._conn = self._group.pipe(Role.CLIENT)
+                bar.set_postfix_str("parties started")
+                bar.update()
+                for _ in SETUP_STEPS:  # the owner shares the weights, the servers lay them out
+                    status, payload = self._await_answer()
+                    if status != "progress":
+                        raise PartyFailedError(self._group.root_cause() or payload)
+                    bar.set_postfix_str(f"{payload.lower()} ready")
+                    bar.update()
+            except PartyFailedError:
+                self.close()
+                raise
 
     def run(self, inputs: list[torch.Tensor], public: dict[str, torch.Tensor] | None = None):
         """One query: returns (decoded outputs, {role name: report of this query})."""
@@ -225,6 +255,13 @@ class MPCSession:
             raise PartyFailedError("this MPC session is closed")
         self._conn.send(("forward", inputs, public or {}))
         status, payload = self._await_answer()
+        if status == "refused":
+            out_of_range, _ = payload
+            raise OutOfRangeError(
+                "the servers refused the query: values left the ranges the fixed-point approximations cover ("
+                + "; ".join(f"{kind}: {n} values" for kind, n in out_of_range.items())
+                + "). See docs/threat-model.md, 'Ranges'. The session stays usable."
+            )
         if status != "ok":
             cause = self._group.root_cause()
             self.close()

@@ -1,0 +1,78 @@
+"""Fixed-point approximations refuse inputs outside their ranges instead of returning garbage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_secure.errors import OutOfRangeError
+from hf_secure.protocols.mpc.approximations import Approximations
+from hf_secure.protocols.mpc.client import PROGRAMS, calibrate
+from hf_secure.protocols.mpc.nonlinear import softmax
+from hf_secure.protocols.mpc.ranges import FINE, expect_within, verify_ranges
+from hf_secure.protocols.mpc.run import MPCSession, secure_eval
+
+from .conftest import make_tiny
+
+LOGIT_TOL = 0.05  # SecFormer approximations and fixed point, against the exact model (no approximated twin here)
+
+
+def _public(mask, positions):
+    return {"attention_mask": mask, "position_ids": positions, "cache": torch.tensor([1]),
+            "past_length": torch.tensor([0]), "logits_to_keep": torch.tensor([0]), "drop": torch.tensor([0])}
+
+
+def test_an_embedding_beyond_the_calibrated_range_is_refused_and_the_session_goes_on(tmp_path):
+    """The case of the issue: one token's embedding row 4x / 30x larger than any calibration token's
+    (layer-0 variance ~9x / ~500x the bound) gave logits off by 4e9 with no error."""
+    model = make_tiny("gpt2", tmp_path / "gpt2")
+    with torch.no_grad():
+        model.transformer.wte.weight[100] *= 30
+        model.transformer.wte.weight[101] *= 4
+    calibration = torch.arange(3, 60).view(3, 19)
+    approx = Approximations(activation="secformer_gelu", softmax="exact",
+                            ln_bounds=calibrate(model, "gpt2", input_ids=calibration))
+    weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    vocab = model.config.vocab_size
+    with MPCSession(PROGRAMS["gpt2"].from_config(model.config, approx), weights, timeout_s=60) as session:
+        for big in (100, 101):
+            ids = torch.tensor([[5, 6, big, 7]])
+            with pytest.raises(OutOfRangeError, match="LayerNorm/RMSNorm statistic"):
+                session.run([torch.nn.functional.one_hot(ids, vocab)],
+                            _public(torch.ones_like(ids), torch.arange(4)[None]))
+        ids = torch.tensor([[5, 6, 8, 7]])
+        (logits,), _ = session.run([torch.nn.functional.one_hot(ids, vocab)],
+                                   _public(torch.ones_like(ids), torch.arange(4)[None]))
+    with torch.no_grad():
+        assert (logits - model(ids).logits).abs().max() < LOGIT_TOL
+
+
+def _checked(mpc, x):
+    expect_within(x, -3.0, 5.0, "exact")
+    expect_within(x, -100.0, 100.0, "fine", FINE)
+    out = verify_ranges(mpc)
+    if mpc.offline:
+        return [mpc.placeholder((2,))]
+    return [mpc.shared(torch.tensor([out.get("exact", 0), out.get("fine", 0)]) * mpc.scale * (mpc.role == 0))]
+
+
+def test_verify_ranges_counts_values_outside_each_range():
+    x = torch.tensor([-4.0, -3.0, 0.0, 4.9, 5.5, 150.0, -1000.0, 99.0])
+    (counts,), _ = secure_eval(_checked, [x])
+    # exact [-3, 5]: -4, 5.5, 150, -1000, 99 are out; fine [-100, 100] (resolution 1): 150, -1000
+    assert counts.tolist() == [5, 2]
+
+
+def _masked_softmax(mpc, scores):
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    return [softmax(scores, mask)]
+
+
+def test_masked_scores_are_excluded_by_selection_whatever_their_value():
+    """A masked score far above the others (once pushed down by a constant, -64) cannot win the max;
+    a row that attends to nothing attends uniformly, as transformers' masks make it."""
+    scores = torch.tensor([[0.5, -1.0, 200.0, 90.0], [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0]])
+    (probs,), _ = secure_eval(_masked_softmax, [scores])
+    expected = torch.stack([torch.cat([scores[0, :2].softmax(-1), torch.zeros(2)]), scores[1].softmax(-1),
+                            scores[2].softmax(-1)])
+    assert (probs - expected).abs().max() < 1e-2
