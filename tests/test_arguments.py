@@ -153,3 +153,19 @@ def test_generation_continues_from_the_cache_generate_returned(tiny, name):
     expected = plain.generate(more, max_new_tokens=6, min_new_tokens=6, **kwargs)
     assert torch.equal(got, expected)
     assert cache.get_seq_length() == more.shape[1] + 5
+
+
+def test_pipeline_arguments_are_honoured_or_refused(tiny):
+    from transformers import AutoTokenizer, pipeline
+
+    from .conftest import minilm_folder
+
+    plain, folder, key = tiny("gpt2", "client")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())  # any tokenizer: ids below VOCAB are checked
+    generator = pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer)
+    with pytest.raises((UnknownOptionError, ValueError), match="colour"):
+        generator("hello", max_new_tokens=2, colour="blue")
+    with pytest.raises(UnknownOptionError, match="output_attentions"):
+        generator("hello", max_new_tokens=2, output_attentions=True)
+    with pytest.raises(UnknownOptionError, match="already bound"):
+        pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, key=str(key))
