@@ -191,3 +191,21 @@ def test_a_sharded_checkpoint_follows_its_index(tmp_path):
     ids = torch.arange(3, 9)[None]
     with torch.no_grad():
         assert (model(ids).logits - plain(ids).logits).abs().max() < TOL
+
+
+def test_checkpoint_files_follow_the_index_and_nothing_else(tmp_path):
+    from hf_secure.integrity import checkpoint_files, verify_weights, weight_digests
+
+    from .conftest import make_tiny
+
+    plain = make_tiny("gpt2", tmp_path / "single")
+    assert checkpoint_files(tmp_path / "single") == ["model.safetensors"]
+    plain.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = checkpoint_files(tmp_path / "sharded")
+    assert len(shards) > 1 and all(name.startswith("model-") for name in shards)
+    digests = weight_digests(tmp_path / "sharded")
+    shutil.copy(tmp_path / "single" / "model.safetensors", tmp_path / "sharded" / "stray.safetensors")
+    verify_weights(tmp_path / "sharded", digests)  # the stray file is not part of the checkpoint
+    (tmp_path / "sharded" / shards[0]).unlink()
+    with pytest.raises(TamperedCheckpointError, match="missing"):
+        verify_weights(tmp_path / "sharded", digests)
