@@ -26,7 +26,7 @@ from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
 from hf_secure.protocols.mpc.approximations import Approximations  # noqa: E402
 from hf_secure.protocols.mpc.bert import BertProgram  # noqa: E402
-from hf_secure.protocols.mpc.client import calibrate  # noqa: E402
+from hf_secure.protocols.mpc.client import activation_bound, calibrate  # noqa: E402
 from hf_secure.protocols.mpc.run import online_traffic, run_program  # noqa: E402
 
 
@@ -35,7 +35,8 @@ def run_ours(model, ids, mask, approx_kind: str) -> dict:
         hidden = model.embeddings(input_ids=ids)
         reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
     bounds = calibrate(model, "bert", input_ids=ids, attention_mask=mask)
-    approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds)
+    approx = Approximations(activation="secformer_gelu", softmax="exact", ln_bounds=bounds,
+                            activation_input_bound=activation_bound(model, "bert", "secformer_gelu"))
     weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     public = {"attention_mask": mask}
     program = BertProgram.from_config(model.config, approx, from_embeddings=True)

@@ -76,3 +76,25 @@ def test_masked_scores_are_excluded_by_selection_whatever_their_value():
     expected = torch.stack([torch.cat([scores[0, :2].softmax(-1), torch.zeros(2)]), scores[1].softmax(-1),
                             scores[2].softmax(-1)])
     assert (probs - expected).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("family, projection, activation", [("gpt2", "mlp.c_fc", "secformer_gelu"),
+                                                            ("llama", "mlp.gate_proj", "series_silu"),
+                                                            ("bert", "intermediate.dense", "secformer_gelu")])
+def test_the_activation_bound_from_the_weights_holds_for_any_input(tmp_path, family, projection, activation):
+    from hf_secure.protocols.mpc.client import activation_bound
+
+    model = make_tiny(family, tmp_path / family)
+    bound = activation_bound(model, family, activation)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.abs().max().item()))
+             for name, m in model.named_modules() if name.endswith(projection)]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for scale in (1.0, 100.0):  # embeddings blown up: LayerNorm keeps the projection bounded
+            embeds = model.get_input_embeddings()(torch.randint(0, 200, (4, 16), generator=gen)) * scale
+            model(inputs_embeds=embeds)
+    for hook in hooks:
+        hook.remove()
+    scale = 2 ** -0.5 if activation == "secformer_gelu" else 1.0
+    assert 0 < max(seen) * scale <= bound < 1000

@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
 from ..hub import load_config
 from ..modeling.approximate import APPROX_FAMILIES
-from ..protocols.mpc.client import calibrate
+from ..protocols.mpc.client import activation_bound, calibrate
 from .distill import distill
 
 GELU_CHOICES = ("quad", "secformer")
@@ -97,12 +97,14 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
         history = distill(source, model, tokenizer, distill_text, epochs=distill_epochs)
     batch = tokenizer(calibration_text or DEFAULT_CALIBRATION, return_tensors="pt", padding=True)
     bounds = calibrate(model, family, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    segment_bound = None if activation == "quad_gelu" else activation_bound(model, family, activation)
     section = {
         "protocol": "mpc",
         "version": 1,
         "hf_secure_version": __version__,
         "family": family,
-        "approximations": {"activation": activation, "softmax": softmax, "ln_bounds": bounds},
+        "approximations": {"activation": activation, "softmax": softmax, "ln_bounds": bounds,
+                           "activation_input_bound": segment_bound},
     }
     if history is not None:
         section["distillation"] = {"texts": len(distill_text), "epochs": list(distill_epochs), "loss": history}

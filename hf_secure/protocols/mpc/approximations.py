@@ -7,6 +7,9 @@ Recorded by ``hf-secure convert approximate`` in ``config.hf_secure["approximati
   plaintext model registers the same function in ``ACT2FN`` as ``"hf_secure_" + activation``.
 * ``softmax``: ``"exact"`` (max by comparisons, ``(1 + t/256)^256``, Goldschmidt division) or
   ``"2quad"`` (MPCFormer's ``(s + 5)^2`` normalised, for distilled models).
+* ``activation_input_bound``: the largest ``|u|`` the GeLU/SiLU segment tests can see, proven from
+  the weights (:func:`activation_input_bound`); when it is within their lanes' range the per-query
+  range check of those inputs is skipped (absent, e.g. in older checkpoints: checked per query).
 * ``ln_bounds``: per normalisation site, the public bound by which LayerNorm's variance (RMSNorm's
   mean square) is deflated before Goldschmidt's inverse square root; calibrated in plaintext on the
   owner's text (:func:`calibrate_norms`). It is a coarse statistic of the model's activations and
@@ -16,13 +19,14 @@ Recorded by ``hf-secure convert approximate`` in ``config.hf_secure["approximati
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ...errors import UnknownOptionError
 from .core import MPC, Shared
-from .nonlinear import gelu, quad_gelu, silu, softmax, two_quad_softmax
+from .nonlinear import SEGMENT_LIMIT, gelu, quad_gelu, silu, softmax, two_quad_softmax
 
 ACTIVATIONS = {"secformer_gelu": gelu, "quad_gelu": quad_gelu, "series_silu": silu}
 SOFTMAXES = ("exact", "2quad")
@@ -33,6 +37,7 @@ class Approximations:
     activation: str = "secformer_gelu"
     softmax: str = "exact"
     ln_bounds: dict = field(default_factory=dict)  # normalisation site -> deflation bound
+    activation_input_bound: float | None = None  # proven max |u| of the segment tests (None: unknown)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -44,7 +49,11 @@ class Approximations:
         return self.ln_bounds.get(site, 1.0)
 
     def act(self, x: Shared) -> Shared:
-        return ACTIVATIONS[self.activation](x)
+        """The activation; its segment tests' inputs are range-checked unless the weights prove them in range."""
+        proven = self.activation_input_bound is not None and self.activation_input_bound <= SEGMENT_LIMIT
+        if self.activation == "quad_gelu":
+            return quad_gelu(x)
+        return ACTIVATIONS[self.activation](x, check_range=not proven)
 
     def attention_probs(self, scores: Shared, keep: torch.Tensor) -> Shared:
         """Softmax over the last dim of ``scores``; ``keep``: public 0/1 mask broadcastable to them."""
@@ -56,7 +65,8 @@ class Approximations:
     def from_config(cls, config) -> "Approximations":
         """What ``hf-secure convert approximate`` recorded in ``config.hf_secure``."""
         recorded = config.hf_secure["approximations"]
-        return cls(activation=recorded["activation"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"])
+        return cls(activation=recorded["activation"], softmax=recorded["softmax"], ln_bounds=recorded["ln_bounds"],
+                   activation_input_bound=recorded.get("activation_input_bound"))
 
 
 @contextlib.contextmanager
@@ -111,3 +121,38 @@ def calibrate_norms(model, sites: dict[str, str], margin: float = 1.5, **inputs)
         for hook in hooks:
             hook.remove()
     return {site: margin * value / 2 for site, value in seen.items()}
+
+
+@torch.no_grad()
+def activation_input_bound(model, sites: list[tuple[str, str]], activation: str, margin: float = 1.05) -> float:
+    """An upper bound on ``|u|`` at the activation's segment tests, for every input, from the weights.
+
+    ``sites``: per layer, the normalisation and the projection whose output ``x`` feeds the
+    activation (``u = x / sqrt 2`` for GeLU, ``u = x`` for SiLU). A LayerNorm's output is
+    ``gamma * z + beta`` with ``||z|| = sqrt(n)`` exactly (an RMSNorm's: at most), so output unit
+    ``j`` of a projection ``W`` (in, out) with bias ``b`` obeys, by Cauchy-Schwarz,
+    ``|x_j| <= sqrt(n) ||gamma * W[:, j]|| + |beta . W[:, j] + b_j|``; ``margin`` covers the
+    inverse square root's error within its range (which is checked per query). Public: one number
+    per model, as coarse as the LayerNorm bounds.
+    """
+    modules = dict(model.named_modules())
+    bound = 0.0
+    for norm_name, proj_name in sites:
+        norm, proj = _find(modules, norm_name), _find(modules, proj_name)
+        gamma = norm.weight.double()
+        beta = norm.bias.double() if getattr(norm, "bias", None) is not None else torch.zeros_like(gamma)
+        weight = proj.weight.double()
+        w = weight if type(proj).__name__ == "Conv1D" else weight.T  # (in, out)
+        b = proj.bias.double() if getattr(proj, "bias", None) is not None else torch.zeros(w.shape[1])
+        per_unit = math.sqrt(w.shape[0]) * (gamma[:, None] * w).norm(dim=0) + (beta @ w + b).abs()
+        bound = max(bound, per_unit.max().item())
+    scale = 1 / math.sqrt(2) if activation == "secformer_gelu" else 1.0
+    return margin * scale * bound
+
+
+def _find(modules: dict, name: str):
+    """The module called ``name``, or the one module whose name ends in ``.name`` (as :func:`calibrate_norms` matches)."""
+    found = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+    if len(found) != 1:
+        raise UnknownOptionError(f"{len(found)} modules named {name!r}: cannot bound the activation's input")
+    return found[0]

@@ -106,3 +106,6 @@ def norm_sites(num_layers: int) -> dict[str, str]:
     return sites
 
 
+def activation_sites(num_layers: int) -> list[tuple[str, str]]:
+    """(normalisation, projection) whose output is the activation's input, per layer (:func:`.approximations.activation_input_bound`)."""
+    return [(f"encoder.layer.{i}.attention.output.LayerNorm", f"encoder.layer.{i}.intermediate.dense") for i in range(num_layers)]

@@ -25,11 +25,12 @@ from ...accounting import Traffic
 from ...errors import InvalidInputError, UnsupportedModelError
 from ...integrity import checkpoint_files
 from . import bert, gpt2, llama
-from .approximations import Approximations, calibrate_norms
+from .approximations import Approximations, activation_input_bound, calibrate_norms
 from .run import MPCSession, online_traffic
 
 PROGRAMS = {"bert": bert.BertProgram, "gpt2": gpt2.GPT2Program, "llama": llama.LlamaProgram}
 NORM_SITES = {"bert": bert.norm_sites, "gpt2": gpt2.norm_sites, "llama": llama.norm_sites}
+ACTIVATION_SITES = {"bert": bert.activation_sites, "gpt2": gpt2.activation_sites, "llama": llama.activation_sites}
 
 
 def calibrate(model, family: str, margin: float = 1.5, **inputs) -> dict[str, float]:
@@ -38,6 +39,13 @@ def calibrate(model, family: str, margin: float = 1.5, **inputs) -> dict[str, fl
     if family not in NORM_SITES:
         raise UnsupportedModelError(f"no mpc program for model family {family!r}")
     return calibrate_norms(model, NORM_SITES[family](model.config.num_hidden_layers), margin, **inputs)
+
+
+def activation_bound(model, family: str, activation: str) -> float:
+    """The largest value the activation's segment tests can see in ``model`` (:func:`.approximations.activation_input_bound`)."""
+    if family not in ACTIVATION_SITES:
+        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
+    return activation_input_bound(model, ACTIVATION_SITES[family](model.config.num_hidden_layers), activation)
 
 
 def load_program(config):

@@ -74,3 +74,7 @@ def norm_sites(num_layers: int) -> dict[str, str]:
         sites[f"transformer.h.{i}.ln_2"] = f"{i}.ln2"
     return sites
 
+
+def activation_sites(num_layers: int) -> list[tuple[str, str]]:
+    """(normalisation, projection) whose output is the activation's input, per layer (:func:`.approximations.activation_input_bound`)."""
+    return [(f"transformer.h.{i}.ln_2", f"transformer.h.{i}.mlp.c_fc") for i in range(num_layers)]

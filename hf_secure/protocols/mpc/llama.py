@@ -143,3 +143,7 @@ def norm_sites(num_layers: int) -> dict[str, str]:
         sites[f"model.layers.{i}.post_attention_layernorm"] = f"{i}.ln2"
     return sites
 
+
+def activation_sites(num_layers: int) -> list[tuple[str, str]]:
+    """(normalisation, projection) whose output is the activation's input, per layer (:func:`.approximations.activation_input_bound`)."""
+    return [(f"model.layers.{i}.post_attention_layernorm", f"model.layers.{i}.mlp.gate_proj") for i in range(num_layers)]

@@ -32,7 +32,7 @@ import torch
 from .comparison import drelu, maximum
 from .core import MPC, Shared
 from .prg import PRG
-from .ranges import COARSE, FINE, expect_within
+from .ranges import FINE, expect_within
 from .ring import encode
 
 # SecFormer's coefficients: erf(u) ~ sum_k b_k sin(k pi u / 10) on [-2.5, 2.5] (period 20 in u).
@@ -52,12 +52,10 @@ _CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
 # the exponentials' common factor: the softmax is unchanged).
 SEGMENT_COMPARISON = (15, 12)
 MAX_COMPARISON = (15, 12)
-# Range limits checked per query (:mod:`.ranges`): the segment tests' lanes (|u -+ cut| < 2^10), the
-# exponential's limit form ((1 + t/256)^256 needs t > -256; a max exact to 2^-3 leaves t <= 1/8),
-# and a LayerNorm/RMSNorm input whose square must fit the ring (16 fractional bits twice).
+# Range limits checked per query (:mod:`.ranges`): the segment tests' lanes (|u -+ cut| < 2^10) and
+# the exponential's limit form ((1 + t/256)^256 needs t > -256; a max exact to 2^-3 leaves t <= 1/8).
 SEGMENT_LIMIT = 1000.0
 EXP_LIMIT, MAX_ABOVE = 240.0, 4.0
-SQUARE_LIMIT = float(1 << 15)
 
 
 def sine_series(x: Shared, coeffs, period: int) -> Shared:
@@ -206,7 +204,6 @@ def layer_norm(x: Shared, weight: Shared, bias: Shared, eps: float, var_bound: f
     """
     n = x.shape[-1]
     centered = x - x.sum(-1, keepdim=True).mul_public(1.0 / n)
-    expect_within(centered, -SQUARE_LIMIT, SQUARE_LIMIT, "LayerNorm input", COARSE)
     squared, scaled = x.mpc.products([(centered, centered), (centered, weight)])
     var = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
     return scaled * inv_sqrt(var, var_bound) + bias
@@ -218,7 +215,6 @@ def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
     Rounds as in :func:`layer_norm`: ``x^2`` and ``x * gamma`` together, the inverse square root, one product.
     """
     n = x.shape[-1]
-    expect_within(x, -SQUARE_LIMIT, SQUARE_LIMIT, "RMSNorm input", COARSE)
     squared, scaled = x.mpc.products([(x, x), (x, weight)])
     ms = squared.sum(-1, keepdim=True).mul_public(1.0 / n).add_public(eps)
     return scaled * inv_sqrt(ms, ms_bound)
@@ -241,9 +237,15 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shar
     return _times_pow2(q * y, k)
 
 
-def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
-    """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``."""
-    expect_within(u, -SEGMENT_LIMIT, SEGMENT_LIMIT, "GeLU/SiLU input", FINE)
+def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float, check_range: bool) -> Shared:
+    """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``.
+
+    The segment tests run on 15-bit lanes (|u| < 1024): ``check_range`` records ``u`` for the
+    per-query range check (:mod:`.ranges`); off only where the weights prove the range
+    (:func:`.approximations.activation_input_bound`).
+    """
+    if check_range:
+        expect_within(u, -SEGMENT_LIMIT, SEGMENT_LIMIT, "GeLU/SiLU input", FINE)
     bounds = x.mpc.shared(torch.stack([u.add_public(cut).share, u.add_public(-cut).share]))
     above = drelu(bounds, *SEGMENT_COMPARISON)  # [u >= -cut, u >= cut]
     # 1 + g = above0 (series + 1) - above1 (series - 1): one multiplexer round on the series
@@ -251,15 +253,15 @@ def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float) -> Shared:
     return (x * (scaled[0] - scaled[1] + bits[0] + bits[1])).mul_public(0.5)
 
 
-def gelu(x: Shared) -> Shared:
+def gelu(x: Shared, check_range: bool = True) -> Shared:
     """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))`` with the segmented sine-series erf."""
     u = x.mul_public(1 / math.sqrt(2))
-    return _odd_saturating(x, u, erf_series(u), ERF_CUT)
+    return _odd_saturating(x, u, erf_series(u), ERF_CUT, check_range)
 
 
-def silu(x: Shared) -> Shared:
+def silu(x: Shared, check_range: bool = True) -> Shared:
     """SiLU ``x sigmoid(x) = 0.5 x (1 + tanh(x / 2))`` with a segmented sine series for tanh (Llama)."""
-    return _odd_saturating(x, x, sine_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD), SILU_CUT)
+    return _odd_saturating(x, x, sine_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD), SILU_CUT, check_range)
 
 
 def exp_negative(t: Shared, squarings: int = 8) -> Shared:

@@ -9,10 +9,8 @@ input                                        interval                           
 ===========================================  ==================================  =============
 LayerNorm variance / RMSNorm mean square     ``[0.9e-4, 2.5] * bound``           64 bits
 (+ eps), per row                             (calibrated; :data:`.nonlinear.INV_SQRT_CHECKED`)
-centred input of a LayerNorm, input of an    ``|x| <= 2^15`` (its square fits    coarse
-RMSNorm, per element                         the ring's 47 integer bits)
 GeLU/SiLU segment tests, per element         ``|u| <= 1000`` (15-bit lanes keep  fine
-                                             ``|u| < 1024``)
+(skipped where the weights prove it)         ``|u| < 1024``)
 softmax exponent ``t = s - max``, per        ``[-240, 4]`` (``(1 + t/256)^256``  fine
 element                                      needs ``t > -256``)
 softmax row sum, per row                     ``[0.85, 1.15 n]`` (Goldschmidt)    64 bits
@@ -22,16 +20,20 @@ softmax row sum, per row                     ``[0.85, 1.15 n]`` (Goldschmidt)   
 A program records each such input as it runs (:func:`expect_within`); after the forward pass
 :func:`verify_ranges` compares all of them at once: one batched comparison per lane layout (the
 ``64``-bit ones exact; ``fine``: 15-bit lanes after dropping 16 bits, resolution 1, covering
-``|x| < 2^14``; ``coarse``: 24-bit lanes after dropping 20 bits, resolution 16, covering
-``|x| < 2^27``), then one opening of one count per kind and layer. The servers refuse the query
+``|x| < 2^14``), then one opening of one count per kind and layer. The servers refuse the query
 (:class:`~hf_secure.errors.OutOfRangeError` at the client) if any count is not zero; the session
-goes on. A value beyond a lane's own cover (``2^14`` resp. ``2^27``, far outside every range
-above) could wrap and escape the check: that is the limit of this check.
+goes on. A value beyond the fine lanes' own cover (``2^14``, far outside every range above) could
+wrap and escape the check: that is the limit of this check.
+
+Not checked per element: a LayerNorm/RMSNorm input whose square leaves the ring (``|x| >= 2^15.5``
+with 16 fractional bits). Its square wraps to a pseudo-random value, and the row's statistic then
+lands in its checked interval with probability about ``2.5 bound / 2^48``; the exception is an
+input that is an exact multiple of ``2^16`` (its square vanishes modulo the ring).
 
 Leakage: for a query in range every count opens as 0, which the servers knew would happen for a
 well-formed query; a refused query tells them how many values of each kind and layer were out of
-range. Cost per query: one comparison per recorded element and two more rounds groups at the end
-(about 8 + 5 + 5 rounds), no dealer interaction beyond the comparisons' material.
+range. Cost per query: one comparison per recorded element, and about 15 rounds once at the end
+(a 64-bit and a 15-bit comparison, then one opening).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from .core import MPC, Shared
 
 EXACT = (64, 0)
 FINE = (15, 16)
-COARSE = (24, 20)
 
 
 def expect_within(x: Shared, low: float | None, high: float | None, kind: str, lanes=EXACT) -> None:
