@@ -134,9 +134,12 @@ class PartyGroup:
         for role in roles:
             proc = subprocess.Popen([sys.executable, "-m", "hf_secure.runtime.worker", Role(role).name.lower()],
                                     stdin=subprocess.PIPE, text=True)
-            proc.stdin.write(json.dumps({**json.loads(ticket), "role": int(role)}) + "\n")
-            proc.stdin.close()
             self.procs[role] = proc
+            try:
+                proc.stdin.write(json.dumps({**json.loads(ticket), "role": int(role)}) + "\n")
+                proc.stdin.close()
+            except OSError:
+                pass  # it died at start: check() reports it as a party that exited without a result
 
     # -- connections from the parties ------------------------------------------------------
     def _accept(self) -> None:
