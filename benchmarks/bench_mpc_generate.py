@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_secure import SecureModelForCausalLM
+from hf_secure.compat import CACHE_NAME
 from hf_secure.convert import convert_approximate
 from hf_secure.demo import DEMO_MODEL, DEMO_PROMPT
 from hf_secure.protocols.mpc.run import online_traffic
@@ -29,10 +30,10 @@ from hf_secure.protocols.mpc.run import online_traffic
 def secure_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[dict]]:
     """Greedy decoding by hand (what ``generate`` does), keeping every query's report."""
     out = model(ids, use_cache=True)
-    cache, tokens, reports = out.past_key_values, ids, [model.secure_report()]
+    cache, tokens, reports = getattr(out, CACHE_NAME), ids, [model.secure_report()]
     for _ in range(new_tokens - 1):
         tokens = torch.cat([tokens, out.logits[:, -1:].argmax(-1)], dim=1)
-        out = model(tokens[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(tokens[:, -1:], **{CACHE_NAME: cache}, use_cache=True, logits_to_keep=1)
         reports.append(model.secure_report())
     return torch.cat([tokens, out.logits[:, -1:].argmax(-1)], dim=1), reports
 
