@@ -169,3 +169,24 @@ def test_pipeline_arguments_are_honoured_or_refused(tiny):
         generator("hello", max_new_tokens=2, output_attentions=True)
     with pytest.raises(UnknownOptionError, match="already bound"):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, key=str(key))
+
+
+def test_encoder_arguments_are_checked(tiny):
+    from hf_secure import SecureModel
+
+    plain, folder, key = tiny("bert", "client")
+    secure = SecureModel.from_pretrained(folder, key=key)
+    ids = _ids((2, 7))
+    types = torch.tensor([[0] * 4 + [1] * 3] * 2)
+    with torch.no_grad():
+        expected = plain(ids, token_type_ids=types).last_hidden_state
+        assert (secure(ids, token_type_ids=types).last_hidden_state - expected).abs().max() < TOL
+    with pytest.raises(UnknownOptionError, match="head_mask"):
+        secure(ids, head_mask=torch.ones(2, 4))
+    with pytest.raises(InvalidInputError, match="token_type_ids"):
+        secure(ids, token_type_ids=torch.tensor([[0]]))
+    with pytest.raises(InvalidInputError, match="token_type_ids"):
+        secure(ids, token_type_ids=torch.full((2, 7), 5))  # BERT has 2 token types
+    with pytest.raises(UnknownOptionError, match="bool"):
+        secure(ids, output_hidden_states=torch.tensor(1))
+    assert isinstance(secure(ids, return_dict=False), tuple)
