@@ -40,7 +40,11 @@ def _approximate(args) -> None:
     from .convert import convert_approximate
 
     def lines(path):
-        return [line for line in Path(path).read_text().splitlines() if line.strip()] if path else None
+        if path is None:
+            return None
+        if not Path(path).is_file():
+            raise UnknownOptionError(f"text file {path} does not exist: give a file with one sample per line")
+        return [line for line in Path(path).read_text().splitlines() if line.strip()]
 
     section = convert_approximate(args.src, args.out, gelu=args.gelu, softmax=args.softmax,
                                   calibration_text=lines(args.calibration_file), distill_text=lines(args.distill),
@@ -132,6 +136,14 @@ def _demo(args) -> None:
     run_demo(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, embeddings=args.embeddings)
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-secure", description="Private inference for transformers models")
     parser.add_argument("-v", "--verbose", action="store_true", help="on failure, show the traceback too")
@@ -209,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--key", default=None, help="key file (default: look it up in the key store)")
     gen.add_argument("--server-url", default=None, help="default: run the server part in this process")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=_positive, default=32)
     gen.set_defaults(func=_generate)
 
     push = command(sub, "push", help="upload a converted checkpoint (never its key) to the Hub")
@@ -221,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(sub, "demo", help="convert, serve and generate privately, end to end")
     demo.add_argument("--model", default=None, help="source model (default: the embedded demo GPT-2)")
     demo.add_argument("--prompt", default=None)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=_positive, default=32)
     demo.add_argument("--embeddings", choices=("client", "server"), default="client")
     demo.set_defaults(func=_demo)
     return parser

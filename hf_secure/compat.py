@@ -20,5 +20,8 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 def one_cache(cache, past_key_values):
     """The KV cache a caller passed under either name; both at once is refused (as transformers does)."""
     if cache is not None and past_key_values is not None:
-        raise UnknownOptionError("pass the KV cache once: as `cache` or as `past_key_values`, not both")
+        raise UnknownOptionError(
+            "pass the KV cache once: as `cache` or as `past_key_values`, not both"
+            + ("" if CACHE_NAME == "cache" else
+               f" (this transformers' generate() knows only `{CACHE_NAME}`: pass the cache to generate() under that name)"))
     return cache if cache is not None else past_key_values

@@ -16,8 +16,8 @@ from pathlib import Path
 import safetensors.torch
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-from .errors import KeyMaterialUploadError, ModelNotFoundError, UnknownOptionError
-from .integrity import checkpoint_files
+from .errors import KeyMaterialUploadError, ModelNotFoundError, UnknownOptionError, UnsupportedModelError
+from .integrity import checkpoint_files, verify_weights
 from .keys import KEY_FORMAT, fingerprint
 
 
@@ -49,6 +49,18 @@ def load_config(name_or_path, revision=None, **kwargs):
                                  "(as written by save_pretrained)")
     with _hub_errors(name_or_path, revision):
         return AutoConfig.from_pretrained(name_or_path, revision=revision, **kwargs)
+
+
+def load_source_config(name_or_path, revision=None):
+    """:func:`load_config` for a converter's source: a checkpoint already converted is refused
+    (converting it again would permute or approximate what is no longer the original)."""
+    config = load_config(name_or_path, revision=revision)
+    section = getattr(config, "hf_secure", None)
+    if section is not None:
+        protocol = section.get("protocol") if isinstance(section, dict) else None
+        raise UnsupportedModelError(f"{name_or_path} is already converted (protocol {protocol!r}): convert the "
+                                    "original transformers checkpoint instead")
+    return config
 
 
 def _check_hub_id(name) -> None:
@@ -154,17 +166,30 @@ def check_uploadable(folder: str | os.PathLike) -> list[Path]:
     section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
     if not isinstance(section, dict):
         raise KeyMaterialUploadError(f"{folder} is not a converted hf_secure checkpoint; refusing to upload it")
-    every = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     weights = set(checkpoint_files(folder))
     recorded = section.get("weights")
+    if recorded:  # the weight files are the converter's, byte for byte: no key can hide under their names
+        verify_weights(folder, recorded)
+    every = [p for p in sorted(folder.rglob("*")) if p.is_file()]  # links are read where they point (Hub snapshots)
     keys = [str(p.relative_to(folder)) for p in every
-            if not (p.parent == folder and p.name in weights and recorded and p.name in recorded)
+            if not (recorded and p.parent == folder and p.name in weights)
             and _is_key_material(p, section.get("key_fingerprint"))]
-    if keys:
-        raise KeyMaterialUploadError(f"refusing to upload {folder}: it holds key material ({', '.join(keys)}); "
-                                     "move the key out of the model folder")
+    # config, model card and tokenizer files are never tensor containers: one that parses as
+    # safetensors is something else under a public name (e.g. a key with an extra tensor)
+    disguised = [name for name in COMPANION_FILES if (folder / name).is_file() and _is_safetensors(folder / name)]
+    if keys or disguised:
+        raise KeyMaterialUploadError(f"refusing to upload {folder}: it holds key material or tensors under a public "
+                                     f"file name ({', '.join(keys + disguised)}); move the key out of the model folder")
     allowed = weights | set(COMPANION_FILES) | {SAFE_WEIGHTS_INDEX_NAME}
     return [folder / name for name in sorted(allowed) if (folder / name).is_file()]
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        safetensors.torch.load(path.read_bytes())
+    except Exception:  # noqa: BLE001  (not a safetensors container)
+        return False
+    return True
 
 
 def push_converted(folder, repo_id: str, *, token=None, private: bool | None = None,

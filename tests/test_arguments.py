@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import hf_secure  # noqa: F401
 from hf_secure import SecureModelForCausalLM
 from hf_secure.compat import CACHE_NAME
-from hf_secure.errors import InvalidInputError, UnknownOptionError
+from hf_secure.errors import InvalidInputError, KeyMaterialUploadError, UnknownOptionError
 from hf_secure.modeling.session_cache import RemoteSessionCache
 
 from .conftest import TOL, VOCAB
@@ -76,6 +76,8 @@ def test_unknown_and_unhonoured_arguments_are_refused(tiny):
         secure(ids, position_ids=torch.arange(7)[None])
     with pytest.raises(InvalidInputError, match="logits_to_keep"):
         secure(ids, logits_to_keep=-1)
+    with pytest.raises(InvalidInputError, match="logits_to_keep"):  # a bool mask is not a list of positions
+        secure(ids, logits_to_keep=torch.tensor([True, False, False, False, False, True]))
     with pytest.raises(InvalidInputError, match="positions"):
         secure(_ids((1, 129)))  # the tiny GPT-2 has 128 learned positions
 
@@ -190,3 +192,48 @@ def test_encoder_arguments_are_checked(tiny):
     with pytest.raises(UnknownOptionError, match="bool"):
         secure(ids, output_hidden_states=torch.tensor(1))
     assert isinstance(secure(ids, return_dict=False), tuple)
+
+
+def test_generate_with_stop_strings_and_save_pretrained_without_the_key(tiny, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_secure.convert import convert_permute
+    from hf_secure.demo import DEMO_MODEL, DEMO_PROMPT
+
+    folder, key = tmp_path / "demo", tmp_path / "demo.key.safetensors"
+    convert_permute(str(DEMO_MODEL), folder, key)
+    plain = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    secure = SecureModelForCausalLM.from_pretrained(folder, key=key)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=24, do_sample=False, stop_strings=[" the"], tokenizer=tokenizer)
+    expected = plain.generate(ids, **kwargs)
+    assert expected.shape[1] < ids.shape[1] + 24  # the stop string ended it early
+    assert torch.equal(secure.generate(ids, **kwargs), expected)
+    stray = Path(secure.folder) / "client.key.safetensors"
+    shutil.copy(key, stray)
+    try:
+        with pytest.raises(KeyMaterialUploadError, match="client.key"):
+            secure.save_pretrained(tmp_path / "saved")
+    finally:
+        stray.unlink()
+    (Path(secure.folder) / "notes.txt").write_text("not part of the checkpoint")
+    secure.save_pretrained(tmp_path / "saved")
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= saved and "notes.txt" not in saved
+
+
+def test_converters_refuse_an_already_converted_checkpoint(tiny, tmp_path):
+    from hf_secure.convert import convert_approximate, convert_permute
+    from hf_secure.errors import UnsupportedModelError
+
+    _, folder, _ = tiny("gpt2", "client")
+    with pytest.raises(UnsupportedModelError, match="already converted"):
+        convert_permute(folder, tmp_path / "again", tmp_path / "k.safetensors")
+    with pytest.raises(UnsupportedModelError, match="already converted"):
+        convert_approximate(folder, tmp_path / "approx")

@@ -9,7 +9,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from hf_secure.errors import KeyMaterialUploadError, UnknownOptionError
+from hf_secure.errors import KeyMaterialUploadError, TamperedCheckpointError, UnknownOptionError
 from hf_secure.hub import push_converted
 from hf_secure.modeling import SecureModelForCausalLM
 
@@ -65,6 +65,21 @@ def test_push_refuses_key_material(hub, tiny, tmp_path, name, embeddings):
         push_converted(copy, "owner/leaky", token="x")
     with pytest.raises(KeyError):
         hub.files("owner/leaky")  # nothing was created, let alone uploaded
+
+
+def test_push_refuses_a_key_under_a_weight_or_public_file_name(hub, tiny, tmp_path):
+    _, folder, key = tiny("gpt2", "client")
+    cases = {"weights": lambda d: shutil.copy(key, d / "model.safetensors"),
+             "padded": lambda d: save_file({**load_file(str(key)), "extra": torch.zeros(1)}, str(d / "tokenizer.model")),
+             "link": lambda d: (d / "linked.safetensors").symlink_to(key)}
+    for name, plant in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        plant(copy)
+        with pytest.raises((KeyMaterialUploadError, TamperedCheckpointError)):
+            push_converted(copy, f"owner/{name}", token="x")
+        with pytest.raises(KeyError):
+            hub.files(f"owner/{name}")
 
 
 def test_push_uploads_only_the_allow_list(hub, tiny, tmp_path):

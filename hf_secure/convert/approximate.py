@@ -21,13 +21,36 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
-from ..hub import load_config
+from ..hub import load_source_config
 from ..modeling.approximate import APPROX_FAMILIES
 from ..protocols.mpc.client import activation_bound, calibrate
 from .distill import distill
 
 GELU_CHOICES = ("quad", "secformer")
 SOFTMAX_CHOICES = ("2quad", "exact")
+FIRST_TOKEN_SAMPLE = 4096  # vocabularies larger than this are sampled for the one-token calibration
+
+
+def calibrate_first_tokens(model, family: str, chunk: int = 1024) -> dict[str, float]:
+    """Normalisation bounds from every vocabulary token as a one-token prompt (a sample of
+    :data:`FIRST_TOKEN_SAMPLE` for larger vocabularies, always the same one).
+
+    A prompt's first position is where a single token's embedding meets the first normalisation
+    alone (GPT-2's first-position activations are the largest of a sequence); text alone leaves
+    tokens out, whose queries the protocol would then refuse (out of range) though they are
+    ordinary. Chunks of ``chunk`` prompts keep memory small.
+    """
+    vocab = model.config.vocab_size
+    ids = torch.arange(vocab)
+    if vocab > FIRST_TOKEN_SAMPLE:
+        ids = ids[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:FIRST_TOKEN_SAMPLE]]
+    bounds: dict[str, float] = {}
+    for start in range(0, ids.numel(), chunk):
+        part = calibrate(model, family, input_ids=ids[start : start + chunk, None])
+        bounds = {site: max(bounds.get(site, 0.0), bound) for site, bound in part.items()}
+    return bounds
+
+
 DEFAULT_CALIBRATION = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife.",
@@ -65,7 +88,7 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
     With ``distill_text`` the approximated model is first distilled from the original
     (:mod:`hf_secure.convert.distill`, MPCFormer's two stages); the losses are recorded.
     """
-    config = load_config(src, revision=revision)
+    config = load_source_config(src, revision=revision)
     family = _family(config)
     if family == "llama" and gelu is not None:
         raise UnknownOptionError("Llama uses SiLU (approximated by a segmented sine series): gelu does not apply")
@@ -97,6 +120,8 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
         history = distill(source, model, tokenizer, distill_text, epochs=distill_epochs)
     batch = tokenizer(calibration_text or DEFAULT_CALIBRATION, return_tensors="pt", padding=True)
     bounds = calibrate(model, family, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for site, bound in calibrate_first_tokens(model, family).items():
+        bounds[site] = max(bounds[site], bound)
     segment_bound = None if activation == "quad_gelu" else activation_bound(model, family, activation)
     section = {
         "protocol": "mpc",

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 
 from .. import __version__
 from ..errors import UnknownOptionError
-from ..hub import load_config
+from ..hub import load_source_config
 from ..integrity import weight_digests
 from ..keys import dumps_meta, fingerprint, save_key
 from ..protocols.permute.client import PermuteKey, check_embedding_mode
@@ -68,7 +68,7 @@ def convert_permute(
     if _inside(key_out, out):
         raise UnknownOptionError(f"the key file {key_out} must be written outside the model folder {out}")
 
-    config = load_config(src, revision=revision)
+    config = load_source_config(src, revision=revision)
     family = family_of(config)
     loader = AutoModelForCausalLM if family.causal else AutoModel
     if not family.causal and any(a != "BertModel" for a in config.architectures or []):

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 
 from ..compat import CACHE_NAME, one_cache
 from ..errors import InvalidInputError, KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
-from ..hub import push_converted, resolve_folder
+from ..hub import check_uploadable, push_converted, resolve_folder
 from ..keys import resolve_key
 from ..protocols.mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine
 from ..protocols.permute.client import PermuteClient, PermuteKey
@@ -42,9 +42,11 @@ _PROTOCOLS = ("permute", "mpc")
 
 
 def _check_int(name: str, tensor, shape: tuple[int, ...] | None = None, low: int = 0,
-               high: int | None = None) -> torch.Tensor:
-    """``tensor`` as int64 after checking type, shape and range; a clear error otherwise."""
-    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+               high: int | None = None, allow_bool: bool = False) -> torch.Tensor:
+    """``tensor`` as int64 after checking type, shape and range; a clear error otherwise. Bool
+    tensors only where transformers takes them as 0/1 (masks), never as indices."""
+    if (not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex()
+            or (tensor.dtype == torch.bool and not allow_bool)):
         raise InvalidInputError(f"{name} must be an integer tensor, got {type(tensor).__name__}"
                                 f"{'' if not isinstance(tensor, torch.Tensor) else ' of ' + str(tensor.dtype)}")
     if shape is not None and tuple(tensor.shape) != shape:
@@ -246,9 +248,11 @@ class SecurePreTrainedModel(PreTrainedModel):
         return getattr(self.engine, "last_report", None)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Copy the converted checkpoint (never the key) to ``save_directory``."""
-        shutil.copytree(self.folder, save_directory, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(".cache", ".git*"))
+        """Copy the converted checkpoint to ``save_directory``: the files ``push_to_hub`` would upload
+        (weights, config, model card, tokenizer), never a key or anything else in the folder."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        for path in check_uploadable(self.folder):
+            shutil.copy2(path, Path(save_directory, path.name))
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the converted checkpoint and its model card; key material is refused."""
@@ -284,7 +288,7 @@ class SecureModel(SecurePreTrainedModel):
             input_ids = _check_ids(input_ids, engine.vocab_size)
         shape = _batch_and_length(input_ids, inputs_embeds)
         if attention_mask is not None:
-            attention_mask = _check_int("attention_mask", attention_mask, shape, high=2)
+            attention_mask = _check_int("attention_mask", attention_mask, shape, high=2, allow_bool=True)
         if token_type_ids is not None:
             token_type_ids = _check_int("token_type_ids", token_type_ids, shape,
                                         high=getattr(self.config, "type_vocab_size", None))
@@ -310,7 +314,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
 
     forward_arguments = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
                          "inputs_embeds", "token_type_ids", "labels", "use_cache", "logits_to_keep",
-                         "output_attentions", "output_hidden_states", "return_dict")
+                         "output_attentions", "output_hidden_states", "return_dict", "tokenizer")
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -318,7 +322,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, token_type_ids=None, labels=None, use_cache=None, logits_to_keep=0,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+                output_attentions=None, output_hidden_states=None, return_dict=None, tokenizer=None, **kwargs):
         """Logits of the new tokens, with the KV cache kept by the server(s).
 
         Args:
@@ -332,6 +336,8 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             logits_to_keep: int >= 0 (the last n positions; 0: all) or a 1-D tensor of positions.
             output_attentions / output_hidden_states: None or False only.
             return_dict: False returns a tuple, as transformers does.
+            tokenizer: what ``generate(stop_strings=..., tokenizer=...)`` passes along; the stop
+                strings are matched by generate on the client, the forward pass does not use it.
 
         Returns: ``CausalLMOutputWithPast`` with the cache under the installed transformers' name.
         Raises: InvalidInputError (bad tensors), UnknownOptionError (unknown argument, or an option a
@@ -359,7 +365,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         batch, new = _batch_and_length(input_ids, inputs_embeds)
         past = cache.length if cache is not None else 0
         if attention_mask is not None:
-            attention_mask = _check_int("attention_mask", attention_mask, (batch, past + new), high=2)
+            attention_mask = _check_int("attention_mask", attention_mask, (batch, past + new), high=2, allow_bool=True)
         if position_ids is not None:
             if position_ids.dim() == 2 and position_ids.shape[0] == 1:
                 position_ids = position_ids.expand(batch, -1)
