@@ -98,3 +98,23 @@ def test_the_activation_bound_from_the_weights_holds_for_any_input(tmp_path, fam
         hook.remove()
     scale = 2 ** -0.5 if activation == "secformer_gelu" else 1.0
     assert 0 < max(seen) * scale <= bound < 1000
+
+
+def test_conversion_bounds_admit_every_token_as_a_first_token(tmp_path):
+    """Every vocabulary token as a one-token prompt stays inside the checked LayerNorm range (the
+    demo GPT-2 refused 24 of its 2048 tokens, e.g. '%', before the one-token calibration)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_secure.convert import convert_approximate
+    from hf_secure.demo import DEMO_MODEL
+    from hf_secure.protocols.mpc.gpt2 import norm_sites
+    from hf_secure.protocols.mpc.nonlinear import INV_SQRT_CHECKED
+
+    section = convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
+    bounds = section["approximations"]["ln_bounds"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").eval()
+    calibrated = calibrate(model, "gpt2", margin=2.0, input_ids=torch.arange(model.config.vocab_size)[:, None])
+    # margin 2: calibrate's bound is margin * max / 2, i.e. the largest statistic itself
+    assert set(calibrated) == set(norm_sites(model.config.n_layer).values())
+    for site, largest in calibrated.items():
+        assert largest <= INV_SQRT_CHECKED[1] * bounds[site], site
