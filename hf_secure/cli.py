@@ -59,7 +59,6 @@ def _serve(args) -> None:
     from .server.app import serve
 
     folder = resolve_folder(args.model, revision=args.revision)
-    print(f"serving {folder} on http://{args.host}:{args.port}", flush=True)
     serve(folder, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
           max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
 
@@ -144,6 +143,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-secure", description="Private inference for transformers models")
     parser.add_argument("-v", "--verbose", action="store_true", help="on failure, show the traceback too")
@@ -189,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command(sub, "serve", help="run the HTTP server for a converted checkpoint")
     serve.add_argument("model", help="converted folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     serve.add_argument("--max-sessions", type=int, default=64)
     serve.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept")

@@ -113,3 +113,21 @@ def test_bad_source_gives_the_same_error_from_python(tmp_path):
         convert_permute(tmp_path / "missing", tmp_path / "out", tmp_path / "key")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         convert_approximate(tmp_path / "empty", tmp_path / "out")
+
+
+def test_serve_start_up_failures_are_one_line(tiny, tmp_path):
+    import socket
+
+    _, folder, _ = tiny("gpt2", "client")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _one_line_error(_run(["serve", str(folder), "--port", str(port)]))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+    usage = _run(["serve", str(folder), "--port", "99999"])
+    assert usage.returncode == 2 and "TCP port" in usage.stderr and "Traceback" not in usage.stderr
+    plain = tmp_path / "plain"
+    make_tiny("gpt2", plain)
+    out = _run(["serve", str(plain)])
+    assert "not converted" in _one_line_error(out) and "serving" not in out.stdout

@@ -14,11 +14,14 @@ the tensors themselves.
 
 from __future__ import annotations
 
+import os
+import socket
+
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidRequestError, UnknownSessionError
+from ..errors import InvalidRequestError, ServerError, UnknownSessionError
 from . import wire
 from .runtime import OUTPUTS, ModelServer
 
@@ -74,7 +77,20 @@ def create_app(server: ModelServer) -> FastAPI:
 
 
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, **server_kwargs) -> None:
+    """Load and verify the checkpoint, listen on ``host:port``, then serve until interrupted.
+
+    Raises ServerError (before anything is served) when the address cannot be bound: the port is
+    taken, the host is not one of this machine's addresses, or binding needs privileges.
+    """
     import uvicorn
 
-    app = create_app(ModelServer(folder, **server_kwargs))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        sock = socket.create_server((host, port))  # first: a taken port fails before a long load
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ServerError(f"cannot listen on {host}:{port} ({reason}): is another server running there? "
+                          "choose another --port or --host") from None
+    with sock:
+        app = create_app(ModelServer(folder, **server_kwargs))
+        print(f"serving {folder} on http://{host}:{port}", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
