@@ -120,24 +120,30 @@ COMPANION_FILES = ("config.json", "generation_config.json", "README.md", "tokeni
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
+def _safetensors_header(path: Path) -> dict | None:
+    """The JSON header of ``path`` if it is laid out as a safetensors file (any name), else None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return None
+            size = int.from_bytes(head, "little")
+            if not 2 <= size <= 1 << 24:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def _is_key_material(path: Path, key_fingerprint: str | None) -> bool:
     """Whether ``path`` holds an hf_secure key, by content: any name, any suffix.
 
     A file that parses as safetensors is key material if its metadata says so, or if its tensors
     hash to the checkpoint's key fingerprint (a key re-saved without its metadata).
     """
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return False
-            size = int.from_bytes(head, "little")
-            if not 2 <= size <= 1 << 24:
-                return False
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(header, dict):
+    header = _safetensors_header(path)
+    if header is None:
         return False
     meta = header.get("__metadata__") or {}
     if isinstance(meta, dict) and meta.get("format") == KEY_FORMAT:
@@ -176,20 +182,13 @@ def check_uploadable(folder: str | os.PathLike) -> list[Path]:
             and _is_key_material(p, section.get("key_fingerprint"))]
     # config, model card and tokenizer files are never tensor containers: one that parses as
     # safetensors is something else under a public name (e.g. a key with an extra tensor)
-    disguised = [name for name in COMPANION_FILES if (folder / name).is_file() and _is_safetensors(folder / name)]
+    disguised = [name for name in COMPANION_FILES
+                 if (folder / name).is_file() and _safetensors_header(folder / name) is not None]
     if keys or disguised:
         raise KeyMaterialUploadError(f"refusing to upload {folder}: it holds key material or tensors under a public "
                                      f"file name ({', '.join(keys + disguised)}); move the key out of the model folder")
     allowed = weights | set(COMPANION_FILES) | {SAFE_WEIGHTS_INDEX_NAME}
     return [folder / name for name in sorted(allowed) if (folder / name).is_file()]
-
-
-def _is_safetensors(path: Path) -> bool:
-    try:
-        safetensors.torch.load(path.read_bytes())
-    except Exception:  # noqa: BLE001  (not a safetensors container)
-        return False
-    return True
 
 
 def push_converted(folder, repo_id: str, *, token=None, private: bool | None = None,
@@ -205,11 +204,11 @@ def push_converted(folder, repo_id: str, *, token=None, private: bool | None = N
                                  "uploads are fixed: weights, config, model card, tokenizer)")
     folder = Path(folder)
     files = check_uploadable(folder)
-    if not (folder / "README.md").is_file():
+    if not (folder / "README.md").is_file():  # our own card: nothing to check in it
         section = json.loads((folder / "config.json").read_text())["hf_secure"]
         write_model_card(folder, section, source=str(folder))
+        files.append(folder / "README.md")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    files = check_uploadable(folder)  # again: the model card is now part of it
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                              allow_patterns=[p.name for p in files], **kwargs)

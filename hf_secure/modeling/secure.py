@@ -367,7 +367,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             attention_mask = _check_int("attention_mask", attention_mask, (batch, past + new), high=2, allow_bool=True)
         if position_ids is not None:
-            if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+            if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == 1:
                 position_ids = position_ids.expand(batch, -1)
             position_ids = _check_int("position_ids", position_ids, (batch, new))
         _check_positions(self.config, self.section.get("family"), past + new, position_ids)

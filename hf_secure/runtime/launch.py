@@ -129,14 +129,14 @@ class PartyGroup:
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
         threading.Thread(target=self._accept, daemon=True).start()
         host, port = self._listener.address
-        ticket = json.dumps({"host": host, "port": port, "authkey": authkey.hex()})
+        ticket = {"host": host, "port": port, "authkey": authkey.hex()}
         self.procs = {}
         for role in roles:
             proc = subprocess.Popen([sys.executable, "-m", "hf_secure.runtime.worker", Role(role).name.lower()],
                                     stdin=subprocess.PIPE, text=True)
             self.procs[role] = proc
             try:
-                proc.stdin.write(json.dumps({**json.loads(ticket), "role": int(role)}) + "\n")
+                proc.stdin.write(json.dumps({**ticket, "role": int(role)}) + "\n")
                 proc.stdin.close()
             except OSError:
                 pass  # it died at start: check() reports it as a party that exited without a result

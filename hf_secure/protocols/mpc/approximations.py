@@ -100,7 +100,7 @@ def calibrate_norms(model, sites: dict[str, str], margin: float = 1.5, **inputs)
     seen: dict[str, float] = {}
     hooks = []
     for name, module in model.named_modules():
-        site = next((s for suffix, s in sites.items() if name == suffix or name.endswith("." + suffix)), None)
+        site = next((s for suffix, s in sites.items() if _named(name, suffix)), None)
         if site is None:
             continue
 
@@ -150,9 +150,14 @@ def activation_input_bound(model, sites: list[tuple[str, str]], activation: str,
     return margin * scale * bound
 
 
+def _named(module_name: str, name: str) -> bool:
+    """Whether ``module_name`` is ``name``, or ends in ``.name`` (a model with a prefix, e.g. a head)."""
+    return module_name == name or module_name.endswith("." + name)
+
+
 def _find(modules: dict, name: str):
     """The module called ``name``, or the one module whose name ends in ``.name`` (as :func:`calibrate_norms` matches)."""
-    found = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+    found = [m for n, m in modules.items() if _named(n, name)]
     if len(found) != 1:
         raise UnknownOptionError(f"{len(found)} modules named {name!r}: cannot bound the activation's input")
     return found[0]
