@@ -2,10 +2,10 @@
 
     hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
     hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
-    hf-secure serve DIR --port P
+    hf-secure serve DIR --port P [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
     hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
-    hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL]
+    hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL [--ca-bundle PEM]]
     hf-secure push DIR REPO_ID
     hf-secure demo
 
@@ -56,11 +56,17 @@ def _serve(args) -> None:
     import torch
 
     from .hub import resolve_folder
-    from .server.app import serve
+    from .server.access import AccessPolicy
+    from .server.app import ServeLimits, serve
 
+    access = AccessPolicy.load(args.token_file)  # bad tokens fail before the checkpoint is fetched
     folder = resolve_folder(args.model, revision=args.revision)
-    serve(folder, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
-          max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
+    limits = ServeLimits(max_body_bytes=args.max_body_mb << 20, max_concurrent=args.max_concurrent,
+                         max_concurrent_per_caller=args.max_concurrent_per_token)
+    serve(folder, host=args.host, port=args.port, access=access, no_auth=args.no_auth,
+          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, limits=limits,
+          shutdown_timeout_s=args.shutdown_timeout, dtype=getattr(torch, args.dtype),
+          max_sessions=args.max_sessions, max_cache_bytes=args.max_cache_mb << 20, session_ttl_s=args.session_ttl)
 
 
 def _party(args) -> None:
@@ -116,7 +122,8 @@ def _generate(args) -> None:
     from .hub import resolve_folder
 
     folder = resolve_folder(args.model)  # a bad name fails here, clearly, not inside pipeline()
-    generator = pipeline("secure-text-generation", model=folder, key=args.key, server_url=args.server_url)
+    generator = pipeline("secure-text-generation", model=folder, key=args.key, server_url=args.server_url,
+                         ca_bundle=args.ca_bundle)  # the server token comes from HF_SECURE_TOKEN
     result = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(result[0]["generated_text"])
     print(json.dumps(generator.secure_stats))
@@ -198,8 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument("--token-file", default=None,
+                       help="bearer tokens, one NAME:TOKEN per line (also read: HF_SECURE_SERVER_TOKENS)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve without tokens on a non-loopback address (anyone who reaches the port)")
+    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM)")
+    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    serve.add_argument("--max-sessions", type=_positive, default=64, help="open sessions per token")
+    serve.add_argument("--max-cache-mb", type=_positive, default=1024, help="KV cache MiB per token")
     serve.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept")
+    serve.add_argument("--max-body-mb", type=_positive, default=256, help="largest request body, MiB")
+    serve.add_argument("--max-concurrent", type=_positive, default=128, help="requests in flight in all")
+    serve.add_argument("--max-concurrent-per-token", type=_positive, default=8, help="requests in flight per token")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     serve.add_argument("--revision", default=None)
     serve.set_defaults(func=_serve)
 
@@ -227,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", help="converted folder or Hub id")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--key", default=None, help="key file (default: look it up in the key store)")
-    gen.add_argument("--server-url", default=None, help="default: run the server part in this process")
+    gen.add_argument("--server-url", default=None, help="default: run the server part in this process; "
+                     "its token is read from HF_SECURE_TOKEN")
+    gen.add_argument("--ca-bundle", default=None, help="PEM file of the CAs to trust for an https server")
     gen.add_argument("--max-new-tokens", type=_positive, default=32)
     gen.set_defaults(func=_generate)
 

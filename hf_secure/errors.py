@@ -71,5 +71,17 @@ class UnknownSessionError(InvalidRequestError):
     """The request names a session the server does not hold (expired, evicted, or server restarted)."""
 
 
+class QuotaExceededError(InvalidRequestError):
+    """The caller holds as many sessions, or as many bytes of KV cache, as its quota allows."""
+
+
+class TooManyRequestsError(InvalidRequestError):
+    """More requests in flight than the server, or the caller's share of it, allows: retry later."""
+
+
+class UnauthorizedError(InvalidRequestError):
+    """The request carries no bearer token, or one the server does not know."""
+
+
 class PartyFailedError(HfSecureError):
     """A party of a multi-party protocol died, timed out, or sent a message that does not fit."""

@@ -58,8 +58,10 @@ def make_tiny(family: str, folder: Path, seed: int = 0, vocab_size: int = VOCAB)
 
 @pytest.fixture(autouse=True)
 def isolated_key_store(tmp_path_factory, monkeypatch):
-    """Every test gets an empty key store of its own."""
+    """Every test gets an empty key store of its own, and no server tokens from the environment."""
     monkeypatch.setenv("HF_SECURE_HOME", str(tmp_path_factory.mktemp("hf_secure_home")))
+    monkeypatch.delenv("HF_SECURE_TOKEN", raising=False)
+    monkeypatch.delenv("HF_SECURE_SERVER_TOKENS", raising=False)
 
 
 @pytest.fixture(scope="session")

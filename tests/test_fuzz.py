@@ -24,6 +24,7 @@ from hf_secure.keys import load_key, read_key_metadata, save_key
 from hf_secure.modeling import SecureModelForCausalLM
 from hf_secure.protocols.permute.client import PermuteClient, PermuteKey
 from hf_secure.server import wire
+from hf_secure.server.access import AccessPolicy
 from hf_secure.server.app import create_app
 from hf_secure.server.process import free_port
 from hf_secure.server.runtime import INPUT_NAMES, ModelServer
@@ -76,7 +77,7 @@ def apps(tiny):
     apps = {}
     for family, embeddings in FAMILIES:
         server = ModelServer(str(tiny(family, embeddings)[1]))
-        app = create_app(server)
+        app = create_app(server, AccessPolicy())
         apps[family] = (server, app, TestClient(app))
     return apps
 

@@ -131,6 +131,8 @@ class SecurePreTrainedModel(PreTrainedModel):
         *,
         key=None,
         server_url: str | None = None,
+        server_token: str | None = None,
+        ca_bundle: str | None = None,
         protocol: str | None = None,
         rendezvous: str | None = None,
         timeout: float = 60.0,
@@ -146,6 +148,9 @@ class SecurePreTrainedModel(PreTrainedModel):
         Args:
             key: path of the client key file; None looks the key up in the local key store.
             server_url: URL of ``hf-secure serve``; None runs the server part in this process.
+            server_token: the bearer token its operator issued; None reads ``HF_SECURE_TOKEN``.
+                (``token`` is the Hub's, as in transformers, and never reaches the server.)
+            ca_bundle: PEM file of the certificate authorities to trust for an https server_url.
             protocol: the protocol the checkpoint was converted for ("permute" or "mpc"); None: as
                 recorded in the checkpoint. With "mpc" every party runs on this machine, unless
             rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
@@ -174,14 +179,18 @@ class SecurePreTrainedModel(PreTrainedModel):
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
-        if "_from_pipeline" in kwargs and key is None and server_url is None and rendezvous is None:
+        connection = {"server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle}
+        if "_from_pipeline" in kwargs and key is None and rendezvous is None and not any(connection.values()):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
-        return model.bind(key=key, server_url=server_url, timeout=timeout, rendezvous=rendezvous)
+        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, **connection)
 
-    def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None):
+    def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
+             server_token: str | None = None, ca_bundle: str | None = None):
         """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
         if self.section["protocol"] != "mpc" and rendezvous is not None:
             raise UnknownOptionError("rendezvous is an option of the mpc protocol")
+        if server_url is None and (server_token is not None or ca_bundle is not None):
+            raise UnknownOptionError("server_token and ca_bundle need a server_url")
         if self.section["protocol"] == "mpc":
             if key is not None or server_url is not None:
                 raise UnknownOptionError("the mpc protocol takes no key and no server_url (its parties meet at a "
@@ -203,7 +212,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         if server_url is None:
             backend = InProcessBackend(ModelServer(self.folder, dtype=self._client_dtype))
         else:
-            backend = HttpBackend(server_url, timeout=timeout)
+            backend = HttpBackend(server_url, timeout=timeout, token=server_token, ca_bundle=ca_bundle)
         info = backend.info()
         if info["key_fingerprint"] != meta["fingerprint"] or info["weights"] != recorded:
             raise KeyMismatchError(

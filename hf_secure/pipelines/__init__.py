@@ -4,7 +4,8 @@
 ``pipeline("secure-feature-extraction", model=DIR, key=KEYFILE)`` behave like their plain
 counterparts. ``key`` may be omitted once the key is in the local key store
 (``hf-secure keys import``); ``server_url`` reaches ``hf-secure serve`` instead of running the
-server part in this process; ``timeout`` bounds every server call. ``protocol="mpc"`` runs a
+server part in this process (``server_token`` and ``ca_bundle`` as in ``from_pretrained``);
+``timeout`` bounds every server call. ``protocol="mpc"`` runs a
 ``hf-secure convert approximate`` checkpoint through two-party secret sharing
 (``secure-feature-extraction`` for BERT, ``secure-text-generation`` for GPT-2 and Llama), every
 party on this machine, or with ``rendezvous="tcp://HOST:PORT"`` only the client (the other parties
@@ -25,16 +26,18 @@ class _SecurePipelineMixin:
 
     secure_model_class: type
 
-    def __init__(self, *args, key=None, server_url=None, timeout: float = 60.0, protocol: str | None = None,
-                 rendezvous: str | None = None, **kwargs):
+    def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
+                 protocol: str | None = None, rendezvous: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
+        connection = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
+                      "rendezvous": rendezvous}
         if self.model.engine is None:
-            self.model.bind(key=key, server_url=server_url, timeout=timeout, rendezvous=rendezvous)
-        elif key is not None or server_url is not None or rendezvous is not None:
+            self.model.bind(timeout=timeout, **connection)
+        elif any(value is not None for value in connection.values()):
             raise UnknownOptionError("the model is already bound to a key and server; pass key/server_url once")
 
     def check_model_type(self, supported_models):

@@ -2,28 +2,70 @@
 
 Routes (bodies are safetensors messages, see :mod:`hf_secure.server.wire`):
 
+* ``GET /healthz`` -- ``{"status": "ok"}`` once the checkpoint is loaded; the only open route.
 * ``GET /v1/info`` -- protocol, key fingerprint, weight digests, available outputs (JSON).
 * ``POST /v1/sessions`` -- open a KV-cache session (JSON ``{"session_id": ...}``).
-* ``DELETE /v1/sessions/{id}`` -- drop a session.
+* ``DELETE /v1/sessions/{id}`` -- drop one of the caller's sessions.
 * ``POST /v1/forward?session_id=&past_length=&output=&logits_to_keep=`` -- run the model on the
   tensors in the body; the answer carries the outputs and metadata ``length`` (cached tokens).
 
-Malformed requests get 400 with ``{"error": ...}``, unknown sessions 404; nothing is logged of
-the tensors themselves.
+Access (:mod:`~hf_secure.server.access`): every ``/v1`` route needs ``Authorization: Bearer TOKEN``
+when the server has tokens. Answers: 400 malformed request, 401 missing or unknown token, 404
+unknown session (or another caller's), 408 stalled body, 413 body over the limit, 429 a quota or a
+concurrency limit (the latter with ``Retry-After``); each with JSON ``{"error": ...}``. Nothing of
+the tensors or tokens is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
+import ssl
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidRequestError, ServerError, UnknownSessionError
+from ..errors import (
+    InvalidRequestError,
+    QuotaExceededError,
+    ServerError,
+    TooManyRequestsError,
+    UnauthorizedError,
+    UnknownOptionError,
+    UnknownSessionError,
+)
 from . import wire
+from .access import SERVER_TOKENS_ENV, AccessPolicy
+from .limits import RETRY_AFTER_S, CallerSlots, RequestLimits
 from .runtime import OUTPUTS, ModelServer
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Request limits of ``hf-secure serve`` (see :mod:`~hf_secure.server.limits`).
+
+    max_body_bytes: largest request body; max_concurrent: requests in flight in all;
+    max_concurrent_per_caller: in flight per token; body_timeout_s: longest wait for the next
+    chunk of a body.
+    """
+
+    max_body_bytes: int = 256 << 20
+    max_concurrent: int = 128
+    max_concurrent_per_caller: int = 8
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        if min(self.max_body_bytes, self.max_concurrent, self.max_concurrent_per_caller) < 1 or self.body_timeout_s <= 0:
+            raise UnknownOptionError(f"request limits must be positive: {self}")
+
+
+_STATUS = ((UnknownSessionError, 404), (UnauthorizedError, 401), (QuotaExceededError, 429),
+           (TooManyRequestsError, 429), (InvalidRequestError, 400))
 
 # What the OpenAPI schema says of the bodies FastAPI cannot infer (fuzzers generate from it).
 _ERROR = {"description": "Malformed request", "content": {"application/json": {"schema": {
@@ -37,25 +79,57 @@ _FORWARD = {
 }
 
 
-def create_app(server: ModelServer) -> FastAPI:
-    app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""))
+def create_app(server: ModelServer, access: AccessPolicy, limits: ServeLimits = ServeLimits()) -> FastAPI:
+    """The FastAPI app serving ``server`` to the callers ``access`` admits, within ``limits``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        dropped = server.close_all()  # uvicorn has let in-flight requests finish
+        print(f"stopped; dropped {dropped} session(s)", flush=True)
+
+    app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""), lifespan=lifespan)
+    app.add_middleware(RequestLimits, max_body_bytes=limits.max_body_bytes, max_concurrent=limits.max_concurrent,
+                       body_timeout_s=limits.body_timeout_s)
+    bearer = HTTPBearer(auto_error=False, description="a token listed by the operator (`serve --token-file`)")
+    slots = CallerSlots(limits.max_concurrent_per_caller)
+
+    async def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """The name of the token the request carries; holds one of its in-flight slots."""
+        name = access.identify(credentials.credentials if credentials is not None else None)
+        if name is None:
+            raise UnauthorizedError("missing or unknown bearer token: send `Authorization: Bearer TOKEN` with a token "
+                                    "the operator issued (client: server_token= or HF_SECURE_TOKEN)")
+        slots.acquire(name)
+        try:
+            yield name
+        finally:
+            slots.release(name)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(_: Request, exc: InvalidRequestError):
-        status = 404 if isinstance(exc, UnknownSessionError) else 400
-        return JSONResponse({"error": str(exc)}, status_code=status)
+        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if isinstance(exc, TooManyRequestsError):
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
 
     @app.get("/v1/info")
-    def info():
+    def info(_: str = Depends(caller)):
         return server.info()
 
     @app.post("/v1/sessions", responses={400: _ERROR})
-    def open_session():
-        return {"session_id": server.open_session()}
+    def open_session(owner: str = Depends(caller)):
+        return {"session_id": server.open_session(owner)}
 
     @app.delete("/v1/sessions/{session_id}")
-    def close_session(session_id: str):
-        return {"closed": server.close_session(session_id)}
+    def close_session(session_id: str, owner: str = Depends(caller)):
+        server.close_session(session_id, owner)
+        return {"closed": True}
 
     @app.post("/v1/forward", **_FORWARD)
     async def forward(
@@ -64,26 +138,43 @@ def create_app(server: ModelServer) -> FastAPI:
         past_length: int = 0,
         output: str = "hidden",
         logits_to_keep: int = 0,
+        owner: str = Depends(caller),
     ):
         if output not in OUTPUTS:
             raise InvalidRequestError(f"output must be one of {OUTPUTS}")
-        inputs, _ = wire.decode(await request.body())
-        outputs, length = await run_in_threadpool(server.forward, inputs, session_id, past_length, output, logits_to_keep)
+        inputs, _ = wire.decode(await request.body())  # after the token check: strangers upload nothing
+        outputs, length = await run_in_threadpool(server.forward, inputs, session_id, past_length, output,
+                                                  logits_to_keep, owner)
         return Response(wire.encode(outputs, {"length": str(length)}), media_type=wire.CONTENT_TYPE)
 
     return app
 
 
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: AccessPolicy, no_auth: bool = False,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, limits: ServeLimits = ServeLimits(),
+          shutdown_timeout_s: float = 30.0, **server_kwargs) -> None:
+    """Load and verify the checkpoint, listen on ``host:port``, then serve until SIGTERM or SIGINT.
 
+    On shutdown the port stops accepting, in-flight requests get ``shutdown_timeout_s`` to finish,
+    then every session is dropped and the port released.
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, **server_kwargs) -> None:
-    """Load and verify the checkpoint, listen on ``host:port``, then serve until interrupted.
-
-    Raises ServerError (before anything is served) when the address cannot be bound: the port is
-    taken, the host is not one of this machine's addresses, or binding needs privileges.
+    Raises (before anything is served) ServerError when the address cannot be bound (port taken,
+    host not one of this machine's addresses, privileges); UnknownOptionError when the TLS files do
+    not load, when a non-loopback address has no token and ``no_auth`` is not given, when tokens
+    would cross the network in clear (non-loopback without TLS), or when tokens and ``no_auth`` are
+    both given.
     """
     import uvicorn
 
+    if no_auth and not access.open:
+        raise UnknownOptionError(f"--no-auth contradicts the tokens given (--token-file or {SERVER_TOKENS_ENV})")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise UnknownOptionError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    if ssl_certfile is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(ssl_certfile, ssl_keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UnknownOptionError(f"cannot load the TLS certificate {ssl_certfile} with key {ssl_keyfile}: {exc}") from None
     try:
         sock = socket.create_server((host, port))  # first: a taken port fails before a long load
     except OSError as exc:
@@ -91,6 +182,18 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, **server_kwarg
         raise ServerError(f"cannot listen on {host}:{port} ({reason}): is another server running there? "
                           "choose another --port or --host") from None
     with sock:
-        app = create_app(ModelServer(folder, **server_kwargs))
-        print(f"serving {folder} on http://{host}:{port}", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+            if access.open and not no_auth:
+                raise UnknownOptionError(
+                    f"{host} is reachable from other machines and no token is configured: give --token-file (or "
+                    f"{SERVER_TOKENS_ENV}), or --no-auth to serve anyone who can reach the port")
+            if not access.open and ssl_certfile is None:
+                raise UnknownOptionError(
+                    f"bearer tokens would cross the network to {host} in clear: give --ssl-certfile/--ssl-keyfile, "
+                    "or listen on a loopback address behind a TLS proxy")
+        app = create_app(ModelServer(folder, **server_kwargs), access, limits)
+        scheme = "https" if ssl_certfile else "http"
+        who = "open to anyone who reaches it" if access.open else f"{len(access.callers)} token(s)"
+        print(f"serving {folder} on {scheme}://{host}:{port} ({who})", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                                      timeout_graceful_shutdown=shutdown_timeout_s)).run(sockets=[sock])

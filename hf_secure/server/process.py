@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,11 +23,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(folder: str, port: int | None = None, startup_timeout_s: float = 120.0, env: dict | None = None):
-    """Yield ``(process, url)`` of a server for ``folder`` on loopback; stop it on exit."""
+def served(folder: str, port: int | None = None, args: tuple[str, ...] = (), startup_timeout_s: float = 120.0,
+           env: dict | None = None, ca_bundle: str | None = None):
+    """Yield ``(process, url)`` of ``hf-secure serve folder ... args`` on loopback; stop it on exit.
+
+    ``args`` are further ``serve`` options (``--ssl-certfile`` makes the URL https; ``ca_bundle``
+    then verifies it while waiting for ``/healthz``). Stopping sends SIGTERM (graceful shutdown),
+    then SIGKILL after 10 s. Raises ServerError when the server exits or stays silent on start.
+    """
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "hf_secure.cli", "serve", str(folder), "--port", str(port)]
+    scheme = "https" if "--ssl-certfile" in args else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "hf_secure.cli", "serve", str(folder), "--port", str(port), *args]
+    verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
@@ -36,7 +45,7 @@ def served(folder: str, port: int | None = None, startup_timeout_s: float = 120.
                 log.seek(0)
                 raise ServerError(f"server exited with code {proc.returncode}: {log.read()[-2000:]}")
             try:
-                httpx.get(url + "/v1/info", timeout=1.0).raise_for_status()
+                httpx.get(url + "/healthz", timeout=1.0, verify=verify).raise_for_status()
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:

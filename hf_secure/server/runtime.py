@@ -8,6 +8,12 @@ Causal models keep one KV cache per session. Every forward names the number of t
 believes are cached (``past_length``): a shorter value crops the cache (a new generation that
 reuses a prefix), a longer one is an error (the server lost state, e.g. it restarted); 0 starts
 afresh, with any batch size, which a continuation must keep.
+
+Sessions belong to the caller that opened them (the name of its bearer token, see
+:mod:`hf_secure.server.access`): another caller naming the id gets the same answer as for an
+unknown id. Each caller has its own quotas, on open sessions and on the bytes its KV caches hold;
+a request past a quota is refused (:class:`QuotaExceededError`), nobody's session is evicted to
+make room. Sessions idle for longer than the TTL are dropped.
 """
 
 from __future__ import annotations
@@ -15,14 +21,19 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from ..compat import CACHE_NAME
-from ..errors import InvalidRequestError, NotConvertedError, TamperedCheckpointError, UnknownSessionError
+from ..errors import (
+    InvalidRequestError,
+    NotConvertedError,
+    QuotaExceededError,
+    TamperedCheckpointError,
+    UnknownSessionError,
+)
 from ..integrity import verify_weights
 from ..protocols.permute.rewrite import family_of
 
@@ -53,8 +64,12 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
     return section
 
 
+ANONYMOUS = "anonymous"  # the one caller of a server without tokens
+
+
 @dataclass
 class Session:
+    owner: str
     cache: DynamicCache
     length: int = 0
     batch: int = 0
@@ -62,13 +77,22 @@ class Session:
 
 
 class ModelServer:
-    """Runs one converted checkpoint for many clients."""
+    """Runs one converted checkpoint for many clients.
+
+    Args:
+        folder: a converted checkpoint; its weight files are checked against their digests.
+        dtype: float dtype the model runs in.
+        max_sessions: open KV-cache sessions each caller may hold.
+        max_cache_bytes: bytes of keys and values each caller's sessions may hold together.
+        session_ttl_s: seconds a session may stay idle before it is dropped.
+    """
 
     def __init__(
         self,
         folder: str,
         dtype: torch.dtype = torch.float32,
         max_sessions: int = 64,
+        max_cache_bytes: int = 1 << 30,
         session_ttl_s: float = 900.0,
     ):
         config = AutoConfig.from_pretrained(folder)
@@ -81,9 +105,11 @@ class ModelServer:
         self.model = loader.from_pretrained(folder, dtype=dtype).eval()
         self.config = self.model.config
         self.max_sessions = max_sessions
+        self.max_cache_bytes = max_cache_bytes
         self.session_ttl_s = session_ttl_s
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self.kv_bytes_per_token = self._measure_kv_bytes() if self.causal else 0
 
     # -- sessions ---------------------------------------------------------------------------
     def info(self) -> dict:
@@ -98,25 +124,75 @@ class ModelServer:
             "sessions": self.causal,
         }
 
-    def open_session(self) -> str:
+    def open_session(self, owner: str = ANONYMOUS) -> str:
+        """A new session of ``owner``; QuotaExceededError when it already holds ``max_sessions``."""
         if not self.causal:
             raise InvalidRequestError("this model is not causal: it has no sessions, call forward without one")
         with self._lock:
             self._expire()
-            while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)
+            held = sum(s.owner == owner for s in self._sessions.values())
+            if held >= self.max_sessions:
+                raise QuotaExceededError(
+                    f"{owner!r} holds {held} open sessions, its quota: close one (DELETE /v1/sessions/ID) or let "
+                    f"idle ones expire ({self.session_ttl_s:g} s)")
             sid = secrets.token_hex(16)
-            self._sessions[sid] = Session(DynamicCache(config=self.config))
+            self._sessions[sid] = Session(owner, DynamicCache(config=self.config))
             return sid
 
-    def close_session(self, sid: str) -> bool:
+    def close_session(self, sid: str, owner: str = ANONYMOUS) -> None:
+        """Drop ``owner``'s session ``sid``; UnknownSessionError if it holds none of that id."""
         with self._lock:
-            return self._sessions.pop(sid, None) is not None
+            self._owned(sid, owner)
+            del self._sessions[sid]
+
+    def close_all(self) -> int:
+        """Drop every session (server shutdown); returns how many there were."""
+        with self._lock:
+            count = len(self._sessions)
+            self._sessions.clear()
+            return count
+
+    def session_stats(self) -> dict[str, dict[str, int]]:
+        """Per caller: open sessions and the bytes their KV caches hold."""
+        with self._lock:
+            stats: dict[str, dict[str, int]] = {}
+            for session in self._sessions.values():
+                entry = stats.setdefault(session.owner, {"sessions": 0, "cache_bytes": 0})
+                entry["sessions"] += 1
+                entry["cache_bytes"] += self._cache_bytes(session.batch, session.length)
+            return stats
+
+    def _owned(self, sid: str, owner: str) -> Session:
+        session = self._sessions.get(sid)
+        if session is None or session.owner != owner:  # another caller's session reads as unknown
+            raise UnknownSessionError(f"unknown or expired session {sid!r}")
+        return session
 
     def _expire(self) -> None:
         now = time.monotonic()
         for sid in [s for s, sess in self._sessions.items() if now - sess.last_used > self.session_ttl_s]:
             del self._sessions[sid]
+
+    def _cache_bytes(self, batch: int, length: int) -> int:
+        return batch * length * self.kv_bytes_per_token
+
+    def _measure_kv_bytes(self) -> int:
+        """Bytes of keys and values the model caches per token of one sequence, measured by running
+        it on one token (layer count, key/value heads, head size and dtype as transformers uses them)."""
+        cache = DynamicCache(config=self.config)
+        embeds = torch.zeros(1, 1, self.config.hidden_size, dtype=self.model.dtype)
+        with torch.inference_mode():
+            self.model.base_model(inputs_embeds=embeds, **{CACHE_NAME: cache}, use_cache=True)
+        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+
+    def _check_cache_quota(self, owner: str, session: Session, batch: int, length: int) -> None:
+        others = sum(self._cache_bytes(s.batch, s.length) for s in self._sessions.values()
+                     if s.owner == owner and s is not session)
+        wanted = self._cache_bytes(batch, length)
+        if others + wanted > self.max_cache_bytes:
+            raise QuotaExceededError(
+                f"{owner!r} would hold {(others + wanted) / 2**20:.1f} MiB of KV cache, over its quota of "
+                f"{self.max_cache_bytes / 2**20:.1f} MiB: close sessions or send shorter sequences")
 
     # -- compute ----------------------------------------------------------------------------
     def forward(
@@ -126,33 +202,38 @@ class ModelServer:
         past_length: int = 0,
         output: str = "hidden",
         logits_to_keep: int = 0,
+        owner: str = ANONYMOUS,
     ) -> tuple[dict[str, torch.Tensor], int]:
-        """Run the model on already-transformed inputs; return (outputs, cached length)."""
+        """Run the model on already-transformed inputs; return (outputs, cached length).
+
+        Raises InvalidRequestError for malformed inputs, UnknownSessionError for a session that
+        ``owner`` does not hold, QuotaExceededError when the session would grow past the
+        owner's KV-cache quota.
+        """
         if output not in OUTPUTS or (output == "logits" and not self.has_lm_head):
             raise InvalidRequestError(f"output {output!r} not available; this server offers {self.info()['outputs']}")
         if logits_to_keep < 0 or past_length < 0:
             raise InvalidRequestError("logits_to_keep and past_length must be >= 0")
         kwargs = self._validate(inputs, past_length)
-        batch = len(kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"])
+        batch, seq = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[:2]
         with self._lock, torch.inference_mode():
             cache = None
             if session_id is not None:
-                session = self._sessions.get(session_id)
-                if session is None:
-                    raise UnknownSessionError(f"unknown or expired session {session_id!r}")
+                self._expire()
+                session = self._owned(session_id, owner)
                 if past_length > session.length:
                     raise InvalidRequestError(
                         f"session holds {session.length} tokens but the request continues after {past_length}"
                     )
                 if past_length and batch != session.batch:
                     raise InvalidRequestError(f"session holds a batch of {session.batch}, the request sends {batch}")
+                self._check_cache_quota(owner, session, batch, past_length + seq)
                 if past_length == 0:
                     session.cache = DynamicCache(config=self.config)
                 elif past_length < session.length:
                     session.cache.crop(past_length)
                 session.batch = batch
                 cache = session.cache
-                self._sessions.move_to_end(session_id)
                 session.last_used = time.monotonic()
             elif past_length:
                 raise InvalidRequestError("past_length without a session")

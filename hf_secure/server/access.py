@@ -1,0 +1,110 @@
+"""Who may call ``hf-secure serve``: bearer tokens.
+
+The operator gives ``serve`` its tokens in a file (``--token-file``) or in the environment
+variable ``HF_SECURE_SERVER_TOKENS``. Each entry is ``NAME:TOKEN`` or a bare ``TOKEN``; in the
+file one entry per line (``#`` starts a comment), in the variable entries separated by commas or
+newlines. A token is at least 16 characters of ``[A-Za-z0-9._~+/=-]`` (what
+``secrets.token_urlsafe(32)`` prints is fine); a bare token is named ``token-`` plus the first 8 hex
+digits of its SHA-256. The name, never the token, is what sessions, quotas and messages refer to.
+
+A client sends ``Authorization: Bearer TOKEN`` (``server_token=`` or ``HF_SECURE_TOKEN``).
+Presented tokens are compared with every configured one through their SHA-256 digests with
+:func:`hmac.compare_digest`, so the time taken depends neither on where a guess first differs nor on
+which token matched. Without any token configured the server is open: every request comes from the
+one caller ``anonymous`` and shares its quotas; ``serve`` allows that only on a loopback address or
+with ``--no-auth``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UnknownOptionError
+from .runtime import ANONYMOUS
+
+SERVER_TOKENS_ENV = "HF_SECURE_SERVER_TOKENS"
+MIN_TOKEN_CHARS = 16
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """The callers a server accepts: ``(name, SHA-256 of token)`` pairs, or nobody checked (open)."""
+
+    callers: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return not self.callers
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str], source: str = "the token list") -> AccessPolicy:
+        """Parse ``NAME:TOKEN`` / ``TOKEN`` entries. Raises UnknownOptionError, naming the entry's
+        position (never the token), for a malformed, short or repeated token or name."""
+        callers: list[tuple[str, bytes]] = []
+        for number, entry in enumerate(entries, 1):
+            name, _, token = entry.rpartition(":")
+            where = f"entry {number} of {source}"
+            if not _TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_CHARS:
+                raise UnknownOptionError(f"{where}: a token is at least {MIN_TOKEN_CHARS} characters of "
+                                         "[A-Za-z0-9._~+/=-]; make one with `python -c \"import secrets; "
+                                         "print(secrets.token_urlsafe(32))\"`")
+            digest = _digest(token)
+            name = name or f"token-{digest.hex()[:8]}"
+            if not _NAME.fullmatch(name) or name == ANONYMOUS:
+                raise UnknownOptionError(f"{where}: a name is 1-64 characters of [A-Za-z0-9._-], not {ANONYMOUS!r}")
+            if any(name == n or digest == d for n, d in callers):
+                raise UnknownOptionError(f"{where}: its name or token is already listed")
+            callers.append((name, digest))
+        return cls(tuple(callers))
+
+    @classmethod
+    def load(cls, token_file: str | os.PathLike | None = None, environ=os.environ) -> AccessPolicy:
+        """Tokens from ``token_file`` and from ``HF_SECURE_SERVER_TOKENS``; open when neither has any.
+
+        Raises UnknownOptionError for a missing or empty file, a malformed entry, or a name or token
+        listed twice (within or across the two sources).
+        """
+        sources: list[AccessPolicy] = []
+        if token_file is not None:
+            path = Path(token_file)
+            if not path.is_file():
+                raise UnknownOptionError(f"token file {token_file} does not exist")
+            lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+            entries = [line for line in lines if line]
+            if not entries:
+                raise UnknownOptionError(f"token file {token_file} lists no token")
+            sources.append(cls.from_entries(entries, str(token_file)))
+        entries = [e.strip() for e in re.split(r"[,\n]", environ.get(SERVER_TOKENS_ENV, "")) if e.strip()]
+        if entries:
+            sources.append(cls.from_entries(entries, SERVER_TOKENS_ENV))
+        merged: list[tuple[str, bytes]] = []
+        for name, digest in (caller for policy in sources for caller in policy.callers):
+            if any(name == n or digest == d for n, d in merged):
+                raise UnknownOptionError(f"{name!r}: its name or token is listed both in {token_file} and in "
+                                         f"{SERVER_TOKENS_ENV}")
+            merged.append((name, digest))
+        return cls(tuple(merged))
+
+    def identify(self, presented: str | None) -> str | None:
+        """The caller's name for a presented token, ``anonymous`` on an open server, else None."""
+        if self.open:
+            return ANONYMOUS
+        if presented is None:
+            return None
+        digest, found = _digest(presented), None
+        for name, expected in self.callers:  # every entry, matched or not: constant time
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
