@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -176,9 +175,9 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
         except (OSError, ssl.SSLError) as exc:
             raise UnknownOptionError(f"cannot load the TLS certificate {ssl_certfile} with key {ssl_keyfile}: {exc}") from None
     try:
-        sock = socket.create_server((host, port))  # first: a taken port fails before a long load
+        sock = _listen(host, port)  # first: a taken port fails before a long load
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = exc.strerror or str(exc)
         raise ServerError(f"cannot listen on {host}:{port} ({reason}): is another server running there? "
                           "choose another --port or --host") from None
     with sock:
@@ -197,3 +196,19 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
         print(f"serving {folder} on {scheme}://{host}:{port} ({who})", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                                       timeout_graceful_shutdown=shutdown_timeout_s)).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``. Its protocol is IPPROTO_TCP, not 0 as
+    ``socket.create_server`` leaves it: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    without it every response waits for the client's delayed ACK (40 ms on Linux)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
