@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, pipeline
 
 from hf_secure.cli import main
 from hf_secure.errors import ServerError, UnknownOptionError
@@ -25,7 +26,7 @@ from hf_secure.server.limits import CallerSlots
 from hf_secure.server.process import free_port, served
 from hf_secure.server.runtime import ModelServer
 
-from .conftest import TOL, VOCAB
+from .conftest import TOL, VOCAB, minilm_folder
 
 ALICE, BOB = "alice-" + "a" * 26, "bob-" + "b" * 28
 TOKENS = f"# issued 2026-11-29\nalice:{ALICE}\nbob:{BOB}  # the second user\n"
@@ -43,6 +44,7 @@ def embeds(seq: int, batch: int = 1) -> bytes:
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     path.write_text(TOKENS)
+    path.chmod(0o600)
     return path
 
 
@@ -75,6 +77,9 @@ def test_token_sources_are_checked(tmp_path, token_file):
     with pytest.raises(UnknownOptionError, match="does not exist"):
         AccessPolicy.load(tmp_path / "none.txt", environ={})
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    with pytest.raises(UnknownOptionError, match="chmod 600"):
+        AccessPolicy.load(tmp_path / "empty.txt", environ={})
+    (tmp_path / "empty.txt").chmod(0o600)
     with pytest.raises(UnknownOptionError, match="lists no token"):
         AccessPolicy.load(tmp_path / "empty.txt", environ={})
     with pytest.raises(UnknownOptionError, match="both"):
@@ -229,6 +234,10 @@ def test_client_token_from_argument_and_environment(tiny, guarded, monkeypatch):
     expected = plain.generate(ids, **kwargs)
     secure = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=guarded[1], server_token=ALICE)
     assert torch.equal(secure.generate(ids, **kwargs), expected)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())  # any tokenizer: pipeline() needs one
+    generator = pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer,
+                         server_url=guarded[1], server_token=ALICE)
+    assert torch.equal(generator.model.generate(ids, **kwargs), expected)
     monkeypatch.setenv("HF_SECURE_TOKEN", BOB)
     secure = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=guarded[1])
     with torch.no_grad():

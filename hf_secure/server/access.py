@@ -73,7 +73,8 @@ class AccessPolicy:
     def load(cls, token_file: str | os.PathLike | None = None, environ=os.environ) -> AccessPolicy:
         """Tokens from ``token_file`` and from ``HF_SECURE_SERVER_TOKENS``; open when neither has any.
 
-        Raises UnknownOptionError for a missing or empty file, a malformed entry, or a name or token
+        Raises UnknownOptionError for a missing or empty file, a file other users may read or write,
+        a malformed entry, or a name or token
         listed twice (within or across the two sources).
         """
         sources: list[AccessPolicy] = []
@@ -81,6 +82,8 @@ class AccessPolicy:
             path = Path(token_file)
             if not path.is_file():
                 raise UnknownOptionError(f"token file {token_file} does not exist")
+            if path.stat().st_mode & 0o077:
+                raise UnknownOptionError(f"token file {token_file} is readable by other users: `chmod 600 {token_file}`")
             lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
             entries = [line for line in lines if line]
             if not entries:

@@ -73,7 +73,10 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _FORWARD = {
     "openapi_extra": {"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: _BINARY}}},
     "responses": {200: {"content": {wire.CONTENT_TYPE: _BINARY}}, 400: _ERROR,
-                  404: {**_ERROR, "description": "Unknown or expired session"}},
+                  401: {**_ERROR, "description": "Missing or unknown bearer token"},
+                  404: {**_ERROR, "description": "Unknown or expired session"},
+                  413: {**_ERROR, "description": "Body over the server's limit"},
+                  429: {**_ERROR, "description": "Over a quota, or too many requests in flight (Retry-After)"}},
     "response_class": Response,
 }
 
