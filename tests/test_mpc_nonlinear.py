@@ -11,6 +11,7 @@ from hf_secure.protocols.mpc.nonlinear import (
     ERF_SINE_COEFFS,
     erf_series,
     inv_sqrt,
+    masked_phase,
     layer_norm,
     quad_gelu,
     reciprocal,
@@ -25,7 +26,7 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
 
 def _program(mpc, x_wide, x_erf, v, w, gamma, beta, scores):
     return [
-        sine_series(x_wide, ERF_SINE_COEFFS, ERF_PERIOD),
+        sine_series(x_wide, ERF_SINE_COEFFS, 32),
         erf_series(x_erf),
         inv_sqrt(v, bound=4.0),
         reciprocal(v, 4e-3, 8.0),
@@ -36,13 +37,13 @@ def _program(mpc, x_wide, x_erf, v, w, gamma, beta, scores):
     ]
 
 
-def _sine_reference(x):
-    return sum(b * torch.sin(k * math.pi * x.double() / 10) for k, b in enumerate(ERF_SINE_COEFFS, 1)).float()
+def _sine_reference(x, period):
+    return sum(b * torch.sin(2 * k * math.pi * x.double() / period) for k, b in enumerate(ERF_SINE_COEFFS, 1)).float()
 
 
 def test_nonlinearities_match_plaintext():
     gen = torch.Generator().manual_seed(0)
-    x_wide = torch.linspace(-1000, 1000, 301)  # far outside one period: exercises the modular reduction
+    x_wide = torch.linspace(-1000, 1000, 301)  # far outside one period: exercises the modular reduction (exact)
     x_erf = torch.linspace(-2.5, 2.5, 201)
     v = torch.cat([torch.linspace(0.05, 7.9, 100), torch.tensor([0.01, 1e-3 * 4])])  # (0, 2 * bound)
     w = torch.randn(3, 16, generator=gen) * 2 + 0.5
@@ -51,7 +52,7 @@ def test_nonlinearities_match_plaintext():
     (sine, erf, rsqrt, recip, ln, rms, qgelu, softmax), report = secure_eval(
         _program, [x_wide, x_erf, v, w, gamma, beta, scores])
 
-    assert (sine - _sine_reference(x_wide)).abs().max() < 2e-3
+    assert (sine - _sine_reference(x_wide, 32)).abs().max() < 2e-3
     assert (erf - torch.erf(x_erf)).abs().max() < 0.04  # SecFormer's series: ~0.036 on [-2.5, 2.5]
     # Goldschmidt over the whole deflated range, v / bound in [1e-3, 2), smallest values included
     assert ((rsqrt - v.rsqrt()) / v.rsqrt()).abs().max() < 1e-2
@@ -64,6 +65,41 @@ def test_nonlinearities_match_plaintext():
     q = (scores + 5) ** 2 * MASK
     assert (softmax - q / q.sum(-1, keepdim=True)).abs().max() < 1e-2
     assert report["DEALER"]["offline_bytes"] > 0
+
+
+def _erf_period(mpc, x):
+    return [sine_series(x, ERF_SINE_COEFFS, ERF_PERIOD)]
+
+
+def test_sine_series_of_a_period_that_is_not_a_power_of_two():
+    """SecFormer's period 20: the input is scaled to period 32 first; accurate over several periods."""
+    x = torch.linspace(-45, 45, 361)
+    (sine,), _ = secure_eval(_erf_period, [x])
+    assert (sine - _sine_reference(x, ERF_PERIOD)).abs().max() < 2e-3
+
+
+def _phases(mpc, x):
+    d, _ = masked_phase(x, 1 << 21, 1)
+    if mpc.offline:
+        return [mpc.placeholder(x.shape)]
+    return [mpc.shared(d if mpc.role == 0 else torch.zeros_like(d))]  # what the servers opened, to the test
+
+
+def test_the_sine_protocol_opens_a_uniform_value_whatever_the_input():
+    """The opened d = (x - t) mod 2^21 for x = 0 and for x = +-30000 (far beyond any range): both
+    samples uniform on [0, 2^21) and alike (chi-square over 64 bins; p > 1e-4 unless broken)."""
+    n = 1 << 14
+    x = torch.cat([torch.zeros(n), torch.full((n // 2,), 30000.0), torch.full((n // 2,), -30000.0)])
+    (d,), _ = secure_eval(_phases, [x])
+    d = (d.double() * 2**16).round().long()
+    assert d.min() >= 0 and d.max() < 1 << 21
+    expected = n / 64
+    for sample in (d[:n], d[n:]):
+        counts = torch.bincount(sample >> 15, minlength=64).double()
+        assert ((counts - expected) ** 2 / expected).sum() < 130  # chi-square, 63 d.o.f.: p ~ 1e-6
+    # the two samples: same histogram up to sampling noise
+    a, b = (torch.bincount(s >> 15, minlength=64).double() for s in (d[:n], d[n:]))
+    assert (((a - b) ** 2) / (a + b)).sum() < 130
 
 
 def _wide(mpc, v_sqrt, v_recip, scores):

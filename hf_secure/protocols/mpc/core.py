@@ -194,6 +194,16 @@ class MPC:
             return x.share
         return x.share + self.channel.exchange(x.share, self.peer)
 
+    def open_modulo(self, x: "Shared", modulus: int) -> torch.Tensor:
+        """Reconstruct ``x mod modulus`` only (``modulus`` a power of two; one round): each server
+        sends its share reduced modulo ``modulus``, so nothing of ``x``'s higher bits travels."""
+        if modulus & (modulus - 1) or not 1 < modulus <= 1 << 62:
+            raise ValueError(f"modulus must be a power of two up to 2^62, got {modulus}")
+        if self.offline:
+            return x.share
+        low = x.share & (modulus - 1)
+        return (low + self.channel.exchange(low, self.peer)) & (modulus - 1)
+
     def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
         """Open several values in one round (one message)."""
         if self.offline or not xs:

@@ -1,11 +1,14 @@
 """SecFormer's and MPCFormer's nonlinear building blocks on shared values.
 
-* :func:`sine_series` -- ``sum_k b_k sin(2 pi k x / P)`` in one round. The dealer shares a mask
-  ``t`` (uniform on [0, 2^62) in fixed-point units) with ``sin(w k t)`` and ``cos(w k t)``; the servers
-  open ``d = x - t`` and use ``sin(w k x) = sin(w k d) cos(w k t) + cos(w k d) sin(w k t)``. The sines
-  of ``d`` are computed in the clear after reducing ``d`` modulo the series period ``P`` (exactly,
-  in integers): the period of the series, not 2 pi. ``d`` hides ``x`` statistically: for
-  ``|x| < 2^l`` (fixed-point units) its distribution is within ``2^(l - 62)`` of independent of ``x``.
+* :func:`sine_series` -- ``sum_k b_k sin(2 pi k x / P)`` in one round, with perfect masking. The
+  input is first scaled to a power-of-two period, ``x' = x 2^p / P`` (``2^p >= P``; a public
+  product), so that the period in fixed-point units, ``M = 2^(p + f)``, divides the ring's
+  ``2^64``. The dealer shares a mask ``t`` uniform on ``[0, M)`` with ``sin(w k t)`` and
+  ``cos(w k t)``, ``w = 2 pi / M``; each server reduces its share of ``x' - t`` modulo ``M`` and the
+  servers open ``d = (x' - t) mod M``, which is uniform on ``[0, M)`` whatever ``x`` is: the
+  opening reveals nothing. Then ``sin(w k x') = sin(w k d) cos(w k t) + cos(w k d) sin(w k t)``,
+  public times shared. (SecFormer masks with ``t`` uniform on a wide interval instead, which hides
+  ``x`` only statistically, within ``|x| 2^(f - 62)`` per element.)
 * :func:`erf_series` -- SecFormer's Fourier approximation of erf on [-2.5, 2.5] (period 20).
 * :func:`gelu`, :func:`silu` -- ``0.5 x (1 + g)`` with ``g`` odd and saturating: ``erf(x / sqrt 2)``
   for GeLU, ``tanh(x / 2)`` for SiLU (``x sigmoid(x)``). ``g`` is a sine series on ``[-c, c]`` and
@@ -44,7 +47,6 @@ TANH_HALF_SINE_COEFFS = (1.165308, -0.066778, 0.213696, -0.03896, 0.046832, -0.0
 TANH_HALF_PERIOD = 22
 SILU_CUT = 8.0
 ERF_CUT = 2.5
-_MASK_BITS = 62
 _CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
 # Narrow comparisons (bits, dropped low bits): 15-bit lanes (four per word, four carry levels) that
 # keep 4 fractional bits and need |value| < 2^10. The segment tests of GeLU and SiLU compare u -+ cut;
@@ -59,21 +61,23 @@ EXP_LIMIT, MAX_ABOVE = 240.0, 4.0
 
 
 def sine_series(x: Shared, coeffs, period: int) -> Shared:
-    """``sum_k coeffs[k-1] * sin(2 pi k x / period)`` for an integer ``period``; one round."""
+    """``sum_k coeffs[k-1] * sin(2 pi k x / period)`` for an integer ``period``; one round, and the
+    opened value is uniform (see the module docstring), for any ``x``.
+
+    For a period that is not a power of two, ``x`` is scaled by the public ``2^p / period`` first:
+    a relative error below ``2^-f`` in ``x``, which shifts the k-th harmonic's angle by less than
+    ``2 pi k |x| 2^-f / period`` (about 1e-5 for ``|x| <= 10``, k <= 7, f = 16).
+    """
     mpc: MPC = x.mpc
-    modulus = period * mpc.scale  # the period in fixed-point units, exact
+    power = (period - 1).bit_length()  # 2^power >= period
+    if period != 1 << power:
+        x = x.mul_public((1 << power) / period)  # the series in x' has period 2^power
+    modulus = (1 << power) * mpc.scale  # the period in fixed-point units: a power of two
     n = len(coeffs)
-    mpc.next_request()
-    shapes = [x.shape, (2, n, *x.shape)]
-    secrets = None
-    if mpc.is_dealer:
-        t = PRG.fresh().ring(x.shape) & ((1 << _MASK_BITS) - 1)
-        secrets = [t, encode(_harmonics(t, modulus, n).flip(0), mpc.frac_bits)]  # cos(kwt), sin(kwt)
-    t_share, trig_t = mpc.dealt(secrets, shapes)
+    d, trig_t = masked_phase(x, modulus, n)
     if mpc.offline:
         return mpc.placeholder(x.shape)
-    d = mpc.open(x - mpc.shared(t_share)).reshape(-1)
-    trig_t = trig_t.reshape(2, n, -1)
+    d, trig_t = d.reshape(-1), trig_t.reshape(2, n, -1)
     # sum_k b_k (sin(kwd) [cos kwt] + cos(kwd) [sin kwt]): public times shared, local. The public
     # factors are encoded by truncation instead of rounding (error < 1 unit). In chunks that stay
     # in cache: the 2n terms per element would otherwise stream through memory several times.
@@ -83,6 +87,23 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
         part = slice(i, i + _CHUNK)
         total[part] = (trig_t[:, :, part] * (_harmonics(d[part], modulus, n) * b).long()).sum((0, 1))
     return mpc.shared(total.view(x.shape)).truncate()
+
+
+def masked_phase(x: Shared, modulus: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sine protocol's one round: ``d = (x - t) mod modulus``, opened, and the shares of
+    ``[cos(k w t), sin(k w t)]`` for k = 1..n (shape ``(2, n, *x.shape)``, ``w = 2 pi / modulus``),
+    with ``t`` uniform on ``[0, modulus)`` from the dealer. ``modulus`` is a power of two, so ``d``
+    is uniform on ``[0, modulus)`` and independent of ``x``: what the servers see reveals nothing."""
+    mpc: MPC = x.mpc
+    mpc.next_request()
+    secrets = None
+    if mpc.is_dealer:
+        t = PRG.fresh().ring(x.shape) & (modulus - 1)
+        secrets = [t, encode(_harmonics(t, modulus, n).flip(0), mpc.frac_bits)]  # cos(kwt), sin(kwt)
+    t_share, trig_t = mpc.dealt(secrets, [x.shape, (2, n, *x.shape)])
+    if mpc.offline:
+        return t_share, trig_t
+    return mpc.open_modulo(x - mpc.shared(t_share), modulus), trig_t
 
 
 def _harmonics(v: torch.Tensor, modulus: int, n: int) -> torch.Tensor:
