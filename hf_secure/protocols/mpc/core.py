@@ -35,7 +35,7 @@ import torch
 from ...errors import PartyFailedError
 from ...runtime.channel import Channel
 from .prg import PRG
-from .ring import DEFAULT_FRAC_BITS, encode, truncate_share
+from .ring import DEFAULT_FRAC_BITS, encode
 
 SERVER0, SERVER1, DEALER = 0, 1, 2
 
@@ -232,7 +232,7 @@ class MPC:
         shapes = [product_shape(op, x.shape, y.shape) for x, y in pairs]
         cs = self.dealt([op(masks[i], masks[j]) for i, j in index] if self.is_dealer else None, shapes)
         if self.offline:
-            return [self.placeholder(shape) for shape in shapes]
+            return self.truncate_many([self.placeholder(shape) for shape in shapes])
         opened = self.open_many(*[v - self.shared(m) for v, m in zip(distinct, masks)])
         out = []
         for c, (i, j) in zip(cs, index):
@@ -240,8 +240,50 @@ class MPC:
             z = c + op(e, masks[j]) + op(masks[i], f)
             if self.role == SERVER0:
                 z = z + op(e, f)
-            out.append(self.shared(z).truncate())
+            out.append(self.shared(z))
+        return self.truncate_many(out)
+
+    def truncate_many(self, xs: list["Shared"], bits: int | None = None) -> list["Shared"]:
+        """``floor(x / 2^bits)`` for every ``x``, in one round, exact up to one unit in the last place.
+
+        Dealer-assisted truncation with a known top bit. The servers shift ``y = x + 2^62`` into
+        ``[0, 2^63)`` (needs ``|x| < 2^62`` ring units: a product of two values with ``f``
+        fractional bits below ``2^(62 - 2f)``, 2^30 for f = 16) and open ``c = y + r`` for a
+        uniform ``r`` from the dealer: ``c`` is uniform, it reveals nothing. The dealer also
+        shares ``r_hi = floor(r / 2^bits)`` and ``m = msb(r)`` (``r`` read unsigned). Over the
+        integers ``y = c - r + w 2^64`` with the wrap bit ``w = m (1 - msb(c))`` (``y`` has its top
+        bit clear), so ``floor(y / 2^bits) = floor(c / 2^bits) - r_hi + w 2^(64 - bits) - carry``,
+        ``carry`` in {0, 1}: linear in the shares of ``r_hi`` and ``m``. Unlike local share
+        truncation (SecureML), which fails with probability ``|x| 2^-64`` per element by an error
+        of 2^(64 - bits), nothing can wrap: no failure for any ``x`` in range.
+        """
+        bits = self.frac_bits if bits is None else bits
+        self.next_request()
+        shapes = [x.shape for x in xs]
+        rs = self.masks(*shapes)
+        secrets = None
+        if self.is_dealer:
+            secrets = [part for r in rs for part in (_unsigned_shift(r, bits), _unsigned_shift(r, 63))]
+        dealt = self.dealt(secrets, [shape for shape in shapes for _ in range(2)])
+        if self.offline:
+            return [self.placeholder(shape) for shape in shapes]
+        offset = _TRUNCATION_OFFSET if self.role == SERVER0 else 0
+        opened = self.open_many(*[self.shared(x.share + offset + r) for x, r in zip(xs, rs)])
+        out = []
+        for c, r_hi, top in zip(opened, dealt[0::2], dealt[1::2]):
+            z = (1 - _unsigned_shift(c, 63)) * top * (1 << (64 - bits)) - r_hi
+            if self.role == SERVER0:
+                z = z + _unsigned_shift(c, bits) - (_TRUNCATION_OFFSET >> bits)
+            out.append(self.shared(z))
         return out
+
+_TRUNCATION_OFFSET = 1 << 62
+
+
+def _unsigned_shift(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """``v >> bits`` with ``v`` read as an unsigned 64-bit integer (int64 ``>>`` is arithmetic)."""
+    return (v >> bits) & ((1 << (64 - bits)) - 1)
+
 
 def product_shape(op, x_shape, y_shape) -> torch.Size:
     """The shape of ``op(x, y)`` for ``op`` in (torch.mul, torch.matmul) (matmul: both at least 2-d)."""
@@ -299,10 +341,8 @@ class Shared:
         return self._like(product).truncate()
 
     def truncate(self, bits: int | None = None) -> "Shared":
-        bits = self.mpc.frac_bits if bits is None else bits
-        if self.mpc.offline:
-            return self
-        return self._like(truncate_share(self.share, self.mpc.role, bits))
+        """``x / 2^bits`` (default: the fractional bits), one round: :meth:`MPC.truncate_many`."""
+        return self.mpc.truncate_many([self], bits)[0]
 
     # shape ---------------------------------------------------------------------------------
     def reshape(self, *shape):

@@ -118,8 +118,8 @@ def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate
         af = mpc.take(out_shape) if mpc.prepared and weight.static else a @ weight.opened
         e = mpc.open(x - mpc.shared(a))
         out = mpc.shared(c + af + e @ weight.mask)
-        if truncate:
-            out = out.truncate()
+    if truncate:
+        out = out.truncate()
     return out + bias if bias is not None else out
 
 

@@ -76,7 +76,7 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     n = len(coeffs)
     d, trig_t = masked_phase(x, modulus, n)
     if mpc.offline:
-        return mpc.placeholder(x.shape)
+        return mpc.placeholder(x.shape).truncate()
     d, trig_t = d.reshape(-1), trig_t.reshape(2, n, -1)
     # sum_k b_k (sin(kwd) [cos kwt] + cos(kwd) [sin kwt]): public times shared, local. The public
     # factors are encoded by truncation instead of rounding (error < 1 unit). In chunks that stay
@@ -163,7 +163,7 @@ def _goldschmidt_steps(lo: float, hi: float, power: int, tol: float = 2e-4) -> l
 
 
 def _times_pow2(x: Shared, k: int) -> Shared:
-    """``x * 2^-k`` (a local truncation; for ``k < 0`` an exact integer product)."""
+    """``x * 2^-k`` (a truncation; for ``k < 0`` an exact integer product)."""
     return x.truncate(k) if k > 0 else x.mul_public(torch.tensor(1 << -k)) if k < 0 else x
 
 
