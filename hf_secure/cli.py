@@ -62,7 +62,8 @@ def _serve(args) -> None:
     access = AccessPolicy.load(args.token_file)  # bad tokens fail before the checkpoint is fetched
     folder = resolve_folder(args.model, revision=args.revision)
     limits = ServeLimits(max_body_bytes=args.max_body_mb << 20, max_concurrent=args.max_concurrent,
-                         max_concurrent_per_caller=args.max_concurrent_per_token)
+                         max_concurrent_per_caller=args.max_concurrent_per_token,
+                         max_connections=args.max_connections, head_timeout_s=args.head_timeout)
     serve(folder, host=args.host, port=args.port, access=access, no_auth=args.no_auth,
           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, limits=limits,
           shutdown_timeout_s=args.shutdown_timeout, dtype=getattr(torch, args.dtype),
@@ -150,6 +151,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     """argparse type: a TCP port, 1..65535."""
     value = int(text)
@@ -213,11 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
     serve.add_argument("--max-sessions", type=_positive, default=64, help="open sessions per token")
     serve.add_argument("--max-cache-mb", type=_positive, default=1024, help="KV cache MiB per token")
-    serve.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept")
-    serve.add_argument("--max-body-mb", type=_positive, default=256, help="largest request body, MiB")
+    serve.add_argument("--session-ttl", type=_seconds, default=900.0, help="seconds an idle session is kept")
+    serve.add_argument("--max-body-mb", type=_positive, default=256, help="largest request body, MiB (at most 1024)")
     serve.add_argument("--max-concurrent", type=_positive, default=128, help="requests in flight in all")
     serve.add_argument("--max-concurrent-per-token", type=_positive, default=8, help="requests in flight per token")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+    serve.add_argument("--max-connections", type=_positive, default=1024, help="open connections")
+    serve.add_argument("--head-timeout", type=_seconds, default=10.0,
+                       help="seconds a connection has to send a complete request head")
+    serve.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     serve.add_argument("--revision", default=None)
     serve.set_defaults(func=_serve)

@@ -77,9 +77,12 @@ def apps(tiny):
     apps = {}
     for family, embeddings in FAMILIES:
         server = ModelServer(str(tiny(family, embeddings)[1]))
-        app = create_app(server, AccessPolicy())
-        apps[family] = (server, app, TestClient(app))
+        app = create_app(server, AccessPolicy.from_entries([f"fuzzer:{TOKEN}"]))
+        apps[family] = (server, app, TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}))
     return apps
+
+
+TOKEN = "fuzz-" + "t" * 27
 
 
 def assert_clear(response) -> None:
@@ -201,6 +204,15 @@ def test_http_service_from_its_openapi_schema(apps, family, tally):
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", apps[family][1])
+
+    @schema.auth()
+    class Bearer:  # the operator's token; schemathesis also tries requests without it (401 expected)
+        def get(self, case, context):
+            return TOKEN
+
+        def set(self, case, data, context):
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
     cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
 
     @settings(FUZZ, max_examples=300)

@@ -74,8 +74,17 @@ def test_bad_token_entries_are_refused_without_echoing_them(entries, message):
 
 
 def test_token_sources_are_checked(tmp_path, token_file):
-    with pytest.raises(UnknownOptionError, match="does not exist"):
+    with pytest.raises(UnknownOptionError, match="not a file"):
         AccessPolicy.load(tmp_path / "none.txt", environ={})
+    with pytest.raises(UnknownOptionError, match="lists no token"):
+        AccessPolicy.load(None, environ={"HF_SECURE_SERVER_TOKENS": " , "})
+    (tmp_path / "bom.txt").write_text("\ufeff" + TOKENS)
+    (tmp_path / "bom.txt").chmod(0o600)
+    assert [n for n, _ in AccessPolicy.load(tmp_path / "bom.txt", environ={}).callers] == ["alice", "bob"]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9:" + b"x" * 20)
+    (tmp_path / "latin1.txt").chmod(0o600)
+    with pytest.raises(UnknownOptionError, match="not UTF-8"):
+        AccessPolicy.load(tmp_path / "latin1.txt", environ={})
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     with pytest.raises(UnknownOptionError, match="chmod 600"):
         AccessPolicy.load(tmp_path / "empty.txt", environ={})
@@ -232,7 +241,8 @@ def test_client_token_from_argument_and_environment(tiny, guarded, monkeypatch):
     ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=12, do_sample=False)
     expected = plain.generate(ids, **kwargs)
-    secure = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=guarded[1], server_token=ALICE)
+    secure = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=guarded[1],
+                                                    server_token=ALICE + "\n")  # as read from a file
     assert torch.equal(secure.generate(ids, **kwargs), expected)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())  # any tokenizer: pipeline() needs one
     generator = pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer,
@@ -246,6 +256,10 @@ def test_client_token_from_argument_and_environment(tiny, guarded, monkeypatch):
 
 def test_token_is_never_sent_in_clear_to_another_machine(tiny):
     _, folder, key = tiny("gpt2", "client")
+    for bad in ("", "short", ALICE[:20] + " " + ALICE[20:], ALICE + "\u00e9"):
+        with pytest.raises(UnknownOptionError, match="is not a token") as info:
+            SecureModelForCausalLM.from_pretrained(folder, key=key, server_url="http://127.0.0.1:1", server_token=bad)
+        assert ALICE[:16] not in str(info.value)
     with pytest.raises(UnknownOptionError, match="in clear"):
         SecureModelForCausalLM.from_pretrained(folder, key=key, server_url="http://192.0.2.1:8000", server_token=ALICE)
     with pytest.raises(UnknownOptionError, match="need a server_url"):
@@ -260,6 +274,8 @@ def test_token_is_never_sent_in_clear_to_another_machine(tiny):
     (["--no-auth", "--token-file", "TOKENS"], "contradicts"),
     (["--ssl-certfile", "TOKENS"], "both --ssl-certfile and --ssl-keyfile"),
     (["--ssl-certfile", "TOKENS", "--ssl-keyfile", "TOKENS"], "cannot load the TLS certificate"),
+    (["--host", "no-such-host.invalid"], "no such address"),
+    (["--max-body-mb", "99999999999999999999"], "largest body"),
 ])
 def test_serve_refuses_unsafe_configuration(tiny, token_file, capsys, args, message):
     _, folder, _ = tiny("gpt2", "client")
@@ -316,7 +332,7 @@ def test_tls_with_and_without_the_right_ca(tiny, token_file, tmp_path):
         with pytest.raises(ServerError):
             SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=url.replace("https", "http"),
                                                    server_token=ALICE)
-    with pytest.raises(UnknownOptionError, match="does not exist"):
+    with pytest.raises(UnknownOptionError, match="not a file"):
         SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=url, ca_bundle=str(tmp_path / "none.pem"))
 
 
@@ -328,6 +344,7 @@ def test_graceful_shutdown_finishes_in_flight_then_releases_the_port(tiny, token
         secure = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=url, server_token=ALICE, timeout=5)
         ids = torch.arange(3, 10)[None]
         secure.generate(ids, max_new_tokens=2, do_sample=False)
+        httpx.post(url + "/v1/sessions", headers=bearer(ALICE), timeout=30).raise_for_status()  # left open
         body = embeds(5)
         result = {}
 
@@ -348,9 +365,71 @@ def test_graceful_shutdown_finishes_in_flight_then_releases_the_port(tiny, token
         hidden = wire.decode(result["response"].content)[0]["hidden"]
         assert hidden.shape == (1, 5, 64)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once stopped
+        assert "dropped 1 session(s)" in proc.read_log()  # the session left open
         start = time.monotonic()
         with pytest.raises(ServerError, match="unreachable"):
             secure.generate(ids, max_new_tokens=4, do_sample=False)
         assert time.monotonic() - start < 5
         port = int(url.rsplit(":", 1)[1])
         socket.create_server(("127.0.0.1", port)).close()  # the port is free again
+
+
+def test_errors_are_json_with_an_error_field(guarded):
+    url = guarded[1]
+    for method, path, params, status in (("GET", "/nowhere", {}, 404), ("PUT", "/v1/info", {}, 405),
+                                          ("POST", "/v1/forward", {"logits_to_keep": "1e9"}, 400)):
+        response = httpx.request(method, url + path, params=params, headers=bearer(ALICE), timeout=30)
+        assert response.status_code == status and response.json()["error"], response.text
+    assert httpx.get(url + "/docs", timeout=30).status_code == 404
+
+
+def test_idle_and_surplus_connections_are_dropped(tiny, token_file):
+    """A connection that sends nothing, or half a request head, is closed after --head-timeout;
+    past --max-connections a new connection is closed at once; the server answers throughout."""
+    _, folder, _ = tiny("gpt2", "client")
+    args = ("--token-file", str(token_file), "--max-connections", "4", "--head-timeout", "1")
+    with served(str(folder), args=args) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        idle[1].sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n")  # half a head
+        time.sleep(0.3)
+        surplus = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        start = time.monotonic()
+        assert [s.recv(1) for s in surplus[1:]] == [b""]  # closed at once: 4 were open already
+        assert time.monotonic() - start < 0.9
+        for sock in idle:
+            assert sock.recv(1) == b""  # dropped after the head timeout
+        assert time.monotonic() - start < 5
+        assert httpx.get(url + "/v1/info", headers=bearer(ALICE), timeout=10).status_code == 200
+        for sock in idle + surplus:
+            sock.close()
+
+
+def test_client_leaving_mid_body_leaves_no_traceback(tiny, token_file, tmp_path):
+    _, folder, _ = tiny("gpt2", "client")
+    log = tmp_path / "server.log"
+    with served(str(folder), args=("--token-file", str(token_file))) as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"POST /v1/forward HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n"
+                         "Content-Length: 1000\r\n\r\n0123456789".encode())
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert httpx.get(url + "/v1/info", headers=bearer(ALICE), timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        output = proc.read_log()
+    assert "Traceback" not in output and "ClientDisconnect" not in output and ALICE not in output
+
+
+def test_encrypted_tls_key_is_refused_without_a_prompt(tiny, token_file, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+
+    _, folder, _ = tiny("gpt2", "client")
+    cert, key_path = _self_signed(tmp_path, "server")
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"secret")))
+    assert main(["serve", str(folder), "--port", str(free_port()), "--token-file", str(token_file),
+                 "--ssl-certfile", str(cert), "--ssl-keyfile", str(key_path)]) == 1
+    assert "the TLS key is encrypted" in capsys.readouterr().err

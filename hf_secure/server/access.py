@@ -73,7 +73,8 @@ class AccessPolicy:
     def load(cls, token_file: str | os.PathLike | None = None, environ=os.environ) -> AccessPolicy:
         """Tokens from ``token_file`` and from ``HF_SECURE_SERVER_TOKENS``; open when neither has any.
 
-        Raises UnknownOptionError for a missing or empty file, a file other users may read or write,
+        Raises UnknownOptionError for a missing, empty or non-UTF-8 file, a file other users may read,
+        a variable that is set but lists nothing,
         a malformed entry, or a name or token
         listed twice (within or across the two sources).
         """
@@ -81,16 +82,23 @@ class AccessPolicy:
         if token_file is not None:
             path = Path(token_file)
             if not path.is_file():
-                raise UnknownOptionError(f"token file {token_file} does not exist")
+                raise UnknownOptionError(f"token file {token_file} is not a file")
             if path.stat().st_mode & 0o077:
                 raise UnknownOptionError(f"token file {token_file} is readable by other users: `chmod 600 {token_file}`")
-            lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+            try:
+                text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is fine
+            except UnicodeDecodeError:
+                raise UnknownOptionError(f"token file {token_file} is not UTF-8 text") from None
+            lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
             entries = [line for line in lines if line]
             if not entries:
                 raise UnknownOptionError(f"token file {token_file} lists no token")
             sources.append(cls.from_entries(entries, str(token_file)))
-        entries = [e.strip() for e in re.split(r"[,\n]", environ.get(SERVER_TOKENS_ENV, "")) if e.strip()]
-        if entries:
+        variable = environ.get(SERVER_TOKENS_ENV)
+        if variable is not None:
+            entries = [e.strip() for e in re.split(r"[,\n]", variable) if e.strip()]
+            if not entries:
+                raise UnknownOptionError(f"{SERVER_TOKENS_ENV} is set but lists no token: unset it to serve without tokens")
             sources.append(cls.from_entries(entries, SERVER_TOKENS_ENV))
         merged: list[tuple[str, bytes]] = []
         for name, digest in (caller for policy in sources for caller in policy.callers):
@@ -111,3 +119,13 @@ class AccessPolicy:
             if hmac.compare_digest(digest, expected):
                 found = name
         return found
+
+
+def check_client_token(token: str) -> str:
+    """A client's token with surrounding whitespace (a file's newline) removed; UnknownOptionError,
+    without the token, when what is left cannot be a token."""
+    token = token.strip()
+    if not _TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_CHARS:
+        raise UnknownOptionError(f"server_token (or HF_SECURE_TOKEN) is not a token: at least {MIN_TOKEN_CHARS} "
+                                 "characters of [A-Za-z0-9._~+/=-] are expected")
+    return token

@@ -2,7 +2,8 @@
 
 Routes (bodies are safetensors messages, see :mod:`hf_secure.server.wire`):
 
-* ``GET /healthz`` -- ``{"status": "ok"}`` once the checkpoint is loaded; the only open route.
+* ``GET /healthz`` -- ``{"status": "ok"}`` once the checkpoint is loaded; open, like
+  ``/openapi.json`` (the API schema).
 * ``GET /v1/info`` -- protocol, key fingerprint, weight digests, available outputs (JSON).
 * ``POST /v1/sessions`` -- open a KV-cache session (JSON ``{"session_id": ...}``).
 * ``DELETE /v1/sessions/{id}`` -- drop one of the caller's sessions.
@@ -10,10 +11,10 @@ Routes (bodies are safetensors messages, see :mod:`hf_secure.server.wire`):
   tensors in the body; the answer carries the outputs and metadata ``length`` (cached tokens).
 
 Access (:mod:`~hf_secure.server.access`): every ``/v1`` route needs ``Authorization: Bearer TOKEN``
-when the server has tokens. Answers: 400 malformed request, 401 missing or unknown token, 404
-unknown session (or another caller's), 408 stalled body, 413 body over the limit, 429 a quota or a
-concurrency limit (the latter with ``Retry-After``); each with JSON ``{"error": ...}``. Nothing of
-the tensors or tokens is logged.
+when the server has tokens. Answers: 400 malformed request or parameter, 401 missing or unknown
+token, 404 unknown session (or another caller's) or route, 405 wrong method, 408 stalled body, 413
+body over the limit, 429 a quota or a concurrency limit (the latter with ``Retry-After``); each
+with JSON ``{"error": ...}``. Nothing of the tensors or tokens is logged.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import ssl
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     InvalidRequestError,
@@ -40,7 +43,7 @@ from ..errors import (
 )
 from . import wire
 from .access import SERVER_TOKENS_ENV, AccessPolicy
-from .limits import RETRY_AFTER_S, CallerSlots, RequestLimits
+from .limits import RETRY_AFTER_S, CallerSlots, RequestLimits, guarded_protocol
 from .runtime import OUTPUTS, ModelServer
 
 
@@ -50,17 +53,23 @@ class ServeLimits:
 
     max_body_bytes: largest request body; max_concurrent: requests in flight in all;
     max_concurrent_per_caller: in flight per token; body_timeout_s: longest wait for the next
-    chunk of a body.
+    chunk of a body; max_connections: open connections; head_timeout_s: time a connection has to
+    send a complete request head.
     """
 
     max_body_bytes: int = 256 << 20
     max_concurrent: int = 128
     max_concurrent_per_caller: int = 8
     body_timeout_s: float = 30.0
+    max_connections: int = 1024
+    head_timeout_s: float = 10.0
 
     def __post_init__(self):
-        if min(self.max_body_bytes, self.max_concurrent, self.max_concurrent_per_caller) < 1 or self.body_timeout_s <= 0:
+        counts = (self.max_body_bytes, self.max_concurrent, self.max_concurrent_per_caller, self.max_connections)
+        if min(counts) < 1 or min(self.body_timeout_s, self.head_timeout_s) <= 0:
             raise UnknownOptionError(f"request limits must be positive: {self}")
+        if self.max_body_bytes > wire.MAX_MESSAGE_BYTES:
+            raise UnknownOptionError(f"the largest body a server takes is {wire.MAX_MESSAGE_BYTES >> 20} MiB")
 
 
 _STATUS = ((UnknownSessionError, 404), (UnauthorizedError, 401), (QuotaExceededError, 429),
@@ -70,13 +79,13 @@ _STATUS = ((UnknownSessionError, 404), (UnauthorizedError, 401), (QuotaExceededE
 _ERROR = {"description": "Malformed request", "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+_GUARDED = {400: _ERROR, 401: {**_ERROR, "description": "Missing or unknown bearer token"},
+            413: {**_ERROR, "description": "Body over the server's limit"},
+            429: {**_ERROR, "description": "Over a quota, or too many requests in flight (Retry-After)"}}
+_SESSION = {404: {**_ERROR, "description": "Unknown or expired session"}}
 _FORWARD = {
     "openapi_extra": {"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: _BINARY}}},
-    "responses": {200: {"content": {wire.CONTENT_TYPE: _BINARY}}, 400: _ERROR,
-                  401: {**_ERROR, "description": "Missing or unknown bearer token"},
-                  404: {**_ERROR, "description": "Unknown or expired session"},
-                  413: {**_ERROR, "description": "Body over the server's limit"},
-                  429: {**_ERROR, "description": "Over a quota, or too many requests in flight (Retry-After)"}},
+    "responses": {200: {"content": {wire.CONTENT_TYPE: _BINARY}}, **_GUARDED, **_SESSION},
     "response_class": Response,
 }
 
@@ -90,7 +99,8 @@ def create_app(server: ModelServer, access: AccessPolicy, limits: ServeLimits = 
         dropped = server.close_all()  # uvicorn has let in-flight requests finish
         print(f"stopped; dropped {dropped} session(s)", flush=True)
 
-    app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""), lifespan=lifespan)
+    app = FastAPI(title="hf_secure server", version=server.section.get("hf_secure_version", ""), lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.add_middleware(RequestLimits, max_body_bytes=limits.max_body_bytes, max_concurrent=limits.max_concurrent,
                        body_timeout_s=limits.body_timeout_s)
     bearer = HTTPBearer(auto_error=False, description="a token listed by the operator (`serve --token-file`)")
@@ -116,19 +126,28 @@ def create_app(server: ModelServer, access: AccessPolicy, limits: ServeLimits = 
             headers["Retry-After"] = str(RETRY_AFTER_S)
         return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route, wrong method
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request parameters: {problems}"}, status_code=400)
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", responses=_GUARDED)
     def info(_: str = Depends(caller)):
         return server.info()
 
-    @app.post("/v1/sessions", responses={400: _ERROR})
+    @app.post("/v1/sessions", responses=_GUARDED)
     def open_session(owner: str = Depends(caller)):
         return {"session_id": server.open_session(owner)}
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete("/v1/sessions/{session_id}", responses={**_GUARDED, **_SESSION})
     def close_session(session_id: str, owner: str = Depends(caller)):
         server.close_session(session_id, owner)
         return {"closed": True}
@@ -174,11 +193,14 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
         raise UnknownOptionError("TLS needs both --ssl-certfile and --ssl-keyfile")
     if ssl_certfile is not None:
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(ssl_certfile, ssl_keyfile)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                ssl_certfile, ssl_keyfile, password=_no_passphrase)
         except (OSError, ssl.SSLError) as exc:
             raise UnknownOptionError(f"cannot load the TLS certificate {ssl_certfile} with key {ssl_keyfile}: {exc}") from None
     try:
         sock = _listen(host, port)  # first: a taken port fails before a long load
+    except socket.gaierror as exc:
+        raise ServerError(f"cannot listen on {host}: no such address ({exc.strerror})") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ServerError(f"cannot listen on {host}:{port} ({reason}): is another server running there? "
@@ -196,9 +218,17 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
         app = create_app(ModelServer(folder, **server_kwargs), access, limits)
         scheme = "https" if ssl_certfile else "http"
         who = "open to anyone who reaches it" if access.open else f"{len(access.callers)} token(s)"
-        print(f"serving {folder} on {scheme}://{host}:{port} ({who})", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                                      timeout_graceful_shutdown=shutdown_timeout_s)).run(sockets=[sock])
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serving {folder} on {scheme}://{shown}:{port} ({who})", flush=True)
+        config = uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                                http=guarded_protocol(limits.max_connections, limits.head_timeout_s),
+                                timeout_graceful_shutdown=shutdown_timeout_s)
+        uvicorn.Server(config).run(sockets=[sock])  # on SIGTERM it re-raises the signal once stopped
+
+
+def _no_passphrase():
+    raise UnknownOptionError("the TLS key is encrypted: give it unencrypted, readable by the server's user only "
+                             "(`openssl pkey -in KEY -out PLAIN_KEY`, then chmod 600)")
 
 
 def _listen(host: str, port: int) -> socket.socket:

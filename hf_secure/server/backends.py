@@ -20,6 +20,7 @@ import httpx
 from ..accounting import Traffic
 from ..errors import InvalidRequestError, ServerError, UnknownOptionError
 from . import wire
+from .access import check_client_token
 from .runtime import ModelServer
 
 CLIENT_TOKEN_ENV = "HF_SECURE_TOKEN"
@@ -75,13 +76,15 @@ class HttpBackend:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UnknownOptionError(f"server_url must be http://HOST:PORT or https://HOST:PORT, not {url!r}")
-        token = token if token is not None else os.environ.get(CLIENT_TOKEN_ENV) or None
+        token = token if token is not None else os.environ.get(CLIENT_TOKEN_ENV)
+        if token is not None:
+            token = check_client_token(token)
         if token is not None and parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise UnknownOptionError(f"refusing to send the server token in clear to {parts.hostname}: use https://")
         verify: bool | ssl.SSLContext = True
         if ca_bundle is not None:
             if not Path(ca_bundle).is_file():
-                raise UnknownOptionError(f"CA bundle {ca_bundle} does not exist")
+                raise UnknownOptionError(f"CA bundle {ca_bundle} is not a file")
             try:
                 verify = ssl.create_default_context(cafile=str(ca_bundle))
             except ssl.SSLError as exc:

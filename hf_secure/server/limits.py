@@ -6,7 +6,14 @@
 * a body streamed without a length (chunked) is counted while it arrives and cut off with 413 at
   the limit, and one that stalls for ``body_timeout_s`` between chunks is cut off with 408;
 * at most ``max_concurrent`` requests are in flight; the next one is answered 429 at once, with
-  ``Retry-After``.
+  ``Retry-After`` (``/healthz`` is not counted);
+* a client that disconnects while sending its body is dropped quietly.
+
+:class:`GuardedH11Protocol` is uvicorn's h11 protocol with two limits on connections, which
+uvicorn does not have: at most ``max_connections`` open connections (a new one past the cap is
+closed at once), and a connection must send a complete request head within ``head_timeout_s`` of
+connecting or of its previous answer (uvicorn times out only idle connections between requests,
+so connections that send nothing, or half a head, would otherwise be held forever).
 
 :class:`CallerSlots` bounds the requests in flight per authenticated caller (429 too), so that one
 token cannot take every slot. Answers are JSON ``{"error": ...}`` like the app's own.
@@ -17,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TooManyRequestsError
 
@@ -56,6 +66,8 @@ class RequestLimits:
             if int(lengths[0]) > self.max_body_bytes:
                 return await send_error(send, 413, f"request body of {int(lengths[0])} bytes exceeds this server's "
                                                    f"limit of {self.max_body_bytes} bytes")
+        if scope["path"] == "/healthz":
+            return await self.app(scope, receive, send)
         if self.in_flight >= self.max_concurrent:
             return await send_error(send, 429, f"the server has {self.in_flight} requests in flight, its limit: "
                                                "retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
@@ -85,6 +97,8 @@ class RequestLimits:
             if started:
                 raise
             await send_error(send, exc.status, str(exc))
+        except ClientDisconnect:
+            pass  # the client left mid-body: nobody to answer
         finally:
             self.in_flight -= 1
 
@@ -106,3 +120,39 @@ class CallerSlots:
         self.in_flight[caller] -= 1
         if not self.in_flight[caller]:
             del self.in_flight[caller]
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection cap and a request-head deadline (module doc).
+
+    Set ``max_connections`` and ``head_timeout_s`` on a subclass (:func:`guarded_protocol`).
+    """
+
+    max_connections = 1024
+    head_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.close()  # over the cap: no answer, the socket is freed at once
+            return
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        waiting_after = self.cycle  # a new request head replaces the cycle
+        self.loop.call_later(self.head_timeout_s, self._drop_if_no_head, waiting_after)
+
+    def _drop_if_no_head(self, waiting_after) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[GuardedH11Protocol]:
+    """A :class:`GuardedH11Protocol` class with these limits, for ``uvicorn.Config(http=...)``."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"max_connections": max_connections, "head_timeout_s": head_timeout_s})

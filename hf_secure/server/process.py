@@ -26,6 +26,7 @@ def free_port() -> int:
 def served(folder: str, port: int | None = None, args: tuple[str, ...] = (), startup_timeout_s: float = 120.0,
            env: dict | None = None, ca_bundle: str | None = None):
     """Yield ``(process, url)`` of ``hf-secure serve folder ... args`` on loopback; stop it on exit.
+    ``process.read_log()`` returns what the server printed so far.
 
     ``args`` are further ``serve`` options (``--ssl-certfile`` makes the URL https; ``ca_bundle``
     then verifies it while waiting for ``/healthz``). Stopping sends SIGTERM (graceful shutdown),
@@ -38,12 +39,17 @@ def served(folder: str, port: int | None = None, args: tuple[str, ...] = (), sta
     verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def read_log() -> str:
+        log.seek(0)
+        return log.read()
+
+    proc.read_log = read_log  # what the server printed so far
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
             if proc.poll() is not None:
-                log.seek(0)
-                raise ServerError(f"server exited with code {proc.returncode}: {log.read()[-2000:]}")
+                raise ServerError(f"server exited with code {proc.returncode}: {read_log()[-2000:]}")
             try:
                 httpx.get(url + "/healthz", timeout=1.0, verify=verify).raise_for_status()
                 break
