@@ -3,6 +3,7 @@
     hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
     hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
     hf-secure serve DIR --port P [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
+    hf-secure public DIR --out PUBLIC
     hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL [--ca-bundle PEM]]
@@ -74,17 +75,22 @@ def _party(args) -> None:
     import torch.distributed as dist
     from transformers import AutoConfig
 
-    from .hub import resolve_folder
+    from .hub import config_only_folder, refuse_weights, resolve_folder
     from .protocols.mpc.client import load_program, load_weights
     from .protocols.mpc.run import session_party
     from .runtime import Role, join
     from .server.runtime import read_section
 
-    folder = resolve_folder(args.model, revision=args.revision)
+    role = Role[args.role.upper()]
+    if role == Role.OWNER:
+        folder = resolve_folder(args.model, revision=args.revision)
+    else:  # servers and dealer: the config only, never the weights
+        folder = config_only_folder(args.model, revision=args.revision)
     config = AutoConfig.from_pretrained(folder)
     if read_section(config, args.model, "mpc")["protocol"] != "mpc":
         raise UnknownOptionError(f"{folder} is not an mpc checkpoint (hf-secure convert approximate)")
-    role = Role[args.role.upper()]
+    if role != Role.OWNER and not args.allow_weights:
+        refuse_weights(folder)
     program = load_program(config)
     weights = load_weights(folder) if role == Role.OWNER else None
     print(f"{role.name.lower()}: joining {args.rendezvous}", flush=True)
@@ -95,6 +101,13 @@ def _party(args) -> None:
         dist.destroy_process_group()
     setup = result["stats"].get("setup", {})
     print(f"{role.name.lower()}: session over; setup sent {setup.get('bytes_sent', 0)} bytes", flush=True)
+
+
+def _public(args) -> None:
+    from .hub import write_public_part
+
+    files = write_public_part(args.folder, args.out)
+    print(f"wrote the public part of {args.folder} to {args.out}: {', '.join(p.name for p in files)} (no weights)")
 
 
 def _keys(args) -> None:
@@ -237,13 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     party = command(sub, "party", help="run one party of an mpc session (the client is the user's process)")
     party.add_argument("--role", required=True, choices=("server0", "server1", "dealer", "owner"))
     party.add_argument("--model", required=True,
-                       help="converted folder or Hub id (config for servers and dealer; weights for the owner)")
+                       help="servers and dealer: the public part (`hf-secure public`) or its Hub id, of which only "
+                            "config.json is read; owner: the folder with the weights")
     party.add_argument("--rendezvous", required=True, metavar="tcp://HOST:PORT",
                        help="where server 0 hosts the rendezvous (the same address for every party)")
     party.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer counts as failed")
     party.add_argument("--threads", type=int, default=1)
     party.add_argument("--revision", default=None)
+    party.add_argument("--allow-weights", action="store_true",
+                       help="let a server or the dealer read a folder that holds weights (a machine of the owner)")
     party.set_defaults(func=_party)
+
+    public = command(sub, "public", help="write the public part of an mpc checkpoint (config, tokenizer; no weights)")
+    public.add_argument("folder", help="the folder written by `hf-secure convert approximate`")
+    public.add_argument("--out", required=True, help="where the public part goes (for servers, dealer, clients, Hub)")
+    public.set_defaults(func=_public)
 
     keys = command(sub, "keys", help="the local key store")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

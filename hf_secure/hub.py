@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -157,6 +158,58 @@ def _is_key_material(path: Path, key_fingerprint: str | None) -> bool:
     return fingerprint(tensors) == key_fingerprint
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def weight_files(folder: str | os.PathLike) -> list[str]:
+    """Files under ``folder`` that may hold weights (by suffix, any depth), relative names."""
+    folder = Path(folder)
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
+            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == SAFE_WEIGHTS_INDEX_NAME)]
+
+
+def write_public_part(folder: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """Copy what an mpc checkpoint's servers, dealer, clients and Hub repository may hold -- config,
+    generation config, tokenizer files -- from ``folder`` to ``out``, and write its model card.
+
+    The weights stay with the model owner (``hf-secure party --role owner``). Raises
+    UnknownOptionError for a folder that is not an mpc checkpoint.
+    """
+    from .convert.model_card import write_model_card
+
+    folder, out = Path(folder), Path(out)
+    config = folder / "config.json"
+    section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
+    if not isinstance(section, dict) or section.get("protocol") != "mpc":
+        raise UnknownOptionError(f"{folder} is not an mpc checkpoint (`hf-secure convert approximate`)")
+    out.mkdir(parents=True, exist_ok=True)
+    copied = [Path(shutil.copy2(folder / name, out / name)) for name in COMPANION_FILES
+              if name != "README.md" and (folder / name).is_file()]
+    return [*copied, write_model_card(out, section, source=str(folder))]
+
+
+def config_only_folder(name_or_path, revision=None) -> str:
+    """The folder a server or the dealer reads an mpc checkpoint's config from: a local folder as
+    it is (see :func:`refuse_weights`), or for a Hub id a snapshot of ``config.json`` alone."""
+    if os.path.isdir(name_or_path):
+        return str(name_or_path)
+    _check_hub_id(name_or_path)
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(name_or_path, revision):
+        return os.path.dirname(hf_hub_download(str(name_or_path), "config.json", revision=revision))
+
+
+def refuse_weights(folder: str | os.PathLike) -> None:
+    """UnknownOptionError when ``folder`` holds weight files: a server or the dealer must not."""
+    found = weight_files(folder)
+    if found:
+        raise UnknownOptionError(
+            f"{folder} holds the model's weights ({', '.join(found[:3])}): a server or the dealer must not. "
+            f"Give it the public part (`hf-secure public {folder} --out PUBLIC`) or a Hub id; pass "
+            "--allow-weights only on a machine of the model owner")
+
+
 def check_uploadable(folder: str | os.PathLike) -> list[Path]:
     """The files of a converted checkpoint to upload: an allow-list, never the rest of the folder.
 
@@ -172,6 +225,15 @@ def check_uploadable(folder: str | os.PathLike) -> list[Path]:
     section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
     if not isinstance(section, dict):
         raise KeyMaterialUploadError(f"{folder} is not a converted hf_secure checkpoint; refusing to upload it")
+    disguised = [name for name in COMPANION_FILES
+                 if (folder / name).is_file() and _safetensors_header(folder / name) is not None]
+    if section.get("protocol") == "mpc":  # the weights are the owner's secret: only the public part goes up
+        found = weight_files(folder)
+        if found or disguised:
+            raise KeyMaterialUploadError(
+                f"refusing to upload {folder}: an mpc checkpoint's weights are the model owner's secret "
+                f"({', '.join(found + disguised)}); upload its public part: `hf-secure public {folder} --out PUBLIC`")
+        return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
     weights = set(checkpoint_files(folder))
     recorded = section.get("weights")
     if recorded:  # the weight files are the converter's, byte for byte: no key can hide under their names
@@ -182,8 +244,6 @@ def check_uploadable(folder: str | os.PathLike) -> list[Path]:
             and _is_key_material(p, section.get("key_fingerprint"))]
     # config, model card and tokenizer files are never tensor containers: one that parses as
     # safetensors is something else under a public name (e.g. a key with an extra tensor)
-    disguised = [name for name in COMPANION_FILES
-                 if (folder / name).is_file() and _safetensors_header(folder / name) is not None]
     if keys or disguised:
         raise KeyMaterialUploadError(f"refusing to upload {folder}: it holds key material or tensors under a public "
                                      f"file name ({', '.join(keys + disguised)}); move the key out of the model folder")

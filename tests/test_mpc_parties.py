@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_secure import SecureModelForCausalLM
+from hf_secure.cli import main
 from hf_secure.convert import convert_approximate, convert_permute
+from hf_secure.hub import weight_files
 from hf_secure.demo import DEMO_MODEL
 
 ROLES = ("server0", "server1", "dealer", "owner")
@@ -32,14 +33,15 @@ def _party(role: str, folder, rendezvous: str) -> subprocess.Popen:
 
 def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path):
     convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
-    user = tmp_path / "user"  # what the user has: config, generation config, tokenizer; no weights
-    shutil.copytree(tmp_path / "approx", user, ignore=shutil.ignore_patterns("*.safetensors"))
+    user = tmp_path / "user"  # what the user, the servers and the dealer have: config, tokenizer; no weights
+    assert main(["public", str(tmp_path / "approx"), "--out", str(user)]) == 0
+    assert not weight_files(user) and (user / "tokenizer.json").is_file() and "no weights" in (user / "README.md").read_text()
     tokenizer = AutoTokenizer.from_pretrained(user)
     ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").generate(ids, max_new_tokens=8, do_sample=False)
 
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-    procs = {role: _party(role, tmp_path / "approx", rendezvous) for role in ROLES}
+    procs = {role: _party(role, tmp_path / "approx" if role == "owner" else user, rendezvous) for role in ROLES}
     try:
         model = SecureModelForCausalLM.from_pretrained(user, protocol="mpc", rendezvous=rendezvous)
         got = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -63,6 +65,29 @@ def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path):
                               str(folder), "--rendezvous", "tcp://127.0.0.1:1"], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 1 and message in out.stderr
+
+
+@pytest.mark.parametrize("role", ["server0", "server1", "dealer"])
+def test_servers_and_dealer_refuse_a_folder_with_weights(tmp_path, capsys, role):
+    """Issue 10: a server given the owner's folder would hold the plaintext weights."""
+    folder = tmp_path / "approx"
+    if not folder.is_dir():
+        convert_approximate(str(DEMO_MODEL), folder)
+    assert main(["party", "--role", role, "--model", str(folder), "--rendezvous", "tcp://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "holds the model's weights" in err and "hf-secure public" in err
+
+
+def test_push_refuses_an_mpc_checkpoint_with_weights(tmp_path):
+    from hf_secure.errors import KeyMaterialUploadError
+    from hf_secure.hub import check_uploadable
+
+    convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
+    with pytest.raises(KeyMaterialUploadError, match="owner's secret"):
+        check_uploadable(tmp_path / "approx")
+    assert main(["public", str(tmp_path / "approx"), "--out", str(tmp_path / "public")]) == 0
+    names = sorted(p.name for p in check_uploadable(tmp_path / "public"))
+    assert "config.json" in names and "README.md" in names and not any(n.endswith(".safetensors") for n in names)
 
 
 @pytest.mark.parametrize("argv", [["--role", "client"], ["--role", "server0"]])

@@ -18,7 +18,50 @@ _EMBEDDING_TEXT = {
 }
 
 
+def mpc_model_card(section: dict, source: str) -> str:
+    family = section["family"]
+    task = "feature-extraction" if family == "bert" else "text-generation"
+    approximations = section.get("approximations", {})
+    return f"""---
+library_name: transformers
+tags:
+- hf_secure
+- private-inference
+- mpc
+---
+
+# Public part of an MPC checkpoint (hf_secure, protocol `mpc`)
+
+Converted from `{source}` by [hf_secure](https://pypi.org/project/hf-secure/) {section.get('hf_secure_version', '')}
+with `hf-secure convert approximate` (activation `{approximations.get('activation')}`, softmax
+`{approximations.get('softmax')}`). **This repository holds no weights**: the config (architecture,
+approximations, normalisation bounds) and the tokenizer, which is all the two servers, the dealer
+and a client need. The weights stay with the model owner, who secret-shares them to the servers
+when a session starts.
+
+## How to run it
+
+    hf-secure party --role server0 --model <this repo> --rendezvous tcp://HOST:29500   # on HOST
+    hf-secure party --role server1 --model <this repo> --rendezvous tcp://HOST:29500
+    hf-secure party --role dealer  --model <this repo> --rendezvous tcp://HOST:29500
+    hf-secure party --role owner   --model <the owner's folder, with weights> --rendezvous tcp://HOST:29500
+
+Client:
+
+    python -c "from transformers import pipeline; import hf_secure; \\
+      print(pipeline('secure-{task}', model='<this repo>', protocol='mpc', rendezvous='tcp://HOST:29500')('Hello'))"
+
+## Threat model
+
+Two semi-honest servers that do not collude with each other or with the dealer see only random
+shares and masked values; see hf_secure's docs/threat-model.md for what is public (shapes, masks,
+positions) and what each party sees.
+"""
+
+
 def model_card(section: dict, source: str) -> str:
+    if section.get("protocol") == "mpc":
+        return mpc_model_card(section, source)
     embeddings = section["embeddings"]
     return f"""---
 library_name: transformers
