@@ -31,7 +31,13 @@ def _party(role: str, folder, rendezvous: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path):
+@pytest.fixture
+def session_key(monkeypatch):
+    """The session key parties on several machines share (inherited by the party processes)."""
+    monkeypatch.setenv("HF_SECURE_SESSION_KEY", "ab" * 32)
+
+
+def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path, session_key):
     convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
     user = tmp_path / "user"  # what the user, the servers and the dealer have: config, tokenizer; no weights
     assert main(["public", str(tmp_path / "approx"), "--out", str(user)]) == 0
@@ -58,7 +64,7 @@ def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_pat
                 proc.kill()
 
 
-def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path):
+def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path, session_key):
     convert_permute(str(DEMO_MODEL), tmp_path / "permuted", tmp_path / "key.safetensors")
     for folder, message in ((tmp_path / "permuted", "convert approximate"), (DEMO_MODEL, "not converted")):
         out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", "--role", "server0", "--model",
@@ -68,7 +74,7 @@ def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path):
 
 
 @pytest.mark.parametrize("role", ["server0", "server1", "dealer"])
-def test_servers_and_dealer_refuse_a_folder_with_weights(tmp_path, capsys, role):
+def test_servers_and_dealer_refuse_a_folder_with_weights(tmp_path, capsys, role, session_key):
     """Issue 10: a server given the owner's folder would hold the plaintext weights."""
     folder = tmp_path / "approx"
     if not folder.is_dir():
@@ -88,6 +94,12 @@ def test_push_refuses_an_mpc_checkpoint_with_weights(tmp_path):
     assert main(["public", str(tmp_path / "approx"), "--out", str(tmp_path / "public")]) == 0
     names = sorted(p.name for p in check_uploadable(tmp_path / "public"))
     assert "config.json" in names and "README.md" in names and not any(n.endswith(".safetensors") for n in names)
+
+
+def test_party_without_the_session_key_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_SECURE_SESSION_KEY", raising=False)
+    assert main(["party", "--role", "server0", "--model", str(DEMO_MODEL), "--rendezvous", "tcp://10.0.0.1:1"]) == 1
+    assert "HF_SECURE_SESSION_KEY" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--role", "client"], ["--role", "server0"]])

@@ -6,9 +6,13 @@ session, another shape or dtype) fails with a clear error instead of reading gar
 dies closes its sockets: gloo raises at once and we turn it into :class:`PartyFailedError`; a
 peer that hangs runs into the process group's timeout.
 
-Accounting: bytes sent and received, messages, and rounds (one round = one wait for a peer's
-message; an exchange, where both sides send then receive, is one round), per scope (a layer name)
-and per party.
+With ``links`` (:mod:`.secure_link`, parties on several machines) every message is sealed with
+its peer's AES-GCM link: header and payload are authenticated and encrypted, and a message that
+does not verify raises PartyFailedError.
+
+Accounting: bytes sent and received (the tensors' bytes, before sealing), messages, and rounds
+(one round = one wait for a peer's message; an exchange, where both sides send then receive, is
+one round), per scope (a layer name) and per party.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.distributed as dist
 
 from ..accounting import Traffic
 from ..errors import PartyFailedError
+from .secure_link import TAG_BYTES
 
 MAGIC = 0x6866736563  # "hfsec"
 MAX_DIMS = 6
@@ -33,10 +38,11 @@ PEER_FAILED = "peer failed or timed out"
 class Channel:
     """Point-to-point tensor messages for one party of a session."""
 
-    def __init__(self, rank: int, session: int, group=None):
+    def __init__(self, rank: int, session: int, group=None, links: dict | None = None):
         self.rank = rank
         self.session = session
         self.group = group
+        self.links = links
         self.stats: dict[str, Traffic] = defaultdict(Traffic)
         self._scope = "setup"
 
@@ -63,17 +69,30 @@ class Channel:
         except RuntimeError as exc:  # gloo: connection closed by peer, timeout
             raise PartyFailedError(f"party {self.rank}: {PEER_FAILED} ({str(exc).splitlines()[0]})") from exc
 
+    def _send_raw(self, tensor: torch.Tensor, to: int) -> None:
+        if self.links is not None:
+            tensor = _as_bytes_tensor(self.links[to].seal(_bytes_of(tensor)))
+        self._call(dist.send, tensor, to, self.group)
+
+    def _recv_raw(self, out: torch.Tensor, frm: int) -> torch.Tensor:
+        if self.links is None:
+            self._call(dist.recv, out, frm, self.group)
+            return out
+        sealed = torch.empty(out.numel() * out.element_size() + TAG_BYTES, dtype=torch.uint8)
+        self._call(dist.recv, sealed, frm, self.group)
+        data = self.links[frm].open(_bytes_of(sealed))
+        return torch.frombuffer(bytearray(data), dtype=out.dtype).view(out.shape) if out.numel() else out
+
     def send(self, tensor: torch.Tensor, to: int) -> None:
         tensor = tensor.contiguous()
-        self._call(dist.send, self._header(tensor), to, self.group)
-        self._call(dist.send, tensor, to, self.group)
+        self._send_raw(self._header(tensor), to)
+        self._send_raw(tensor, to)
         stats = self.stats[self._scope]
         stats.bytes_sent += tensor.numel() * tensor.element_size()
         stats.messages += 1
 
     def recv(self, frm: int, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
-        self._call(dist.recv, header, frm, self.group)
+        header = self._recv_raw(torch.empty(_HEADER_LEN, dtype=torch.int64), frm)
         magic, session, dtype_code, ndim = header[:4].tolist()
         if magic != MAGIC:
             raise PartyFailedError(f"party {self.rank}: message from {frm} is not an hf_secure message")
@@ -87,8 +106,7 @@ class Channel:
             raise PartyFailedError(f"party {self.rank}: expected shape {tuple(shape)} from {frm}, got {got_shape}")
         if dtype is not None and dtype != got_dtype:
             raise PartyFailedError(f"party {self.rank}: expected {dtype} from {frm}, got {got_dtype}")
-        out = torch.empty(got_shape, dtype=got_dtype)
-        self._call(dist.recv, out, frm, self.group)
+        out = self._recv_raw(torch.empty(got_shape, dtype=got_dtype), frm)
         stats = self.stats[self._scope]
         stats.bytes_received += out.numel() * out.element_size()
         stats.rounds += 1
@@ -116,9 +134,18 @@ class Channel:
             outgoing[offset : offset + n].view(t.shape).copy_(t)
             offset += n
         incoming = torch.empty_like(outgoing)
-        request = self._call(dist.isend, outgoing, peer, self.group)
-        self._call(dist.recv, incoming, peer, self.group)
-        self._call(request.wait)
+        if self.links is None:
+            request = self._call(dist.isend, outgoing, peer, self.group)
+            self._call(dist.recv, incoming, peer, self.group)
+            self._call(request.wait)
+        else:
+            link = self.links[peer]
+            sealed_out = _as_bytes_tensor(link.seal(_bytes_of(outgoing)))
+            sealed_in = torch.empty_like(sealed_out)
+            request = self._call(dist.isend, sealed_out, peer, self.group)
+            self._call(dist.recv, sealed_in, peer, self.group)
+            self._call(request.wait)
+            incoming = torch.frombuffer(bytearray(link.open(_bytes_of(sealed_in))), dtype=torch.int64)
         if not torch.equal(incoming[:_HEADER_LEN], outgoing[:_HEADER_LEN]):
             raise PartyFailedError(
                 f"party {self.rank}: exchange with {peer} out of step (header {incoming[:4].tolist()}, "
@@ -144,3 +171,12 @@ class Channel:
 
     def summary(self) -> dict[str, dict]:
         return {name: s.snapshot() for name, s in self.stats.items()}
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy (contiguous CPU tensors)."""
+    return memoryview(tensor.contiguous().numpy()).cast("B")
+
+
+def _as_bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
