@@ -41,7 +41,7 @@ def test_comparisons_match_plaintext():
     assert (got_silu - torch.nn.functional.silu(2 * g)).abs().max() < 5e-3
     # against the plaintext approximations the checkpoints run with: fixed-point error only, except
     # within 2^-3 of a segment edge (the segment tests keep 4 fractional bits, +-1 unit after the
-    # local truncation), where the comparison may pick the neighbouring segment: an error of the
+    # truncation), where the comparison may pick the neighbouring segment: an error of the
     # jump there (bounded by the GeLU/SiLU tolerances above)
     gelu_off_edge = ((g / 2**0.5).abs() - 2.5).abs() > 2**-3
     assert gelu_off_edge.sum() > 150 and (~gelu_off_edge).sum() >= 2  # points on both sides of the edges
@@ -58,7 +58,7 @@ def _narrow(mpc, x):
 
 
 def test_packed_narrow_comparisons():
-    """Lanes of 21, 13 and 34 bits (3, 4 and 1 per word), with and without a local truncation first."""
+    """Lanes of 21, 13 and 34 bits (3, 4 and 1 per word), with and without a truncation first."""
     gen = torch.Generator().manual_seed(3)
     x = torch.cat([torch.tensor([0.0, 2**-16, -(2**-16), 2**-6, -(2**-6), 7.9, -7.9, -0.03]),
                    (torch.rand(37, generator=gen) - 0.5) * 15])

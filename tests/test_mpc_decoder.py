@@ -77,13 +77,23 @@ def test_gpt2_greedy_generation_through_mpc_pipeline_equals_plaintext(tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(folder).eval()
         expected[name] = plain.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
     generator = pipeline("secure-text-generation", model=str(tmp_path / "approx"), protocol="mpc")
+    revealed, logits = [], generator.model.engine.logits
+
+    def recording(*args):  # what each query reveals to the client: logits of how many positions
+        out = logits(*args)
+        revealed.append(out.shape[1])
+        return out
+
+    generator.model.engine.logits = recording
     try:
         text = generator(prompt, max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+        assert revealed == [1] * 16  # generation reveals the last position's logits only, prompt included
         got = tokenizer(text, return_tensors="pt").input_ids[0]
         assert text == tokenizer.decode(expected["approximated"])
         assert torch.equal(got, expected["approximated"]) and torch.equal(got, expected["original"])
         report = generator.model.secure_report()
         assert report["DEALER"]["offline_bytes"] > 0
+        assert report["bounds"] == {"sine_opening_leak": 0.0, "truncation_failure": 0.0}
         assert {"layer.0", "layer.3", "lm_head"} <= set(report["SERVER0"]["stats"])
         assert generator.secure_stats["rounds"] > 16 * 4
     finally:

@@ -253,7 +253,9 @@ class SecurePreTrainedModel(PreTrainedModel):
 
     def secure_report(self) -> dict | None:
         """mpc: the last query's report per role (bytes, messages, rounds, seconds per scope -- one
-        scope per layer -- and the dealer's offline bytes and seconds); None for other protocols."""
+        scope per layer -- and the dealer's offline bytes and seconds), and ``bounds``: the query's
+        leak through the sine protocol's openings and its truncation failure probability (both 0,
+        see docs/threat-model.md); None for other protocols."""
         return getattr(self.engine, "last_report", None)
 
     def save_pretrained(self, save_directory, **kwargs):

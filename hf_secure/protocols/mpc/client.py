@@ -8,7 +8,8 @@ the local checkpoint; the token ids never leave the client process in the clear.
 join from their machines with ``hf-secure party`` (the user's folder then needs only the config).
 
 Each query's reports (per role: bytes, messages, rounds and seconds per scope -- one scope per
-layer -- and the dealer's offline material and time) are kept as ``last_report``; ``stats`` sums
+layer -- the dealer's offline material and time, and ``bounds``: :data:`QUERY_BOUNDS`) are kept as
+``last_report``; ``stats`` sums
 server 0's online traffic over the engine's life.
 """
 
@@ -64,6 +65,13 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in weights.items() if v.is_floating_point() and not k.startswith("pooler.")}
 
 
+# Per query, beyond what is public by design (docs/threat-model.md): the statistical distance from
+# independence of what the sine protocol opens (0: uniform modulo its period, nonlinear.masked_phase),
+# and the probability that a truncation fails (0: no failure event for values in their checked
+# ranges, core.MPC.truncate_many). Reported with every query's report as "bounds".
+QUERY_BOUNDS = {"sine_opening_leak": 0.0, "truncation_failure": 0.0}
+
+
 class MPCEngine:
     """A running session of a converted checkpoint, with its accounting."""
 
@@ -82,6 +90,7 @@ class MPCEngine:
         if token_types is not None:
             onehot = onehot + torch.nn.functional.one_hot(token_types, self.vocab_size)
         (out,), self.last_report = self.session.run([onehot], public)
+        self.last_report["bounds"] = dict(QUERY_BOUNDS)
         for name, value in online_traffic(self.last_report["SERVER0"]).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
         self.stats.seconds += self.last_report["SERVER0"]["online_seconds"]

@@ -1,6 +1,6 @@
 """Comparison on arithmetic shares: most significant bit, DReLU, ReLU, selection and max.
 
-MSB of ``x`` on ``bits`` bits (``|x| < 2^(bits-1)`` in ring units, after an optional local
+MSB of ``x`` on ``bits`` bits (``|x| < 2^(bits-1)`` in ring units, after an optional
 truncation by ``drop`` bits), with a dealer, in ``ceil(log2(bits - 1)) + 2`` rounds:
 
 1. the dealer shares a uniform ring element ``r`` arithmetically and, for its low ``bits`` bits,
@@ -121,7 +121,7 @@ class SharedBit:
 def msb(x: Shared, bits: int = 64, drop: int = 0) -> SharedBit:
     """The bit ``x < 0`` (fixed point), as a :class:`SharedBit`.
 
-    ``drop`` low bits are first truncated locally; the rest must satisfy ``|x| < 2^(bits-1)``.
+    ``drop`` low bits are first truncated (one round); the rest must satisfy ``|x| < 2^(bits-1)``.
     """
     mpc = x.mpc
     if drop:
