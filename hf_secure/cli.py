@@ -4,7 +4,7 @@
     hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
     hf-secure serve DIR --port P [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
     hf-secure public DIR --out PUBLIC
-    hf-secure session-key
+    hf-secure party-keys --out DIR
     hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL [--ca-bundle PEM]]
@@ -80,11 +80,11 @@ def _party(args) -> None:
     from .protocols.mpc.client import load_program, load_weights
     from .protocols.mpc.run import session_party
     from .runtime import Role, join
-    from .runtime.secure_link import session_key_from_env
+    from .runtime.secure_link import identity_from_env
     from .server.runtime import read_section
 
     role = Role[args.role.upper()]
-    session_key = session_key_from_env()  # first: a missing key fails before anything is loaded
+    identity = identity_from_env(int(role), len(Role), args.party_key)  # first: before anything is loaded
     if role == Role.OWNER:
         folder = resolve_folder(args.model, revision=args.revision)
     else:  # servers and dealer: the config only, never the weights
@@ -97,7 +97,7 @@ def _party(args) -> None:
     program = load_program(config)
     weights = load_weights(folder) if role == Role.OWNER else None
     print(f"{role.name.lower()}: joining {args.rendezvous}", flush=True)
-    channel = join(role, args.rendezvous, args.timeout, session_key, threads=args.threads)
+    channel = join(role, args.rendezvous, args.timeout, identity, threads=args.threads)
     try:
         result = session_party(role, channel, program, weights)
     finally:
@@ -106,10 +106,16 @@ def _party(args) -> None:
     print(f"{role.name.lower()}: session over; setup sent {setup.get('bytes_sent', 0)} bytes", flush=True)
 
 
-def _session_key(args) -> None:
-    import secrets
+def _party_keys(args) -> None:
+    from .runtime import Role
+    from .runtime.secure_link import PartyIdentity
 
-    print(secrets.token_hex(32))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for role, identity in zip(Role, PartyIdentity.generate_all(len(Role))):
+        identity.save(out / f"{role.name.lower()}.key", role.name.lower())
+    print(f"wrote {', '.join(f'{r.name.lower()}.key' for r in Role)} to {out}: give each party (and the client) "
+          "only its own file, for this session")
 
 
 def _public(args) -> None:
@@ -266,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer counts as failed")
     party.add_argument("--threads", type=int, default=1)
     party.add_argument("--revision", default=None)
+    party.add_argument("--party-key", default=None,
+                       help="this role's key file from `hf-secure party-keys` (default: HF_SECURE_PARTY_KEY)")
     party.add_argument("--allow-weights", action="store_true",
                        help="let a server or the dealer read a folder that holds weights (a machine of the owner)")
     party.set_defaults(func=_party)
 
-    command(sub, "session-key", help="print a fresh session key for parties on several machines "
-                                     "(give each party and the client HF_SECURE_SESSION_KEY=KEY)").set_defaults(
-        func=_session_key)
+    keys_cmd = command(sub, "party-keys", help="make one key file per role for an mpc session on several machines")
+    keys_cmd.add_argument("--out", required=True, help="folder for server0.key ... owner.key (mode 0600)")
+    keys_cmd.set_defaults(func=_party_keys)
 
     public = command(sub, "public", help="write the public part of an mpc checkpoint (config, tokenizer; no weights)")
     public.add_argument("folder", help="the folder written by `hf-secure convert approximate`")

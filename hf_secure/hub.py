@@ -162,10 +162,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
-    """Files under ``folder`` that may hold weights (by suffix, any depth), relative names."""
-    folder = Path(folder)
-    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
-            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == SAFE_WEIGHTS_INDEX_NAME)]
+    """Files under ``folder`` that may hold weights, relative names: any depth, through linked
+    folders, any of a name's suffixes in any case (``model.SAFETENSORS``, ``model.safetensors.bak``)."""
+    found = []
+    for root, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            suffixes = [s.lower() for s in Path(name).suffixes]
+            if any(s in WEIGHT_SUFFIXES for s in suffixes) or name == SAFE_WEIGHTS_INDEX_NAME:
+                found.append(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(found)
 
 
 def write_public_part(folder: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
@@ -178,8 +183,15 @@ def write_public_part(folder: str | os.PathLike, out: str | os.PathLike) -> list
     from .convert.model_card import write_model_card
 
     folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder} does not exist: give the folder written by `hf-secure convert approximate`")
+    if out.exists() and (not out.is_dir() or out.resolve() == folder.resolve()):
+        raise UnknownOptionError(f"--out {out} must be a new or empty folder, not the checkpoint or a file")
     config = folder / "config.json"
-    section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
+    try:
+        section = json.loads(config.read_text()).get("hf_secure") if config.is_file() else None
+    except (ValueError, AttributeError):
+        raise UnknownOptionError(f"{config} is not a readable config (malformed JSON)") from None
     if not isinstance(section, dict) or section.get("protocol") != "mpc":
         raise UnknownOptionError(f"{folder} is not an mpc checkpoint (`hf-secure convert approximate`)")
     out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def isolated_key_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_SECURE_HOME", str(tmp_path_factory.mktemp("hf_secure_home")))
     monkeypatch.delenv("HF_SECURE_TOKEN", raising=False)
     monkeypatch.delenv("HF_SECURE_SERVER_TOKENS", raising=False)
-    monkeypatch.delenv("HF_SECURE_SESSION_KEY", raising=False)
+    monkeypatch.delenv("HF_SECURE_PARTY_KEY", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -25,19 +25,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _party(role: str, folder, rendezvous: str) -> subprocess.Popen:
+def _party(role: str, folder, rendezvous: str, keys) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hf_secure.cli", "party", "--role", role, "--model", str(folder),
-                             "--rendezvous", rendezvous, "--timeout", "60"],
+                             "--rendezvous", rendezvous, "--timeout", "60", "--party-key", str(keys / f"{role}.key")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture
-def session_key(monkeypatch):
-    """The session key parties on several machines share (inherited by the party processes)."""
-    monkeypatch.setenv("HF_SECURE_SESSION_KEY", "ab" * 32)
+def party_keys(tmp_path_factory):
+    """One key file per role, as `hf-secure party-keys` writes them for a session on several machines."""
+    folder = tmp_path_factory.mktemp("party-keys")
+    assert main(["party-keys", "--out", str(folder)]) == 0
+    return folder
 
 
-def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path, session_key):
+def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_path, party_keys):
     convert_approximate(str(DEMO_MODEL), tmp_path / "approx")
     user = tmp_path / "user"  # what the user, the servers and the dealer have: config, tokenizer; no weights
     assert main(["public", str(tmp_path / "approx"), "--out", str(user)]) == 0
@@ -47,9 +49,11 @@ def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_pat
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").generate(ids, max_new_tokens=8, do_sample=False)
 
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-    procs = {role: _party(role, tmp_path / "approx" if role == "owner" else user, rendezvous) for role in ROLES}
+    procs = {role: _party(role, tmp_path / "approx" if role == "owner" else user, rendezvous, party_keys)
+             for role in ROLES}
     try:
-        model = SecureModelForCausalLM.from_pretrained(user, protocol="mpc", rendezvous=rendezvous)
+        model = SecureModelForCausalLM.from_pretrained(user, protocol="mpc", rendezvous=rendezvous,
+                                                       party_key=str(party_keys / "client.key"))
         got = model.generate(ids, max_new_tokens=8, do_sample=False)
         assert torch.equal(got, expected)
         assert model.secure_report()["DEALER"]["offline_bytes"] > 0
@@ -64,7 +68,8 @@ def test_parties_started_by_command_serve_a_client_that_holds_no_weights(tmp_pat
                 proc.kill()
 
 
-def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path, session_key):
+def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path, party_keys, monkeypatch):
+    monkeypatch.setenv("HF_SECURE_PARTY_KEY", str(party_keys / "server0.key"))
     convert_permute(str(DEMO_MODEL), tmp_path / "permuted", tmp_path / "key.safetensors")
     for folder, message in ((tmp_path / "permuted", "convert approximate"), (DEMO_MODEL, "not converted")):
         out = subprocess.run([sys.executable, "-m", "hf_secure.cli", "party", "--role", "server0", "--model",
@@ -74,7 +79,8 @@ def test_party_refuses_checkpoints_that_are_not_for_mpc(tmp_path, session_key):
 
 
 @pytest.mark.parametrize("role", ["server0", "server1", "dealer"])
-def test_servers_and_dealer_refuse_a_folder_with_weights(tmp_path, capsys, role, session_key):
+def test_servers_and_dealer_refuse_a_folder_with_weights(tmp_path, capsys, role, party_keys, monkeypatch):
+    monkeypatch.setenv("HF_SECURE_PARTY_KEY", str(party_keys / f"{role}.key"))
     """Issue 10: a server given the owner's folder would hold the plaintext weights."""
     folder = tmp_path / "approx"
     if not folder.is_dir():
@@ -96,10 +102,22 @@ def test_push_refuses_an_mpc_checkpoint_with_weights(tmp_path):
     assert "config.json" in names and "README.md" in names and not any(n.endswith(".safetensors") for n in names)
 
 
-def test_party_without_the_session_key_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("HF_SECURE_SESSION_KEY", raising=False)
-    assert main(["party", "--role", "server0", "--model", str(DEMO_MODEL), "--rendezvous", "tcp://10.0.0.1:1"]) == 1
-    assert "HF_SECURE_SESSION_KEY" in capsys.readouterr().err
+def test_party_without_its_key_file_is_refused(party_keys, capsys):
+    argv = ["party", "--role", "server0", "--model", str(DEMO_MODEL), "--rendezvous", "tcp://10.0.0.1:1"]
+    assert main(argv) == 1
+    assert "HF_SECURE_PARTY_KEY" in capsys.readouterr().err
+    assert main([*argv, "--party-key", str(party_keys / "server1.key")]) == 1  # another role's file
+    assert "role 'server1'" in capsys.readouterr().err
+
+
+def test_weights_are_found_under_any_name_depth_or_link(tmp_path):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    for name in ("model.SAFETENSORS", "model.safetensors.bak", "deep/er/pytorch_model.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(tmp_path / "deep")
+    found = weight_files(tmp_path)
+    assert {"model.SAFETENSORS", "model.safetensors.bak", "deep/er/pytorch_model.bin",
+            "linked/er/pytorch_model.bin"} <= set(found)
 
 
 @pytest.mark.parametrize("argv", [["--role", "client"], ["--role", "server0"]])

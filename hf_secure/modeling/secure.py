@@ -135,6 +135,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         ca_bundle: str | None = None,
         protocol: str | None = None,
         rendezvous: str | None = None,
+        party_key: str | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -155,6 +156,8 @@ class SecurePreTrainedModel(PreTrainedModel):
                 recorded in the checkpoint. With "mpc" every party runs on this machine, unless
             rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
                 owner, both servers and the dealer join with ``hf-secure party``.
+            party_key: (mpc, with rendezvous) the client's key file from ``hf-secure party-keys``;
+                None reads ``HF_SECURE_PARTY_KEY``.
             timeout: seconds before a server call fails.
             dtype: float dtype of the client's computation (and of the in-process server).
         """
@@ -180,15 +183,18 @@ class SecurePreTrainedModel(PreTrainedModel):
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         connection = {"server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle}
-        if "_from_pipeline" in kwargs and key is None and rendezvous is None and not any(connection.values()):
+        if ("_from_pipeline" in kwargs and key is None and rendezvous is None and party_key is None
+                and not any(connection.values())):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
-        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, **connection)
+        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, party_key=party_key, **connection)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
-             server_token: str | None = None, ca_bundle: str | None = None):
+             server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None):
         """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
-        if self.section["protocol"] != "mpc" and rendezvous is not None:
-            raise UnknownOptionError("rendezvous is an option of the mpc protocol")
+        if self.section["protocol"] != "mpc" and (rendezvous is not None or party_key is not None):
+            raise UnknownOptionError("rendezvous and party_key are options of the mpc protocol")
+        if rendezvous is None and party_key is not None:
+            raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
         if server_url is None and (server_token is not None or ca_bundle is not None):
             raise UnknownOptionError("server_token and ca_bundle need a server_url")
         if self.section["protocol"] == "mpc":
@@ -202,7 +208,7 @@ class SecurePreTrainedModel(PreTrainedModel):
                                          f"with protocol='mpc', not {type(self).__name__}")
             engine_class = MPCCausalEngine if causal else MPCBertEngine
             self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0),
-                                                      rendezvous=rendezvous)
+                                                      rendezvous=rendezvous, party_key=party_key)
             return self
         tensors, meta = resolve_key(key, self.section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))

@@ -27,14 +27,14 @@ class _SecurePipelineMixin:
     secure_model_class: type
 
     def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
-                 protocol: str | None = None, rendezvous: str | None = None, **kwargs):
+                 protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
         connection = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
-                      "rendezvous": rendezvous}
+                      "rendezvous": rendezvous, "party_key": party_key}
         if self.model.engine is None:
             self.model.bind(timeout=timeout, **connection)
         elif any(value is not None for value in connection.values()):

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ..errors import PartyFailedError, UnknownOptionError
 from .channel import PEER_FAILED, Channel
-from .secure_link import handshake, session_key_from_env
+from .secure_link import PartyIdentity, handshake, identity_from_env
 
 
 class Role(enum.IntEnum):
@@ -62,28 +62,28 @@ def session_id(rendezvous: str) -> int:
     return zlib.crc32(rendezvous.encode())
 
 
-def join(role: Role, rendezvous: str, timeout_s: float, session_key: bytes, world_size: int = len(Role),
+def join(role: Role, rendezvous: str, timeout_s: float, identity: PartyIdentity, world_size: int = len(Role),
          threads: int = 1) -> Channel:
     """Join the process group of ``rendezvous`` as ``role``; the party's checked channel.
 
-    Every pair of parties first proves to each other that they hold ``session_key`` and agrees on
-    traffic keys (:func:`.secure_link.handshake`); a party without the key is refused. Traffic
-    is then sealed (AES-GCM) unless the rendezvous is on loopback: there, every party is on this
-    machine, and whoever can read loopback traffic can read the parties' memory too.
+    Every pair of parties first proves to each other that it is the role the session's roster
+    names and agrees on traffic keys (:func:`.secure_link.handshake`); a party that is not is
+    refused. Traffic is then sealed (AES-GCM) unless the rendezvous is on loopback: there, every
+    party is on this machine, and whoever can read loopback traffic can read the parties' memory too.
     """
-    loopback = rendezvous.startswith(("tcp://127.", "tcp://localhost:"))
-    if loopback:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # loopback only if gloo's own connections stay on it too (GLOO_SOCKET_IFNAME may name another interface)
+    loopback = (rendezvous.startswith(("tcp://127.", "tcp://localhost:"))
+                and os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") == "lo")
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=rendezvous, rank=int(role), world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     session = session_id(rendezvous)
-    links = handshake(int(role), world_size, session, session_key)
+    links = handshake(identity, world_size, session)
     return Channel(int(role), session, links=None if loopback else links)
 
 
 def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, program: Callable, args: tuple,
-               control: Connection, threads: int, session_key: bytes) -> None:
+               control: Connection, threads: int, identity: PartyIdentity) -> None:
     """One party started by :class:`PartyGroup`: join, run ``program(role, channel, *args)``, report.
 
     The result (or the error) goes back over ``control``. A party that finishes early then waits
@@ -91,7 +91,7 @@ def party_main(role: Role, world_size: int, rendezvous: str, timeout_s: float, p
     group: gloo's teardown busy-waits, which would steal a core from the parties still computing.
     """
     try:
-        channel = join(Role(role), rendezvous, timeout_s, session_key, world_size, threads)
+        channel = join(Role(role), rendezvous, timeout_s, identity, world_size, threads)
         result = program(Role(role), channel, *args)
         control.send(("ok", result))
         control.poll(timeout_s)
@@ -119,19 +119,26 @@ class PartyGroup:
     """
 
     def __init__(self, program: Callable, args_by_role: dict[Role, tuple], timeout_s: float = 60.0,
-                 threads: int = 1, rendezvous: str | None = None, world_size: int | None = None):
+                 threads: int = 1, rendezvous: str | None = None, world_size: int | None = None,
+                 party_key: str | None = None):
         roles = list(args_by_role)
         if rendezvous is None and sorted(int(r) for r in roles) != list(range(len(roles))):
             raise UnknownOptionError("roles must be a prefix of Role (ranks 0..n-1)")
         self.timeout_s = timeout_s
         self.results: queue.Queue = queue.Queue()
         self.collected: dict[Role, object] = {}
-        # parties all started here get a fresh session key; with parties elsewhere, the one they share
-        session_key = session_key_from_env() if rendezvous else os.urandom(32)
-        rendezvous = rendezvous or f"tcp://127.0.0.1:{_free_port()}"
         world_size = world_size or len(roles)
+        # parties all started here get fresh identities; with parties elsewhere, the local role (one)
+        # has its key file from the operator (party_key or HF_SECURE_PARTY_KEY)
+        if rendezvous is None:
+            identities = dict(zip(roles, PartyIdentity.generate_all(world_size)))
+        elif len(roles) == 1:
+            identities = {roles[0]: identity_from_env(int(roles[0]), world_size, party_key)}
+        else:
+            raise UnknownOptionError("with parties elsewhere, one local role (its own key file) is supported")
+        rendezvous = rendezvous or f"tcp://127.0.0.1:{_free_port()}"
         self._jobs = {role: (int(role), world_size, rendezvous, timeout_s, program, args_by_role[role], threads,
-                             session_key) for role in roles}
+                             identities[role]) for role in roles}
         self._controls: dict[Role, Connection] = {}
         self._pipes: dict[Role, Connection] = {}
         self._arrived = threading.Condition()

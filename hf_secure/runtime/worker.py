@@ -33,12 +33,12 @@ def main() -> None:
         control.send(("error", f"{type(exc).__name__}: the party's job cannot be loaded in a fresh process "
                                f"({exc}); programs must be importable by name, not defined in __main__"))
         raise SystemExit(1) from None
-    role, world_size, rendezvous, timeout_s, program, args, threads, session_key = job
+    role, world_size, rendezvous, timeout_s, program, args, threads, identity = job
     if PIPE in args:
         pipe = Client(address, authkey=authkey)
         pipe.send((role, "pipe"))
         args = tuple(pipe if a == PIPE else a for a in args)
-    party_main(role, world_size, rendezvous, timeout_s, program, args, control, threads, session_key)
+    party_main(role, world_size, rendezvous, timeout_s, program, args, control, threads, identity)
 
 
 if __name__ == "__main__":

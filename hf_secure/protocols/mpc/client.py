@@ -75,10 +75,12 @@ QUERY_BOUNDS = {"sine_opening_leak": 0.0, "truncation_failure": 0.0}
 class MPCEngine:
     """A running session of a converted checkpoint, with its accounting."""
 
-    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None):
+    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
+                 party_key: str | None = None):
         self.vocab_size = config.vocab_size
         weights = load_weights(folder) if rendezvous is None else None
-        self.session = MPCSession(load_program(config), weights, timeout_s=timeout, rendezvous=rendezvous)
+        self.session = MPCSession(load_program(config), weights, timeout_s=timeout, rendezvous=rendezvous,
+                                  party_key=party_key)
         self.stats = Traffic()
         self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
@@ -122,8 +124,9 @@ class MPCCausalEngine(MPCEngine):
     ``open_session`` names a cache, ``close_session`` frees it on the servers with the next query.
     """
 
-    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None):
-        super().__init__(folder, config, timeout, rendezvous)
+    def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
+                 party_key: str | None = None):
+        super().__init__(folder, config, timeout, rendezvous, party_key)
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}
         self._drop: list[int] = []

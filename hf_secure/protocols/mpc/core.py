@@ -244,7 +244,8 @@ class MPC:
         return self.truncate_many(out)
 
     def truncate_many(self, xs: list["Shared"], bits: int | None = None) -> list["Shared"]:
-        """``floor(x / 2^bits)`` for every ``x``, in one round, exact up to one unit in the last place.
+        """``floor(x / 2^bits)`` for every ``x`` (``1 <= bits <= 62``), in one round: the result is
+        ``floor(x / 2^bits)`` or one unit more (a bias of half a unit in the last place).
 
         Dealer-assisted truncation with a known top bit. The servers shift ``y = x + 2^62`` into
         ``[0, 2^63)`` (needs ``|x| < 2^62`` ring units: a product of two values with ``f``
@@ -258,6 +259,8 @@ class MPC:
         of 2^(64 - bits), nothing can wrap: no failure for any ``x`` in range.
         """
         bits = self.frac_bits if bits is None else bits
+        if not 1 <= bits <= 62:
+            raise ValueError(f"truncation by {bits} bits: 1 to 62 are supported")
         self.next_request()
         shapes = [x.shape for x in xs]
         rs = self.masks(*shapes)

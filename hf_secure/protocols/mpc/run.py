@@ -219,11 +219,13 @@ class MPCSession:
 
     By default every role runs here, one process each. With ``rendezvous="tcp://HOST:PORT"`` only
     the client runs here (and the owner too if ``weights`` are given); the other roles join with
-    ``hf-secure party --role ROLE --model DIR --rendezvous tcp://HOST:PORT`` on their machines.
+    ``hf-secure party --role ROLE --model DIR --rendezvous tcp://HOST:PORT`` on their machines, and
+    the client authenticates with its key file (``party_key`` or ``HF_SECURE_PARTY_KEY``).
     """
 
     def __init__(self, program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
-                 timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None):
+                 timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None,
+                 party_key: str | None = None):
         self.timeout_s = timeout_s
         private = {Role.CLIENT: PIPE, Role.OWNER: weights}
         if rendezvous is None:
@@ -232,7 +234,7 @@ class MPCSession:
             roles = [Role.CLIENT] + ([Role.OWNER] if weights is not None else [])
         args = {role: (program, private.get(role), frac_bits) for role in roles}
         self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
-                                 rendezvous=rendezvous, world_size=len(Role))
+                                 rendezvous=rendezvous, world_size=len(Role), party_key=party_key)
         self.closed = False
         with progress(1 + len(SETUP_STEPS), "mpc session setup", unit="party") as bar:
             try:
