@@ -168,3 +168,15 @@ def test_mpc_batched_left_padded_generation_equals_plaintext(demo_approx):
             assert torch.equal(got[row], expected[row]), row
     finally:
         model.engine.close()
+
+
+def test_public_part_errors_are_one_line(tmp_path, capsys):
+    convert_permute(str(DEMO_MODEL), tmp_path / "permuted", tmp_path / "key.safetensors")
+    (tmp_path / "file").write_text("x")
+    for folder, out, message in ((tmp_path / "none", tmp_path / "o1", "does not exist"),
+                                 (tmp_path / "permuted", tmp_path / "o2", "not an mpc checkpoint"),
+                                 (tmp_path / "permuted", tmp_path / "permuted", "new or empty folder"),
+                                 (tmp_path / "permuted", tmp_path / "file", "new or empty folder")):
+        assert main(["public", str(folder), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "unexpected" not in err
