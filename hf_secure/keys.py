@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptKeyError, KeyMismatchError, MissingKeyError
+from .errors import CorruptKeyError, KeyMismatchError, MissingKeyError, UnknownOptionError
 
 KEY_FORMAT = "hf_secure.key"
 
@@ -39,6 +39,22 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return "sha256:" + digest.hexdigest()
+
+
+def read_private_text(path: str | os.PathLike, what: str, hint: str = "") -> str:
+    """The UTF-8 text of a secret file (a token list, a party key): it must be a file that only its
+    owner may read (mode 0600, as ssh demands of keys). A byte-order mark is skipped. Raises
+    UnknownOptionError, naming ``what`` and the fix, for anything else (``hint``: where such a
+    file comes from, said when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnknownOptionError(f"{what} {path} is not a file{f' ({hint})' if hint else ''}")
+    if path.stat().st_mode & 0o077:
+        raise UnknownOptionError(f"{what} {path} is readable by other users: `chmod 600 {path}`")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UnknownOptionError(f"{what} {path} is not UTF-8 text") from None
 
 
 def save_key(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:

@@ -133,19 +133,14 @@ class Channel:
         for t, n in zip(tensors, sizes):
             outgoing[offset : offset + n].view(t.shape).copy_(t)
             offset += n
-        incoming = torch.empty_like(outgoing)
-        if self.links is None:
-            request = self._call(dist.isend, outgoing, peer, self.group)
-            self._call(dist.recv, incoming, peer, self.group)
-            self._call(request.wait)
-        else:
-            link = self.links[peer]
-            sealed_out = _as_bytes_tensor(link.seal(_bytes_of(outgoing)))
-            sealed_in = torch.empty_like(sealed_out)
-            request = self._call(dist.isend, sealed_out, peer, self.group)
-            self._call(dist.recv, sealed_in, peer, self.group)
-            self._call(request.wait)
-            incoming = torch.frombuffer(bytearray(link.open(_bytes_of(sealed_in))), dtype=torch.int64)
+        link = self.links[peer] if self.links is not None else None
+        wire_out = outgoing if link is None else _as_bytes_tensor(link.seal(_bytes_of(outgoing)))
+        wire_in = torch.empty_like(wire_out)
+        request = self._call(dist.isend, wire_out, peer, self.group)
+        self._call(dist.recv, wire_in, peer, self.group)
+        self._call(request.wait)
+        incoming = wire_in if link is None else torch.frombuffer(bytearray(link.open(_bytes_of(wire_in))),
+                                                                 dtype=torch.int64)
         if not torch.equal(incoming[:_HEADER_LEN], outgoing[:_HEADER_LEN]):
             raise PartyFailedError(
                 f"party {self.rank}: exchange with {peer} out of step (header {incoming[:4].tolist()}, "

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import PartyFailedError, UnknownOptionError
+from ..keys import read_private_text
 
 PARTY_KEY_ENV = "HF_SECURE_PARTY_KEY"
 TAG_BYTES = 16
@@ -91,14 +91,9 @@ class PartyIdentity:
     def load(cls, path: str | os.PathLike, rank: int, world_size: int) -> PartyIdentity:
         """Read a key file for ``rank``; UnknownOptionError if it is missing, readable by others,
         malformed, or another role's."""
-        path = Path(path)
-        if not path.is_file():
-            raise UnknownOptionError(f"party key file {path} is not a file (`hf-secure party-keys --out DIR` makes one "
-                                     "per role)")
-        if path.stat().st_mode & 0o077:
-            raise UnknownOptionError(f"party key file {path} is readable by other users: `chmod 600 {path}`")
+        text = read_private_text(path, "party key file", "`hf-secure party-keys --out DIR` makes one per role")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             identity = cls(int(data["rank"]), bytes.fromhex(data["private"]),
                            tuple(bytes.fromhex(p) for p in data["roster"]))
             Ed25519PrivateKey.from_private_bytes(identity.private)

@@ -23,15 +23,26 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import UnknownOptionError
+from ..keys import read_private_text
 from .runtime import ANONYMOUS
 
 SERVER_TOKENS_ENV = "HF_SECURE_SERVER_TOKENS"
 MIN_TOKEN_CHARS = 16
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _is_token(text: str) -> bool:
+    return len(text) >= MIN_TOKEN_CHARS and _TOKEN.fullmatch(text) is not None
+
+
+def _add_caller(callers: list[tuple[str, bytes]], name: str, digest: bytes, repeated: str) -> None:
+    """Append ``(name, digest)``; UnknownOptionError(``repeated``) if either is listed already."""
+    if any(name == n or digest == d for n, d in callers):
+        raise UnknownOptionError(repeated)
+    callers.append((name, digest))
 
 
 def _digest(token: str) -> bytes:
@@ -56,7 +67,7 @@ class AccessPolicy:
         for number, entry in enumerate(entries, 1):
             name, _, token = entry.rpartition(":")
             where = f"entry {number} of {source}"
-            if not _TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_CHARS:
+            if not _is_token(token):
                 raise UnknownOptionError(f"{where}: a token is at least {MIN_TOKEN_CHARS} characters of "
                                          "[A-Za-z0-9._~+/=-]; make one with `python -c \"import secrets; "
                                          "print(secrets.token_urlsafe(32))\"`")
@@ -64,31 +75,20 @@ class AccessPolicy:
             name = name or f"token-{digest.hex()[:8]}"
             if not _NAME.fullmatch(name) or name == ANONYMOUS:
                 raise UnknownOptionError(f"{where}: a name is 1-64 characters of [A-Za-z0-9._-], not {ANONYMOUS!r}")
-            if any(name == n or digest == d for n, d in callers):
-                raise UnknownOptionError(f"{where}: its name or token is already listed")
-            callers.append((name, digest))
+            _add_caller(callers, name, digest, f"{where}: its name or token is already listed")
         return cls(tuple(callers))
 
     @classmethod
     def load(cls, token_file: str | os.PathLike | None = None, environ=os.environ) -> AccessPolicy:
         """Tokens from ``token_file`` and from ``HF_SECURE_SERVER_TOKENS``; open when neither has any.
 
-        Raises UnknownOptionError for a missing, empty or non-UTF-8 file, a file other users may read,
-        a variable that is set but lists nothing,
-        a malformed entry, or a name or token
+        Raises UnknownOptionError for a missing, empty or non-UTF-8 file, a file other users may
+        read, a variable that is set but lists nothing, a malformed entry, or a name or token
         listed twice (within or across the two sources).
         """
         sources: list[AccessPolicy] = []
         if token_file is not None:
-            path = Path(token_file)
-            if not path.is_file():
-                raise UnknownOptionError(f"token file {token_file} is not a file")
-            if path.stat().st_mode & 0o077:
-                raise UnknownOptionError(f"token file {token_file} is readable by other users: `chmod 600 {token_file}`")
-            try:
-                text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is fine
-            except UnicodeDecodeError:
-                raise UnknownOptionError(f"token file {token_file} is not UTF-8 text") from None
+            text = read_private_text(token_file, "token file")
             lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
             entries = [line for line in lines if line]
             if not entries:
@@ -102,10 +102,8 @@ class AccessPolicy:
             sources.append(cls.from_entries(entries, SERVER_TOKENS_ENV))
         merged: list[tuple[str, bytes]] = []
         for name, digest in (caller for policy in sources for caller in policy.callers):
-            if any(name == n or digest == d for n, d in merged):
-                raise UnknownOptionError(f"{name!r}: its name or token is listed both in {token_file} and in "
-                                         f"{SERVER_TOKENS_ENV}")
-            merged.append((name, digest))
+            _add_caller(merged, name, digest,
+                        f"{name!r}: its name or token is listed both in {token_file} and in {SERVER_TOKENS_ENV}")
         return cls(tuple(merged))
 
     def identify(self, presented: str | None) -> str | None:
@@ -125,7 +123,7 @@ def check_client_token(token: str) -> str:
     """A client's token with surrounding whitespace (a file's newline) removed; UnknownOptionError,
     without the token, when what is left cannot be a token."""
     token = token.strip()
-    if not _TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_CHARS:
+    if not _is_token(token):
         raise UnknownOptionError(f"server_token (or HF_SECURE_TOKEN) is not a token: at least {MIN_TOKEN_CHARS} "
                                  "characters of [A-Za-z0-9._~+/=-] are expected")
     return token

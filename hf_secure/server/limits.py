@@ -22,10 +22,10 @@ token cannot take every slot. Answers are JSON ``{"error": ...}`` like the app's
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 
 from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TooManyRequestsError
@@ -38,12 +38,6 @@ class _BodyError(Exception):
         self.status = status
 
 
-async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 class RequestLimits:
@@ -62,15 +56,15 @@ class RequestLimits:
         lengths = [v for k, v in scope["headers"] if k == b"content-length"]
         if lengths:
             if len(lengths) > 1 or not lengths[0].isdigit():
-                return await send_error(send, 400, "malformed Content-Length header")
+                return await _answer(scope, receive, send, 400, "malformed Content-Length header")
             if int(lengths[0]) > self.max_body_bytes:
-                return await send_error(send, 413, f"request body of {int(lengths[0])} bytes exceeds this server's "
-                                                   f"limit of {self.max_body_bytes} bytes")
+                return await _answer(scope, receive, send, 413, f"request body of {int(lengths[0])} bytes exceeds "
+                                                                f"this server's limit of {self.max_body_bytes} bytes")
         if scope["path"] == "/healthz":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.max_concurrent:
-            return await send_error(send, 429, f"the server has {self.in_flight} requests in flight, its limit: "
-                                               "retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
+            return await _answer(scope, receive, send, 429, f"the server has {self.in_flight} requests in flight, "
+                                 "its limit: retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
         received, started = 0, False
 
         async def capped_receive():
@@ -96,11 +90,15 @@ class RequestLimits:
         except _BodyError as exc:
             if started:
                 raise
-            await send_error(send, exc.status, str(exc))
+            await _answer(scope, receive, send, exc.status, str(exc))
         except ClientDisconnect:
             pass  # the client left mid-body: nobody to answer
         finally:
             self.in_flight -= 1
+
+
+async def _answer(scope, receive, send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    await JSONResponse({"error": message}, status_code=status, headers=headers)(scope, receive, send)
 
 
 class CallerSlots:

@@ -232,16 +232,17 @@ class MPC:
         shapes = [product_shape(op, x.shape, y.shape) for x, y in pairs]
         cs = self.dealt([op(masks[i], masks[j]) for i, j in index] if self.is_dealer else None, shapes)
         if self.offline:
-            return self.truncate_many([self.placeholder(shape) for shape in shapes])
-        opened = self.open_many(*[v - self.shared(m) for v, m in zip(distinct, masks)])
-        out = []
-        for c, (i, j) in zip(cs, index):
-            e, f = opened[i], opened[j]
-            z = c + op(e, masks[j]) + op(masks[i], f)
-            if self.role == SERVER0:
-                z = z + op(e, f)
-            out.append(self.shared(z))
-        return self.truncate_many(out)
+            out = [self.placeholder(shape) for shape in shapes]
+        else:
+            opened = self.open_many(*[v - self.shared(m) for v, m in zip(distinct, masks)])
+            out = []
+            for c, (i, j) in zip(cs, index):
+                e, f = opened[i], opened[j]
+                z = c + op(e, masks[j]) + op(masks[i], f)
+                if self.role == SERVER0:
+                    z = z + op(e, f)
+                out.append(self.shared(z))
+        return self.truncate_many(out)  # offline too: it draws the same dealer material
 
     def truncate_many(self, xs: list["Shared"], bits: int | None = None) -> list["Shared"]:
         """``floor(x / 2^bits)`` for every ``x`` (``1 <= bits <= 62``), in one round: the result is

@@ -78,17 +78,25 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     n = len(coeffs)
     d, trig_t = masked_phase(x, modulus, n)
     if mpc.offline:
-        return mpc.placeholder(x.shape).truncate()
-    d, trig_t = d.reshape(-1), trig_t.reshape(2, n, -1)
-    # sum_k b_k (sin(kwd) [cos kwt] + cos(kwd) [sin kwt]): public times shared, local. The public
-    # factors are encoded by truncation instead of rounding (error < 1 unit). In chunks that stay
-    # in cache: the 2n terms per element would otherwise stream through memory several times.
-    b = torch.tensor(coeffs, dtype=torch.float64).view(1, n, 1) * mpc.scale
+        summed = mpc.placeholder(x.shape)
+    else:
+        summed = mpc.shared(_series_share(d.reshape(-1), trig_t.reshape(2, n, -1), coeffs, modulus, mpc.scale)
+                            .view(x.shape))
+    return summed.truncate()  # offline too: the truncation draws dealer material
+
+
+def _series_share(d: torch.Tensor, trig_t: torch.Tensor, coeffs, modulus: int, scale: int) -> torch.Tensor:
+    """This server's share of ``sum_k b_k (sin(kwd) [cos kwt] + cos(kwd) [sin kwt])`` (2f fractional
+    bits): public times shared, local. The public factors are encoded by truncation instead of
+    rounding (error < 1 unit). In chunks that stay in cache: the 2n terms per element would
+    otherwise stream through memory several times."""
+    n = len(coeffs)
+    b = torch.tensor(coeffs, dtype=torch.float64).view(1, n, 1) * scale
     total = torch.empty_like(d)
     for i in range(0, d.numel(), _CHUNK):
         part = slice(i, i + _CHUNK)
         total[part] = (trig_t[:, :, part] * (_harmonics(d[part], modulus, n) * b).long()).sum((0, 1))
-    return mpc.shared(total.view(x.shape)).truncate()
+    return total
 
 
 def masked_phase(x: Shared, modulus: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
