@@ -171,6 +171,10 @@ def test_pipeline_arguments_are_honoured_or_refused(tiny):
         generator("hello", max_new_tokens=2, output_attentions=True)
     with pytest.raises(UnknownOptionError, match="already bound"):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, key=str(key))
+    with pytest.raises(UnknownOptionError, match="already bound"):
+        pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, reveal="token")
+    with pytest.raises(UnknownOptionError, match="reveal is an option of causal models with the mpc protocol"):
+        pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer, reveal="token")
 
 
 def test_encoder_arguments_are_checked(tiny):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_secure.protocols.mpc.comparison import drelu, maximum, msb, relu, select
+from hf_secure.protocols.mpc.comparison import argmax, drelu, maximum, msb, relu, select
 from hf_secure.modeling.approximate import SecFormerGELU, SeriesSiLU
 from hf_secure.protocols.mpc.nonlinear import gelu, silu, softmax
 from hf_secure.protocols.mpc.run import secure_eval
@@ -69,3 +69,34 @@ def test_packed_narrow_comparisons():
     small = x.abs() < 2 ** (11 - 16)  # 12 bits: |x| < 2^11 ring units
     assert torch.equal(m12[small], (x < 0).float()[small])
     assert torch.equal(d33[wide], (x >= 0).float()[wide])
+
+
+def _argmax(mpc, rows, wide):
+    return [argmax(rows, 20, 8), argmax(wide, 20, 8)]
+
+
+def test_argmax_carries_the_index_through_the_tournament():
+    """Odd lengths (an element waits a level), one element, negative rows, a 2048-token vocabulary;
+    entries at least 2^-7 apart (the comparison keeps 8 fractional bits), so the argmax is unique."""
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randperm(7 * 13, generator=gen).view(7, 13).float() / 64 - 1.0  # steps of 2^-6
+    rows[3] -= 500.0
+    rows[5, 12] = rows[5].max() + 2**-6  # the last of 13 waits at the first level, then wins
+    wide = torch.randn(2, 3, 2048, generator=gen) * 40
+    wide[0, 0, 2047] = wide.max() + 2**-7
+    (got_rows, got_wide), report = secure_eval(_argmax, [rows, wide])
+    assert got_rows.shape == (7,) and got_wide.shape == (2, 3)
+    assert torch.equal(got_rows.round().long(), rows.argmax(-1))
+    assert torch.equal(got_wide.round().long(), wide.argmax(-1))
+    assert (got_wide - got_wide.round()).abs().max() == 0  # indices are exact: no truncation on them
+    # per argmax one truncation, then per level (4 for 13, 11 for 2048) a 20-bit comparison (7) and a multiplexer
+    assert report["SERVER0"]["stats"]["online"]["rounds"] == 2 + (4 + 11) * 8
+
+
+def _one(mpc, x):
+    return [argmax(x, 20, 8)]
+
+
+def test_argmax_of_one_element_is_zero():
+    (got,), _ = secure_eval(_one, [torch.tensor([[3.5], [-2.0]])])
+    assert got.tolist() == [0.0, 0.0]

@@ -23,10 +23,10 @@ ACTIVATIONS = {"gpt2": "secformer_gelu", "llama": "series_silu"}
 LOGIT_TOL = 0.03  # approximations (segmented GeLU/SiLU, exp, Goldschmidt) plus fixed point, on logits of size ~1
 
 
-def _public(mask, past, positions, keep=0, drop=()):
+def _public(mask, past, positions, keep=0, drop=(), token_only=False):
     return {"attention_mask": mask, "position_ids": positions, "cache": torch.tensor([7]),
             "past_length": torch.tensor([past]), "logits_to_keep": torch.tensor([keep]),
-            "drop": torch.tensor(list(drop), dtype=torch.long)}
+            "drop": torch.tensor(list(drop), dtype=torch.long), "token_only": torch.tensor([int(token_only)])}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -98,6 +98,55 @@ def test_gpt2_greedy_generation_through_mpc_pipeline_equals_plaintext(tmp_path):
         assert generator.secure_stats["rounds"] > 16 * 4
     finally:
         generator.model.engine.close()
+
+
+def test_generation_revealing_only_tokens_equals_plaintext_and_refuses_what_needs_logits(tmp_path):
+    """reveal="token": the servers compute each step's argmax on shares; the client receives one
+    integer per generated token, never a logit, and greedy generation still equals plaintext's."""
+    convert_approximate(DEMO, tmp_path / "approx")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "approx")
+    prompt = "It is a truth universally acknowledged"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "approx").eval()
+    expected = plain.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    generator = pipeline("secure-text-generation", model=str(tmp_path / "approx"), protocol="mpc", reveal="token")
+    model, received = generator.model, []
+    run = model.engine.session.run
+
+    def recording(inputs, public):  # what the client reconstructs from the servers' shares
+        outputs, reports = run(inputs, public)
+        received.extend(outputs)
+        return outputs, reports
+
+    model.engine.session.run = recording
+    try:
+        text = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+        assert text == tokenizer.decode(expected)
+        assert [tuple(out.shape) for out in received] == [(1, 1)] * 8  # one token id per step, no vocabulary axis
+        assert [int(out.item()) for out in received] == expected.tolist()
+        assert set(model.secure_report()["SERVER0"]["stats"]) >= {"lm_head", "argmax"}
+        with torch.no_grad():
+            logits = model(ids).logits  # every position's token, as point-mass logits
+        assert torch.equal(logits.argmax(-1), plain(ids).logits.argmax(-1))
+        assert torch.equal((logits == 0).sum(-1), torch.ones_like(ids)) and torch.isinf(logits).sum() == ids.numel() * 2047
+        for option in ({"do_sample": True}, {"num_beams": 2}, {"repetition_penalty": 1.3}, {"min_new_tokens": 4},
+                       {"output_scores": True, "return_dict_in_generate": True}, {"no_repeat_ngram_size": 2},
+                       {"prefix_allowed_tokens_fn": lambda batch, sent: [1]}):
+            with pytest.raises(UnknownOptionError, match=next(iter(option))):
+                model.generate(ids, max_new_tokens=2, **option)
+        from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+        with pytest.raises(UnknownOptionError, match="logits_processor"):
+            model.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([MinLengthLogitsProcessor(5, 0)]))
+        with pytest.raises(UnknownOptionError, match="labels"):
+            model(ids, labels=ids)
+        # greedy settings that do not read logits stay available
+        assert model.generate(ids, max_new_tokens=3, do_sample=False, temperature=0.7, top_k=5).shape[1] == ids.shape[1] + 3
+    finally:
+        model.engine.close()
+    with pytest.raises(UnknownOptionError, match="reveal"):
+        SecureModelForCausalLM.from_pretrained(tmp_path / "approx", protocol="mpc", reveal="probabilities")
+    with pytest.raises(UnknownOptionError, match="reveal"):
+        SecureModel.from_pretrained(tmp_path / "approx", protocol="mpc", reveal="token")
 
 
 def test_llama_greedy_generation_through_mpc_equals_plaintext_and_rejects_bad_input(tmp_path):

@@ -19,7 +19,8 @@ LOGIT_TOL = 0.05  # SecFormer approximations and fixed point, against the exact 
 
 def _public(mask, positions):
     return {"attention_mask": mask, "position_ids": positions, "cache": torch.tensor([1]),
-            "past_length": torch.tensor([0]), "logits_to_keep": torch.tensor([0]), "drop": torch.tensor([0])}
+            "past_length": torch.tensor([0]), "logits_to_keep": torch.tensor([0]), "drop": torch.tensor([0]),
+            "token_only": torch.tensor([0])}
 
 
 def test_an_embedding_beyond_the_calibrated_range_is_refused_and_the_session_goes_on(tmp_path):
@@ -118,3 +119,29 @@ def test_conversion_bounds_admit_every_token_as_a_first_token(tmp_path):
     assert set(calibrated) == set(norm_sites(model.config.n_layer).values())
     for site, largest in calibrated.items():
         assert largest <= INV_SQRT_CHECKED[1] * bounds[site], site
+
+
+def test_logits_beyond_the_argmax_lanes_are_refused_when_only_the_token_is_revealed(tmp_path):
+    """With ``token_only`` the logits feed 20-bit comparisons (differences below 2048): logits past
+    +-1000 are refused rather than compared after a wrap; the same query revealing logits is not
+    compared, so it runs; in range, the token is the plaintext argmax."""
+    model = make_tiny("gpt2", tmp_path / "gpt2")
+    approx = Approximations(activation="secformer_gelu", softmax="exact",
+                            ln_bounds=calibrate(model, "gpt2", input_ids=torch.arange(3, 60).view(3, 19)))
+    weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    loud = dict(weights, **{"transformer.ln_f.weight": weights["transformer.ln_f.weight"] * 2000,
+                            "transformer.ln_f.bias": weights["transformer.ln_f.bias"] * 2000})
+    ids = torch.tensor([[5, 6, 8, 7], [9, 3, 4, 2]])
+    onehot = torch.nn.functional.one_hot(ids, model.config.vocab_size)
+    public = _public(torch.ones_like(ids), torch.arange(4)[None].expand(2, -1))
+    program = PROGRAMS["gpt2"].from_config(model.config, approx)
+    with MPCSession(program, loud, timeout_s=60) as session:
+        with pytest.raises(OutOfRangeError, match="argmax input"):
+            session.run([onehot], dict(public, token_only=torch.tensor([1])))
+        (logits,), _ = session.run([onehot], public)
+        assert logits.abs().max() > 1000
+    with MPCSession(program, weights, timeout_s=60) as session:
+        (tokens,), _ = session.run([onehot], dict(public, token_only=torch.tensor([1])))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert tokens.shape == ids.shape and torch.equal(tokens.round().long(), expected.argmax(-1))

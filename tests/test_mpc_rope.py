@@ -105,7 +105,7 @@ def test_dynamic_rope_past_the_original_length_matches_transformers_through_mpc(
         return {"attention_mask": torch.ones(1, past + new, dtype=torch.long),
                 "position_ids": torch.arange(past, past + new)[None], "cache": torch.tensor([1]),
                 "past_length": torch.tensor([past]), "logits_to_keep": torch.tensor([0]),
-                "drop": torch.tensor([], dtype=torch.long)}
+                "drop": torch.tensor([], dtype=torch.long), "token_only": torch.tensor([0])}
 
     with MPCSession(_program(model.config), weights, timeout_s=60) as session:
         (got_prompt,), _ = session.run([onehot[:, :12]], public(0, 12))

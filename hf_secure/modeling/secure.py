@@ -15,6 +15,7 @@ weight digests, in process and over HTTP alike.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -136,6 +137,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         protocol: str | None = None,
         rendezvous: str | None = None,
         party_key: str | None = None,
+        reveal: str = "logits",
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -158,6 +160,10 @@ class SecurePreTrainedModel(PreTrainedModel):
                 owner, both servers and the dealer join with ``hf-secure party``.
             party_key: (mpc, with rendezvous) the client's key file from ``hf-secure party-keys``;
                 None reads ``HF_SECURE_PARTY_KEY``.
+            reveal: (mpc, causal models) what the client learns per position: "logits" (default),
+                or "token": the most likely token only, computed on shares, returned as point-mass
+                logits; ``generate()`` then decodes greedily and refuses sampling, beams, logits
+                processors and scores (see docs/threat-model.md, "What the output reveals").
             timeout: seconds before a server call fails.
             dtype: float dtype of the client's computation (and of the in-process server).
         """
@@ -184,15 +190,19 @@ class SecurePreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         connection = {"server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle}
         if ("_from_pipeline" in kwargs and key is None and rendezvous is None and party_key is None
-                and not any(connection.values())):
+                and reveal == "logits" and not any(connection.values())):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
-        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, party_key=party_key, **connection)
+        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, party_key=party_key, reveal=reveal,
+                          **connection)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
-             server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None):
+             server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None,
+             reveal: str = "logits"):
         """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
         if self.section["protocol"] != "mpc" and (rendezvous is not None or party_key is not None):
             raise UnknownOptionError("rendezvous and party_key are options of the mpc protocol")
+        if reveal != "logits" and (self.section["protocol"] != "mpc" or not isinstance(self, SecureModelForCausalLM)):
+            raise UnknownOptionError("reveal is an option of causal models with the mpc protocol")
         if rendezvous is None and party_key is not None:
             raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
         if server_url is None and (server_token is not None or ca_bundle is not None):
@@ -206,9 +216,10 @@ class SecurePreTrainedModel(PreTrainedModel):
                 wanted = "SecureModelForCausalLM" if causal else "SecureModel"
                 raise UnknownOptionError(f"this {self.section.get('family', 'bert')} checkpoint runs as {wanted} "
                                          f"with protocol='mpc', not {type(self).__name__}")
+            options = {"reveal": reveal} if causal else {}
             engine_class = MPCCausalEngine if causal else MPCBertEngine
             self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0),
-                                                      rendezvous=rendezvous, party_key=party_key)
+                                                      rendezvous=rendezvous, party_key=party_key, **options)
             return self
         tensors, meta = resolve_key(key, self.section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))
@@ -274,6 +285,40 @@ class SecurePreTrainedModel(PreTrainedModel):
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the converted checkpoint and its model card; key material is refused."""
         return push_converted(self.folder, repo_id, **kwargs)
+
+
+# generation settings that leave greedy decoding's choice of token unchanged, and those read only when
+# sampling (refused through do_sample); every other setting must keep its default under reveal="token"
+_GREEDY_NEUTRAL = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+                   "decoder_start_token_id", "max_length", "max_new_tokens", "max_time", "stop_strings", "use_cache",
+                   "return_dict_in_generate", "early_stopping", "length_penalty", "disable_compile", "compile_config",
+                   "low_memory"}
+_SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
+_FALSE_OR_UNSET = {"do_sample": (None, False), "num_beams": (None, 1), "num_return_sequences": (None, 1),
+                   "output_scores": (None, False), "output_logits": (None, False),
+                   "output_attentions": (None, False), "output_hidden_states": (None, False)}
+_GENERATE_HOOKS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
+                   "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
+
+
+def _check_greedy_only(generation_config: GenerationConfig, logits_processor, kwargs: dict) -> None:
+    """Refuse (UnknownOptionError) any ``generate`` setting that needs logits: the model reveals tokens only."""
+    if logits_processor is not None and len(logits_processor):
+        raise UnknownOptionError("logits_processor: a model bound with reveal='token' reveals no logits to process")
+    for name in _GENERATE_HOOKS:
+        if kwargs.get(name) is not None:
+            raise UnknownOptionError(f"{name}: a model bound with reveal='token' decodes greedily only")
+    config = copy.deepcopy(generation_config)
+    config.update(**kwargs)
+    defaults = GenerationConfig().to_dict()
+    for name, value in config.to_dict().items():
+        if name in _GREEDY_NEUTRAL or name in _SAMPLING_ONLY:
+            continue
+        allowed = _FALSE_OR_UNSET.get(name, (defaults.get(name),))
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise UnknownOptionError(f"{name}={value!r}: a model bound with reveal='token' decodes greedily only "
+                                     f"(the servers reveal each step's most likely token, no logits); "
+                                     f"pass do_sample=False and leave the logits processors at their defaults")
 
 
 def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:
@@ -393,6 +438,8 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
                 raise UnknownOptionError(f"token_type_ids: a {self.section.get('family')} model has no token types")
             token_type_ids = _check_int("token_type_ids", token_type_ids, (batch, new), high=engine.vocab_size)
         if labels is not None:
+            if getattr(engine, "reveal", "logits") == "token":
+                raise UnknownOptionError("labels: a model bound with reveal='token' has no logits to take a loss of")
             labels = _check_int("labels", labels, (batch, new), low=-100, high=engine.vocab_size)
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = _check_int("logits_to_keep", logits_to_keep, high=new)
@@ -414,6 +461,20 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             logits = engine.decode(outputs[output], "logits")
         return _as_return(self._causal_output(logits, logits_to_keep, labels, cache if use_cache else None),
                           return_dict)
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, **kwargs):
+        """transformers' ``generate``; with ``reveal="token"`` (mpc) greedy decoding only.
+
+        The servers then reveal each step's most likely token and no logits, so anything that
+        would read or reshape logits -- sampling, beams, logits processors (repetition penalty,
+        minimum length, bad words, ...), returned scores or logits -- is refused with
+        UnknownOptionError instead of silently acting on the point-mass stand-in.
+        """
+        if getattr(self.engine, "reveal", "logits") == "token":
+            config = self.generation_config if generation_config is None else generation_config
+            _check_greedy_only(config, logits_processor, kwargs)
+        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
+                                **kwargs)
 
     def _causal_output(self, logits, logits_to_keep, labels, cache) -> CausalLMOutputWithPast:
         if not isinstance(logits_to_keep, int):

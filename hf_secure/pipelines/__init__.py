@@ -9,7 +9,8 @@ server part in this process (``server_token`` and ``ca_bundle`` as in ``from_pre
 ``hf-secure convert approximate`` checkpoint through two-party secret sharing
 (``secure-feature-extraction`` for BERT, ``secure-text-generation`` for GPT-2 and Llama), every
 party on this machine, or with ``rendezvous="tcp://HOST:PORT"`` only the client (the other parties
-started with ``hf-secure party``).
+started with ``hf-secure party``); ``reveal="token"`` (mpc, text generation) lets the client learn
+only each generated token, not its logits.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class _SecurePipelineMixin:
     secure_model_class: type
 
     def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
-                 protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None, **kwargs):
+                 protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None,
+                 reveal: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
@@ -36,7 +38,9 @@ class _SecurePipelineMixin:
         connection = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
                       "rendezvous": rendezvous, "party_key": party_key}
         if self.model.engine is None:
-            self.model.bind(timeout=timeout, **connection)
+            self.model.bind(timeout=timeout, reveal="logits" if reveal is None else reveal, **connection)
+        elif reveal is not None:
+            raise UnknownOptionError("the model is already bound: pass reveal to from_pretrained with the rest")
         elif any(value is not None for value in connection.values()):
             raise UnknownOptionError("the model is already bound to a key and server; pass key/server_url once")
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ...accounting import Traffic
-from ...errors import InvalidInputError, UnsupportedModelError
+from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError, UnsupportedModelError
 from ...integrity import checkpoint_files
 from . import bert, gpt2, llama
 from .approximations import Approximations, activation_input_bound, calibrate_norms
@@ -117,16 +117,28 @@ class MPCBertEngine(MPCEngine):
         return self.run(input_ids, public)
 
 
+# What the client of a causal model reconstructs per kept position: the logits, or only the most
+# likely token (computed on shares; the logits stay secret).
+REVEAL = ("logits", "token")
+
+
 class MPCCausalEngine(MPCEngine):
     """GPT-2 and Llama: logits, with KV caches kept as shares by the servers.
+
+    With ``reveal="token"`` the servers compute each kept position's argmax on shares and the
+    client learns the token id only; :meth:`logits` then returns it as a point mass (0 at the
+    token, -inf elsewhere), so greedy decoding picks it and nothing can be read from the rest.
 
     It is also the "backend" of :class:`~hf_secure.modeling.session_cache.RemoteSessionCache`:
     ``open_session`` names a cache, ``close_session`` frees it on the servers with the next query.
     """
 
     def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
-                 party_key: str | None = None):
+                 party_key: str | None = None, reveal: str = "logits"):
+        if reveal not in REVEAL:
+            raise UnknownOptionError(f"reveal must be one of {REVEAL}, got {reveal!r}")
         super().__init__(folder, config, timeout, rendezvous, party_key)
+        self.reveal = reveal
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}
         self._drop: list[int] = []
@@ -142,10 +154,13 @@ class MPCCausalEngine(MPCEngine):
 
     def logits(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, session=None,
                logits_to_keep: int = 0, token_types: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the new tokens ``input_ids`` after the ``session.length`` tokens cached (None: no cache).
+        """Logits ``(batch, kept, vocab)`` of the new tokens ``input_ids`` after the ``session.length``
+        tokens cached (None: no cache); with ``reveal="token"`` a point mass at each kept position's
+        most likely token instead (float32: 0 there, -inf elsewhere).
 
         Without ``position_ids`` positions run ``past .. past + new - 1`` in every row, padded or
-        not, as the plain transformers model numbers them.
+        not, as the plain transformers model numbers them. Raises InvalidInputError (masks, cache),
+        OutOfRangeError (a value left its approximation's range), PartyFailedError.
         """
         cache_id = int(session.session_id) if session is not None else 0
         past = session.length if session is not None else 0
@@ -162,9 +177,20 @@ class MPCCausalEngine(MPCEngine):
             position_ids = torch.arange(past, past + new)[None].expand(batch, -1)
         public = {"attention_mask": attention_mask.long(), "position_ids": position_ids.long(),
                   "cache": torch.tensor([cache_id]), "past_length": torch.tensor([past]),
-                  "logits_to_keep": torch.tensor([logits_to_keep]), "drop": torch.tensor(self._drop, dtype=torch.long)}
+                  "logits_to_keep": torch.tensor([logits_to_keep]), "drop": torch.tensor(self._drop, dtype=torch.long),
+                  "token_only": torch.tensor([int(self.reveal == "token")])}
         logits = self.run(input_ids, public, token_types)
+        if self.reveal == "token":
+            logits = self._point_mass(logits)
         self._drop = [] if session is not None else [0]
         if session is not None:
             session.length = self._lengths[cache_id] = past + new
         return logits
+
+    def _point_mass(self, index: torch.Tensor) -> torch.Tensor:
+        """The argmax the servers computed (fixed-point integers ``(batch, kept)``) as point-mass logits."""
+        tokens = index.round().long()
+        if (index - tokens).abs().max() > 0.01 or tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise PartyFailedError("the servers' token output is not a token id: their shares are inconsistent")
+        logits = torch.full((*tokens.shape, self.vocab_size), float("-inf"))
+        return logits.scatter_(-1, tokens[..., None], 0.0)

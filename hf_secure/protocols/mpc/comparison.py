@@ -88,6 +88,10 @@ class SharedBit:
     def shape(self) -> torch.Size:
         return self.z.shape
 
+    def unsqueeze(self, dim: int) -> "SharedBit":
+        """The same bits with a new axis of size 1 at ``dim`` (local), to multiply stacked values."""
+        return SharedBit(self.mpc, self.z.unsqueeze(dim), self.rho.unsqueeze(dim))
+
     def flip(self) -> "SharedBit":
         """NOT b (local): ``1 - b = (1 - z) XOR rho``."""
         return SharedBit(self.mpc, 1 - self.z, self.rho)
@@ -228,3 +232,34 @@ def maximum(x: Shared, dim: int = -1, bits: int = 64, drop: int = 0) -> Shared:
             larger = x.mpc.shared(torch.cat([larger.share, current[..., 2 * half :].share], dim=-1))
         current = larger
     return x.mpc.shared(current.share.movedim(-1, dim))
+
+
+def argmax(x: Shared, bits: int, drop: int) -> Shared:
+    """The index of the largest entry along the last dim, as fixed-point shares (``[...]``, the
+    last dim removed); nothing else of ``x`` is revealed to anybody.
+
+    A tournament of ``ceil(log2 n)`` levels carrying ``(value, index)`` pairs: at each level the
+    left half is compared with the right half, ``left >= right`` is a :class:`SharedBit` ``b``,
+    and one multiplexer round on the stacked differences keeps ``right + b (left - right)`` for
+    both the value and the index (exact: no truncation). An odd element waits for the next level.
+    ``x`` is truncated by ``drop`` bits once, before the first level, so the comparisons run on
+    ``bits``-bit lanes without a truncation each: the caller must ensure ``|left - right| <
+    2^(bits - 1)`` units of ``2^(drop - f)`` (a range check on ``x``) -- outside it a comparison
+    wraps. Entries closer than one such unit may be ordered either way; ties go to either index.
+    Rounds: ``1 + ceil(log2 n) (ceil(log2(bits - 1)) + 3)``.
+    """
+    mpc = x.mpc
+    values = x.truncate(drop) if drop else x
+    n = values.shape[-1]
+    positions = torch.arange(n, dtype=torch.float64).expand(values.shape)
+    index = mpc.shared(torch.zeros(values.shape, dtype=torch.int64, device=values.share.device)).add_public(positions)
+    pair = mpc.shared(torch.stack([values.share, index.share], -1))  # [..., n, 2]: value, index
+    while n > 1:
+        half = n // 2
+        left, right = pair[..., :half, :], pair[..., half : 2 * half, :]
+        difference = left - right
+        larger = right + drelu(difference[..., 0], bits).unsqueeze(-1).times(difference)
+        if n % 2:
+            larger = mpc.shared(torch.cat([larger.share, pair[..., 2 * half :, :].share], -2))
+        pair, n = larger, (n + 1) // 2
+    return pair[..., 0, 1]

@@ -6,7 +6,8 @@ A query carries, besides the private one-hot rows of the new token ids, public f
 * ``position_ids`` ``(batch, new)``;
 * ``cache`` (one id), ``past_length`` (tokens of that cache to continue from: 0 starts afresh, less
   than cached crops), ``logits_to_keep`` (the last n positions get logits; 0: all), ``drop``
-  (ids of caches to free).
+  (ids of caches to free), ``token_only`` (1: the output is each kept position's most likely token,
+  computed on shares, instead of its logits).
 
 KV cache: a server keeps, per cache id and layer, its shares of every key and value, each with a
 fixed mask opened once when its token is computed (:func:`.layers.fix`). Later attention steps
@@ -15,7 +16,8 @@ token the traffic grows with the hidden size, not with the cached length times i
 replaying each query on shapes, keeps the matching masks (it knows them from the seeds), so both
 caches evolve identically. The lengths involved are public, as is everything in ``public``.
 
-Output: logits of the kept positions, reconstructed by the client only.
+Output: logits of the kept positions, or with ``token_only`` their argmax only
+(:func:`.comparison.argmax`, after a range check of the logits), reconstructed by the client only.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ import torch
 
 from ...errors import PartyFailedError
 from .approximations import Approximations, scope
+from .comparison import argmax
 from .core import MPC, Shared
 from .layers import SharedWeight, fix, linear
+from .ranges import FINE, expect_within
+
+# The argmax compares logits truncated to 8 fractional bits on 20-bit lanes: differences below
+# 2^19 / 2^8 = 2048, so the logits are range-checked to |l| <= 1000; entries closer than 2^-8 may
+# be ordered either way (the approximations' own error on logits is larger).
+ARGMAX_COMPARISON = (20, 8)
+ARGMAX_LIMIT = 1000.0
 
 
 def attention_keep(attention_mask: torch.Tensor, past: int, new: int) -> torch.Tensor:
@@ -102,7 +112,12 @@ class DecoderProgram:
         if n:
             h = h[:, -n:]
         with scope(mpc, "lm_head"):
-            return [linear(self.final_norm(w, h), w["lm_head"])]
+            logits = linear(self.final_norm(w, h), w["lm_head"])
+        if not int(public["token_only"].item()):
+            return [logits]
+        with scope(mpc, "argmax"):
+            expect_within(logits, -ARGMAX_LIMIT, ARGMAX_LIMIT, "logits (argmax input)", FINE)
+            return [argmax(logits, *ARGMAX_COMPARISON)]
 
     def with_constants(self, public: dict) -> dict:
         """``public`` plus what every layer needs and only the public fields determine."""

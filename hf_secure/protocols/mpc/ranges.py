@@ -15,6 +15,8 @@ softmax exponent ``t = s - max``, per        ``[-240, 4]`` (``(1 + t/256)^256`` 
 element                                      needs ``t > -256``)
 softmax row sum, per row                     ``[0.85, 1.15 n]`` (Goldschmidt)    64 bits
 2Quad row sum, per row                       ``[1, 256 n]`` (Goldschmidt)        64 bits
+logits, per element, when only the token is  ``|l| <= 1000`` (the argmax's 20-bit  fine
+revealed                                     lanes keep differences below 2048)
 ===========================================  ==================================  =============
 
 A program records each such input as it runs (:func:`expect_within`); after the forward pass
