@@ -84,7 +84,7 @@ class BertProgram:
             return qkv[..., k * hidden : (k + 1) * hidden].reshape(batch, seq, heads, head_dim).transpose(1, 2)
 
         q, k, v = split(0), split(1), split(2)
-        (scores,) = mpc.products([(q.mul_public(1 / math.sqrt(head_dim)), k.transpose(2, 3))], torch.matmul)
+        (scores,) = mpc.products([(q, k.transpose(2, 3))], torch.matmul, scale=1 / math.sqrt(head_dim))
         probs = self.approx.attention_probs(scores, mask[:, None, None, :].to(torch.int64))
         (context,) = mpc.products([(probs, v)], torch.matmul)
         context = context.transpose(1, 2).reshape(batch, seq, hidden)

@@ -27,6 +27,7 @@ uniform apart from what the protocol deliberately reveals.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -211,8 +212,11 @@ class MPC:
         theirs = self.channel.exchange_many([x.share for x in xs], self.peer)
         return [x.share + t for x, t in zip(xs, theirs)]
 
-    def products(self, pairs: list[tuple["Shared", "Shared"]], op=torch.mul) -> list["Shared"]:
-        """``op(x, y)`` for every pair, with Beaver triples, all opened in one round.
+    def products(self, pairs: list[tuple["Shared", "Shared"]], op=torch.mul, scale: float = 1.0) -> list["Shared"]:
+        """``scale * op(x, y)`` for every pair, with Beaver triples, all opened in one round.
+
+        A ``scale`` of ``2^-j`` is folded into the truncation (by ``f + j`` bits: no extra round);
+        any other public ``scale`` multiplies the first operands first (:meth:`Shared.mul_public`).
 
         With masks ``a, b`` and ``c = op(a, b)`` from the dealer, the servers open ``e = x - a`` and
         ``f = y - b`` and compute ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` (the last term
@@ -220,6 +224,9 @@ class MPC:
         broadcasting, matmul). Each distinct operand (the same object in several pairs, or both
         sides of a square) gets one mask and is opened once.
         """
+        bits = self.scaled_truncation(scale)
+        if bits is None:
+            pairs, bits = [(x.mul_public(scale), y) for x, y in pairs], self.frac_bits
         self.next_request()
         operands: dict[int, int] = {}  # id(operand) -> its index in ``distinct``
         distinct = []
@@ -242,7 +249,16 @@ class MPC:
                 if self.role == SERVER0:
                     z = z + op(e, f)
                 out.append(self.shared(z))
-        return self.truncate_many(out)  # offline too: it draws the same dealer material
+        return self.truncate_many(out, bits)  # offline too: it draws the same dealer material
+
+    def scaled_truncation(self, scale: float) -> int | None:
+        """The truncation (bits) that also multiplies by the public ``scale``, when ``scale = 2^-j``
+        for an integer ``0 <= j <= 62 - f``; None for any other scale."""
+        mantissa, exponent = math.frexp(scale)
+        j = 1 - exponent
+        if mantissa == 0.5 and 0 <= j <= 62 - self.frac_bits:
+            return self.frac_bits + j
+        return None
 
     def truncate_many(self, xs: list["Shared"], bits: int | None = None) -> list["Shared"]:
         """``floor(x / 2^bits)`` for every ``x`` (``1 <= bits <= 62``), in one round: the result is
@@ -269,19 +285,80 @@ class MPC:
         if self.is_dealer:
             secrets = [part for r in rs for part in (_unsigned_shift(r, bits), _unsigned_shift(r, 63))]
         dealt = self.dealt(secrets, [shape for shape in shapes for _ in range(2)])
+        wrap = _wrapped(1 << (64 - bits))
         if self.offline:
-            return [self.placeholder(shape) for shape in shapes]
+            return [Shared(self, _meta(shape), Truncation(_meta(shape), _meta(shape), r_hi, top, wrap))
+                    for shape, r_hi, top in zip(shapes, dealt[0::2], dealt[1::2])]
         offset = _TRUNCATION_OFFSET if self.role == SERVER0 else 0
         opened = self.open_many(*[self.shared(x.share + offset + r) for x, r in zip(xs, rs)])
         out = []
         for c, r_hi, top in zip(opened, dealt[0::2], dealt[1::2]):
-            z = (1 - _unsigned_shift(c, 63)) * top * (1 << (64 - bits)) - r_hi
-            if self.role == SERVER0:
-                z = z + _unsigned_shift(c, bits) - (_TRUNCATION_OFFSET >> bits)
-            out.append(self.shared(z))
+            record = Truncation(_unsigned_shift(c, bits) - (_TRUNCATION_OFFSET >> bits), 1 - _unsigned_shift(c, 63),
+                                r_hi, top, wrap)
+            out.append(Shared(self, record.share(self.role), record))
         return out
 
+    def square_of_truncation(self, x: "Shared") -> "Shared":
+        """``x^2`` (truncated) for ``x`` the output of a truncation, with nothing opened but the new
+        truncation's value: one round instead of two.
+
+        ``x = P - s`` with ``P`` public and ``s = r_hi - k W m`` (:class:`Truncation`), so
+        ``x^2 = P^2 - 2 P s + r_hi^2 - 2 k W (m r_hi) + k W^2 m`` (``m^2 = m``, ``k^2 = k``): linear in
+        the shares of ``s``, ``m``, and of ``r_hi^2`` and ``m r_hi``, which the dealer adds (it knows
+        ``r``). Exact in the ring, like a Beaver square.
+        """
+        t = x.truncation
+        self.next_request()
+        squares = self.dealt([t.r_hi * t.r_hi, t.top * t.r_hi] if self.is_dealer else None, [x.shape, x.shape])
+        if self.offline:
+            return self.truncate_many([self.placeholder(x.shape)])[0]
+        r_hi_squared, top_r_hi = squares
+        z = (-2 * t.public * t.secret() + r_hi_squared - 2 * t.wrap * t.keep * top_r_hi
+             + _wrapped(t.wrap * t.wrap) * t.keep * t.top)
+        if self.role == SERVER0:
+            z = z + t.public * t.public
+        return self.truncate_many([self.shared(z)])[0]
+
 _TRUNCATION_OFFSET = 1 << 62
+
+
+def _meta(shape) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+
+
+def _wrapped(value: int) -> int:
+    """``value`` modulo 2^64 as a signed 64-bit integer (a ring constant torch can multiply by)."""
+    value %= 1 << 64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How a truncation's output is made (:meth:`MPC.truncate_many`): ``x = P - s``, with ``P`` public
+    to both servers and ``s = r_hi - k W m`` secret, where ``k = 1 - msb(c)`` is public, ``W = 2^(64 - bits)``
+    and the dealer knows ``r_hi`` and ``m``. Kept with the value so that its square needs no opening
+    (:meth:`MPC.square_of_truncation`); adding a public constant keeps it (``P`` moves).
+    On a server ``r_hi`` and ``top`` (``m``) are its shares, on the dealer the values; offline, ``public``
+    and ``keep`` are meta tensors.
+    """
+
+    public: torch.Tensor
+    keep: torch.Tensor
+    r_hi: torch.Tensor
+    top: torch.Tensor
+    wrap: int
+
+    def secret(self) -> torch.Tensor:
+        """This server's share of ``s``."""
+        return self.r_hi - self.keep * self.wrap * self.top
+
+    def share(self, role: int) -> torch.Tensor:
+        """This server's share of ``x = P - s`` (``P`` counted on server 0)."""
+        return self.public - self.secret() if role == SERVER0 else -self.secret()
+
+    def shifted(self, constant: torch.Tensor) -> "Truncation":
+        """The record of ``x + constant`` (``constant`` public, fixed point)."""
+        return Truncation(self.public + constant, self.keep, self.r_hi, self.top, self.wrap)
 
 
 def _unsigned_shift(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -305,9 +382,10 @@ class Shared:
     (one round, both operands opened masked); products are truncated back to ``frac_bits``.
     """
 
-    def __init__(self, mpc: MPC, share: torch.Tensor):
+    def __init__(self, mpc: MPC, share: torch.Tensor, truncation: Truncation | None = None):
         self.mpc = mpc
         self.share = share
+        self.truncation = truncation  # set on a truncation's output (see Truncation)
 
     @property
     def shape(self) -> torch.Size:
@@ -331,18 +409,20 @@ class Shared:
         return self._like(-self.share)
 
     def add_public(self, value) -> "Shared":
-        """x + c for a public real c (only server 0 adds it)."""
-        if self.mpc.role != SERVER0:
-            return self
-        return self._like(self.share + encode(torch.as_tensor(value), self.mpc.frac_bits).to(self.share.device))
+        """x + c for a public real c (only server 0 adds it; a truncation record moves with it)."""
+        constant = encode(torch.as_tensor(value), self.mpc.frac_bits).to(self.share.device)
+        truncation = None if self.truncation is None else self.truncation.shifted(constant)
+        share = self.share + constant if self.mpc.role == SERVER0 else self.share
+        return Shared(self.mpc, share, truncation)
 
-    def mul_public(self, value) -> "Shared":
-        """x * c for a public real c (tensor or number), truncated."""
+    def mul_public(self, value, truncate: bool = True) -> "Shared":
+        """x * c for a public real c (tensor or number), truncated (``truncate=False``: with ``2f``
+        fractional bits, to sum several such products before one truncation). An integer c is exact."""
         value = torch.as_tensor(value)
         if not value.is_floating_point():
             return self._like(self.share * value.long().to(self.share.device))
-        product = self.share * encode(value, self.mpc.frac_bits).to(self.share.device)
-        return self._like(product).truncate()
+        product = self._like(self.share * encode(value, self.mpc.frac_bits).to(self.share.device))
+        return product.truncate() if truncate else product
 
     def truncate(self, bits: int | None = None) -> "Shared":
         """``x / 2^bits`` (default: the fractional bits), one round: :meth:`MPC.truncate_many`."""
@@ -371,4 +451,7 @@ class Shared:
         return self.mpc.products([(self, other)], torch.matmul)[0]
 
     def square(self) -> "Shared":
+        """``x^2``: one round for a truncation's output (:meth:`MPC.square_of_truncation`), else two."""
+        if self.truncation is not None:
+            return self.mpc.square_of_truncation(self)
         return self.mpc.products([(self, self)], torch.mul)[0]

@@ -68,7 +68,7 @@ def cached_attention(q: Shared, k: Shared, v: Shared, cache: tuple[SharedWeight,
     if cache is not None:
         keys, values = cache[0].cat(keys, 2), cache[1].cat(values, 2)
     groups = q.shape[1] // k.shape[1]
-    scores = linear(q.mul_public(scaling), keys.repeat_interleave(groups, 1).transpose(2, 3))
+    scores = linear(q, keys.repeat_interleave(groups, 1).transpose(2, 3), scale=scaling)
     probs = approx.attention_probs(scores, keep)
     context = linear(probs, values.repeat_interleave(groups, 1))
     batch, heads, new, d = context.shape

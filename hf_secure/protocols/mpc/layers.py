@@ -103,9 +103,15 @@ def fix(mpc: MPC, *values: Shared) -> list[SharedWeight]:
             for v, m, d in zip(values, masks, diffs)]
 
 
-def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate: bool = True) -> Shared:
-    """``x @ W (+ bias)`` with ``W`` stored (in, out) (or batched: ``[..., in, out]``); one round."""
+def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate: bool = True,
+           scale: float = 1.0) -> Shared:
+    """``scale * x @ W (+ bias)`` with ``W`` stored (in, out) (or batched: ``[..., in, out]``); one
+    round, and one for the truncation. ``scale`` is public: a power of two ``2^-j`` is folded into
+    the truncation, any other scale multiplies ``x`` first (one more round)."""
     mpc = x.mpc
+    bits = mpc.scaled_truncation(scale)
+    if bits is None:
+        x, bits = x.mul_public(scale), mpc.frac_bits
     mpc.next_request()
     (a,) = mpc.masks(x.shape)
     out_shape = product_shape(torch.matmul, x.shape, weight.shape)
@@ -119,7 +125,7 @@ def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate
         e = mpc.open(x - mpc.shared(a))
         out = mpc.shared(c + af + e @ weight.mask)
     if truncate:
-        out = out.truncate()
+        out = out.truncate(bits)
     return out + bias if bias is not None else out
 
 

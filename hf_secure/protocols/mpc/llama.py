@@ -85,8 +85,8 @@ class LlamaProgram(DecoderProgram):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = linear(self._norm(w, h, f"{i}.ln1"), w[f"{i}.qkv"], w.get(f"{i}.qkv.b"))
         cos, sin = public["rope"]
-        q = _rope(split_heads(qkv[..., :q_width], self.num_heads), cos, sin)
-        k = _rope(split_heads(qkv[..., q_width : q_width + kv_width], self.num_kv_heads), cos, sin)
+        q, k = mpc.truncate_many([_rope(split_heads(qkv[..., :q_width], self.num_heads), cos, sin),
+                                  _rope(split_heads(qkv[..., q_width : q_width + kv_width], self.num_kv_heads), cos, sin)])
         v = split_heads(qkv[..., q_width + kv_width :], self.num_kv_heads)
         context, cache = cached_attention(q, k, v, cache, keep, self.head_dim ** -0.5, self.approx)
         h = h + linear(context, w[f"{i}.o"], w.get(f"{i}.o.b"))
@@ -130,10 +130,11 @@ def rotary_embedding(fields: dict, head_dim: int):
 
 
 def _rope(x: Shared, cos: torch.Tensor, sin: torch.Tensor) -> Shared:
-    """``x cos + rotate_half(x) sin`` on shares: products with public constants, no communication."""
+    """``x cos + rotate_half(x) sin`` on shares, local: products with public constants, not yet
+    truncated (``2f`` fractional bits; the caller truncates queries and keys in one round)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x.share[..., half:], x.share[..., :half]], dim=-1)
-    return x.mul_public(cos) + x.mpc.shared(rotated).mul_public(sin)
+    return x.mul_public(cos, truncate=False) + x.mpc.shared(rotated).mul_public(sin, truncate=False)
 
 
 def norm_sites(num_layers: int) -> dict[str, str]:

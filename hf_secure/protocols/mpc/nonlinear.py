@@ -253,7 +253,7 @@ def rms_norm(x: Shared, weight: Shared, eps: float, ms_bound: float) -> Shared:
 
 def quad_gelu(x: Shared) -> Shared:
     """MPCFormer's GeLU replacement ``0.125 x^2 + 0.25 x + 0.5`` (for distilled models)."""
-    return x.square().mul_public(0.125) + x.mul_public(0.25).add_public(0.5)
+    return x.mpc.products([(x, x)], scale=0.125)[0] + x.mul_public(0.25).add_public(0.5)
 
 
 def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shared:
@@ -281,7 +281,7 @@ def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float, check_rang
     above = drelu(bounds, *SEGMENT_COMPARISON)  # [u >= -cut, u >= cut]
     # 1 + g = above0 (series + 1) - above1 (series - 1): one multiplexer round on the series
     scaled, bits = above.times(series), above.arithmetic()
-    return (x * (scaled[0] - scaled[1] + bits[0] + bits[1])).mul_public(0.5)
+    return x.mpc.products([(x, scaled[0] - scaled[1] + bits[0] + bits[1])], scale=0.5)[0]
 
 
 def gelu(x: Shared, check_range: bool = True) -> Shared:
