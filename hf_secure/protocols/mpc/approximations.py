@@ -7,9 +7,11 @@ Recorded by ``hf-secure convert approximate`` in ``config.hf_secure["approximati
   plaintext model registers the same function in ``ACT2FN`` as ``"hf_secure_" + activation``.
 * ``softmax``: ``"exact"`` (max by comparisons, ``(1 + t/256)^256``, Goldschmidt division) or
   ``"2quad"`` (MPCFormer's ``(s + 5)^2`` normalised, for distilled models).
-* ``activation_input_bound``: the largest ``|u|`` the GeLU/SiLU segment tests can see, proven from
-  the weights (:func:`activation_input_bound`); when it is within their lanes' range the per-query
-  range check of those inputs is skipped (absent, e.g. in older checkpoints: checked per query).
+* ``activation_input_bound``: the largest ``|u|`` the GeLU/SiLU segments can see (``u = x / sqrt 2``
+  for GeLU, ``x`` for SiLU: :data:`.nonlinear.U_SCALE`), proven from the weights
+  (:func:`activation_input_bound`); when the input ``x`` it bounds is within the segment tests'
+  lanes the per-query range check of those inputs is skipped (absent, e.g. in older checkpoints:
+  checked per query).
 * ``ln_bounds``: per normalisation site, the public bound by which LayerNorm's variance (RMSNorm's
   mean square) is deflated before Goldschmidt's inverse square root; calibrated in plaintext on the
   owner's text (:func:`calibrate_norms`). It is a coarse statistic of the model's activations and
@@ -26,7 +28,7 @@ import torch
 
 from ...errors import UnknownOptionError
 from .core import MPC, Shared
-from .nonlinear import SEGMENT_LIMIT, gelu, quad_gelu, silu, softmax, two_quad_softmax
+from .nonlinear import SEGMENT_LIMIT, U_SCALE, gelu, quad_gelu, silu, softmax, two_quad_softmax
 
 ACTIVATIONS = {"secformer_gelu": gelu, "quad_gelu": quad_gelu, "series_silu": silu}
 SOFTMAXES = ("exact", "2quad")
@@ -50,9 +52,10 @@ class Approximations:
 
     def act(self, x: Shared) -> Shared:
         """The activation; its segment tests' inputs are range-checked unless the weights prove them in range."""
-        proven = self.activation_input_bound is not None and self.activation_input_bound <= SEGMENT_LIMIT
         if self.activation == "quad_gelu":
             return quad_gelu(x)
+        bound = self.activation_input_bound
+        proven = bound is not None and bound / U_SCALE[self.activation] <= SEGMENT_LIMIT
         return ACTIVATIONS[self.activation](x, check_range=not proven)
 
     def attention_probs(self, scores: Shared, keep: torch.Tensor) -> Shared:
@@ -146,8 +149,7 @@ def activation_input_bound(model, sites: list[tuple[str, str]], activation: str,
         b = proj.bias.double() if getattr(proj, "bias", None) is not None else torch.zeros(w.shape[1])
         per_unit = math.sqrt(w.shape[0]) * (gamma[:, None] * w).norm(dim=0) + (beta @ w + b).abs()
         bound = max(bound, per_unit.max().item())
-    scale = 1 / math.sqrt(2) if activation == "secformer_gelu" else 1.0
-    return margin * scale * bound
+    return margin * U_SCALE[activation] * bound
 
 
 def _named(module_name: str, name: str) -> bool:

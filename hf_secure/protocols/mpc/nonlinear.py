@@ -12,7 +12,9 @@
 * :func:`erf_series` -- SecFormer's Fourier approximation of erf on [-2.5, 2.5] (period 20).
 * :func:`gelu`, :func:`silu` -- ``0.5 x (1 + g)`` with ``g`` odd and saturating: ``erf(x / sqrt 2)``
   for GeLU, ``tanh(x / 2)`` for SiLU (``x sigmoid(x)``). ``g`` is a sine series on ``[-c, c]`` and
-  -1 / +1 outside, chosen by two comparisons (SecFormer's segmentation).
+  -1 / +1 outside, chosen by two comparisons (SecFormer's segmentation). Both read ``x`` itself:
+  GeLU's series in ``u = x / sqrt 2`` is a series in ``x`` of period ``20 sqrt 2``, and its
+  segment edges ``u = -+2.5`` are ``x = -+2.5 sqrt 2``, so no product makes ``u``.
 * :func:`inv_sqrt`, :func:`reciprocal` -- Goldschmidt iterations after input deflation by a
   public bound ``s``: ``x0 = v / s``, then ``m = a_k - b_k x; x <- x m^p; y <- y m`` (``p = 2``
   for the inverse square root, 1 for the reciprocal) until ``x -> 1``, so that
@@ -33,7 +35,7 @@ import math
 import torch
 
 from .comparison import drelu, maximum
-from .core import MPC, Shared
+from .core import MPC, SERVER0, Shared
 from .prg import PRG
 from .ranges import FINE, expect_within
 from .ring import encode
@@ -49,19 +51,22 @@ SILU_CUT = 8.0
 ERF_CUT = 2.5
 _CHUNK = 1 << 15  # elements per chunk of the sine series' local sum
 # Narrow comparisons (bits, dropped low bits): 15-bit lanes (four per word, four carry levels) that
-# keep 4 fractional bits and need |value| < 2^10. The segment tests of GeLU and SiLU compare u -+ cut;
+# keep 4 fractional bits and need |value| < 2^10. The segment tests of GeLU and SiLU compare x -+ cut;
 # the max of attention scores compares score differences (a max that is off by 2^-3 only shifts
 # the exponentials' common factor: the softmax is unchanged).
 SEGMENT_COMPARISON = (15, 12)
 MAX_COMPARISON = (15, 12)
-# Range limits checked per query (:mod:`.ranges`): the segment tests' lanes (|u -+ cut| < 2^10) and
+# The variable the activations' segments are stated in, u = U_SCALE * x (erf(u) with u = x / sqrt 2;
+# tanh(x / 2) in x itself); proven bounds are recorded on |u| (approximations.activation_input_bound).
+U_SCALE = {"secformer_gelu": 1 / math.sqrt(2), "series_silu": 1.0}
+# Range limits checked per query (:mod:`.ranges`): the segment tests' lanes (|x -+ cut| < 2^10) and
 # the exponential's limit form ((1 + t/256)^256 needs t > -256; a max exact to 2^-3 leaves t <= 1/8).
 SEGMENT_LIMIT = 1000.0
 EXP_LIMIT, MAX_ABOVE = 240.0, 4.0
 
 
-def sine_series(x: Shared, coeffs, period: int) -> Shared:
-    """``sum_k coeffs[k-1] * sin(2 pi k x / period)`` for an integer ``period``; one round, and the
+def sine_series(x: Shared, coeffs, period: float) -> Shared:
+    """``sum_k coeffs[k-1] * sin(2 pi k x / period)`` for a real ``period > 1``; one round, and the
     opened value is uniform (see the module docstring), for any ``x``.
 
     For a period that is not a power of two, ``x`` is scaled by the public ``2^p / period`` first:
@@ -71,7 +76,7 @@ def sine_series(x: Shared, coeffs, period: int) -> Shared:
     1.2e-4; the series then errs by 8e-5, and on erf's segment ``|u| <= 2.5`` by 2e-5).
     """
     mpc: MPC = x.mpc
-    power = (period - 1).bit_length()  # 2^power >= period
+    power = math.ceil(math.log2(period))  # 2^power >= period
     if period != 1 << power:
         x = x.mul_public((1 << power) / period)  # the series in x' has period 2^power
     modulus = (1 << power) * mpc.scale  # the period in fixed-point units: a power of two
@@ -268,31 +273,36 @@ def two_quad_softmax(scores: Shared, mask: torch.Tensor, c: float = 5.0) -> Shar
     return _times_pow2(q * y, k)
 
 
-def _odd_saturating(x: Shared, u: Shared, series: Shared, cut: float, check_range: bool) -> Shared:
-    """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``u < -cut`` / between / ``u >= cut``.
+def _odd_saturating(x: Shared, series: Shared, cut: float, check_range: bool) -> Shared:
+    """``0.5 x (1 + g)`` with ``g`` = -1 / ``series`` / +1 for ``x < -cut`` / between / ``x >= cut``.
 
-    The segment tests run on 15-bit lanes (|u| < 1024): ``check_range`` records ``u`` for the
+    The segment tests truncate ``x`` once to 4 fractional bits (the cut rounded to that grid) and
+    compare ``x -+ cut`` on 15-bit lanes (|x| < 1024): ``check_range`` records ``x`` for the
     per-query range check (:mod:`.ranges`); off only where the weights prove the range
     (:func:`.approximations.activation_input_bound`).
     """
+    mpc = x.mpc
     if check_range:
-        expect_within(u, -SEGMENT_LIMIT, SEGMENT_LIMIT, "GeLU/SiLU input", FINE)
-    bounds = x.mpc.shared(torch.stack([u.add_public(cut).share, u.add_public(-cut).share]))
-    above = drelu(bounds, *SEGMENT_COMPARISON)  # [u >= -cut, u >= cut]
+        expect_within(x, -SEGMENT_LIMIT, SEGMENT_LIMIT, "GeLU/SiLU input", FINE)
+    bits, drop = SEGMENT_COMPARISON
+    coarse = x.truncate(drop).share
+    step = round(cut * 2 ** (mpc.frac_bits - drop)) if mpc.role == SERVER0 else 0  # the cut on the coarse grid
+    above = drelu(mpc.shared(torch.stack([coarse + step, coarse - step])), bits)  # [x >= -cut, x >= cut]
     # 1 + g = above0 (series + 1) - above1 (series - 1): one multiplexer round on the series
     scaled, bits = above.times(series), above.arithmetic()
     return x.mpc.products([(x, scaled[0] - scaled[1] + bits[0] + bits[1])], scale=0.5)[0]
 
 
 def gelu(x: Shared, check_range: bool = True) -> Shared:
-    """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))`` with the segmented sine-series erf."""
-    u = x.mul_public(1 / math.sqrt(2))
-    return _odd_saturating(x, u, erf_series(u), ERF_CUT, check_range)
+    """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))`` with the segmented sine-series erf, read
+    in ``x`` (period ``20 sqrt 2``, edges ``-+2.5 sqrt 2``)."""
+    series = sine_series(x, ERF_SINE_COEFFS, ERF_PERIOD * math.sqrt(2))
+    return _odd_saturating(x, series, ERF_CUT * math.sqrt(2), check_range)
 
 
 def silu(x: Shared, check_range: bool = True) -> Shared:
     """SiLU ``x sigmoid(x) = 0.5 x (1 + tanh(x / 2))`` with a segmented sine series for tanh (Llama)."""
-    return _odd_saturating(x, x, sine_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD), SILU_CUT, check_range)
+    return _odd_saturating(x, sine_series(x, TANH_HALF_SINE_COEFFS, TANH_HALF_PERIOD), SILU_CUT, check_range)
 
 
 def exp_negative(t: Shared, squarings: int = 8) -> Shared:
