@@ -7,7 +7,10 @@ model, and prints per query (prompt, then one per new token): server 0's
 online seconds, bytes between the servers, rounds, and the dealer's offline bytes; plus whether the
 tokens equal plaintext.
 
-    python benchmarks/bench_mpc_generate.py [--new-tokens 16]
+    python benchmarks/bench_mpc_generate.py [--new-tokens 16] [--reveal token]
+
+``--reveal token``: the servers compute each step's argmax on shares and the client learns the token
+only (``from_pretrained(..., reveal="token")``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def secure_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--reveal", choices=("logits", "token"), default="logits")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="approx-demo-")
     convert_approximate(str(DEMO_MODEL), folder)
@@ -51,7 +55,7 @@ def main() -> None:
     start = time.perf_counter()
     expected = plain.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     plain_seconds = time.perf_counter() - start
-    model = SecureModelForCausalLM.from_pretrained(folder, protocol="mpc")
+    model = SecureModelForCausalLM.from_pretrained(folder, protocol="mpc", reveal=args.reveal)
     try:
         with torch.no_grad():
             got, reports = secure_greedy(model, ids, args.new_tokens)
@@ -65,7 +69,8 @@ def main() -> None:
                      "offline_bytes": report["DEALER"]["offline_bytes"]})
     config = plain.config
     print(f"# bench_mpc_generate: demo GPT-2 ({config.n_layer} layers, hidden {config.n_embd}, vocab "
-          f"{config.vocab_size}), prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, 1 thread per party")
+          f"{config.vocab_size}), prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, reveal={args.reveal}, "
+          "1 thread per party")
     print("prompt:", json.dumps(rows[0]))
     steps = rows[1:]
     mean = {k: sum(r[k] for r in steps) / len(steps) for k in steps[0]}

@@ -145,3 +145,20 @@ def test_logits_beyond_the_argmax_lanes_are_refused_when_only_the_token_is_revea
     with torch.no_grad():
         expected = model(ids).logits
     assert tokens.shape == ids.shape and torch.equal(tokens.round().long(), expected.argmax(-1))
+
+
+def _gelu_and_silu(mpc, x):
+    from hf_secure.protocols.mpc.nonlinear import gelu, silu
+
+    return [gelu(x), silu(x)]
+
+
+def test_activation_inputs_beyond_the_segment_lanes_are_refused():
+    """The segment tests compare x -+ cut on 15-bit lanes (|x| < 1024): up to 1000 the result is the
+    activation's, beyond it the query is refused instead of picking a segment after a wrap."""
+    x = torch.tensor([999.0, -999.0, 3.0, -3.0, 0.25])
+    (got_gelu, got_silu), _ = secure_eval(_gelu_and_silu, [x])
+    assert (got_gelu - torch.nn.functional.gelu(x)).abs().max() < 0.06
+    assert (got_silu - torch.nn.functional.silu(x)).abs().max() < 5e-3
+    with pytest.raises(OutOfRangeError, match="GeLU/SiLU input"):
+        secure_eval(_gelu_and_silu, [torch.tensor([0.5, 1500.0])])

@@ -9,8 +9,8 @@ input                                        interval                           
 ===========================================  ==================================  =============
 LayerNorm variance / RMSNorm mean square     ``[0.9e-4, 2.5] * bound``           64 bits
 (+ eps), per row                             (calibrated; :data:`.nonlinear.INV_SQRT_CHECKED`)
-GeLU/SiLU segment tests, per element         ``|u| <= 1000`` (15-bit lanes keep  fine
-(skipped where the weights prove it)         ``|u| < 1024``)
+GeLU/SiLU input ``x``, per element           ``|x| <= 1000`` (15-bit lanes keep  fine
+(skipped where the weights prove it)         ``|x| < 1024``)
 softmax exponent ``t = s - max``, per        ``[-240, 4]`` (``(1 + t/256)^256``  fine
 element                                      needs ``t > -256``)
 softmax row sum, per row                     ``[0.85, 1.15 n]`` (Goldschmidt)    64 bits
