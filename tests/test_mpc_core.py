@@ -53,6 +53,29 @@ def test_truncation_pair_is_exact_in_integers():
         assert ((x >> bits) - got).abs().max().item() <= 1
 
 
+def _chained_squares(mpc, x):
+    half = x.mul_public(0.5)  # a truncation's output: its square needs no Beaver opening
+    return [half.square(), x.mul_public(1 / 64).add_public(-3.0).square().square(), x.truncate(4).square()]
+
+
+def test_the_square_of_a_truncation_opens_only_its_own_truncation():
+    """x = P - s after a truncation (P public, s known to the dealer up to a public bit): x^2 from
+    the dealer's shares of r_hi^2 and m r_hi is exact in the ring, whatever the wrap bit, also after
+    adding a public constant and for other truncation widths; one round per square instead of two."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([(torch.rand(20_000, generator=gen, dtype=torch.float64) * 2 - 1).float() * 2**9,
+                   torch.tensor([0.0, 2**-16, -(2**-16), 511.0, -511.0])])
+    (square, fourth, coarse), report = secure_eval(_chained_squares, [x])
+    half, shifted = x.double() / 2, x.double() / 64 - 3
+    assert ((square.double() - half**2).abs() <= 2**-15 * half**2 + 2**-14 * half.abs() + 2**-14).all()
+    expected = shifted**4  # error: one unit of each truncation, carried through the squares
+    assert ((fourth.double() - expected).abs() <= 2**-13 * (shifted.abs() ** 3 + shifted**2) + 2**-12).all()
+    assert ((coarse.double() - (x.double() / 16) ** 2).abs() <= 2**-11 * x.double().abs() / 16 + 2**-14
+            + 2**-15 * (x.double() / 16) ** 2).all()
+    # rounds: three truncations of the inputs (one each), then four squares at one round each
+    assert report["SERVER0"]["stats"]["online"]["rounds"] == 3 + 4
+
+
 def _arith(mpc, x, y, w):
     return [x * y, x @ w, (x + y).mul_public(0.5) - y, x.mul_public(torch.linspace(-2, 2, x.shape[-1])),
             (x @ w).add_public(3.0)]
