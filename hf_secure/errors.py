@@ -85,3 +85,15 @@ class UnauthorizedError(InvalidRequestError):
 
 class PartyFailedError(HfSecureError):
     """A party of a multi-party protocol died, timed out, or sent a message that does not fit."""
+
+
+class ProgramError(HfSecureError):
+    """A two-party program asked a protocol primitive for something it cannot do (a truncation
+    width outside 1..62, a modulus that is not a power of two, operands whose shapes do not
+    multiply): a bug in the program, not in the caller's input."""
+
+
+class ProgramMismatchError(ProgramError, PartyFailedError):
+    """The offline replay of a program and its online run differ (a value prepared or dealt for one
+    step was taken by another, or was left over): the program is not data-oblivious. A bug; the
+    session fails as when a party fails."""

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from hf_secure.errors import PartyFailedError
+from hf_secure.errors import PartyFailedError, ProgramError, ProgramMismatchError
 from hf_secure.protocols.mpc.ring import encode, share
 from hf_secure.protocols.mpc.run import secure_eval
 from hf_secure.runtime import Role, run_parties
@@ -171,10 +171,27 @@ def test_server_preparation_replays_the_same_randomness_and_checks_it():
 
     prepared.prepare(lambda: draw(prepared))
     prepared.next_request()
-    with pytest.raises(PartyFailedError, match="prepared value has shape"):
+    with pytest.raises(ProgramMismatchError, match="prepared value has shape"):  # a bug, and the session fails
         prepared.masks((3, 2))
     with pytest.raises(PartyFailedError, match="not used"):
         prepared.finish()
+
+
+def test_a_primitive_asked_for_the_impossible_names_the_bug():
+    """Program errors are their own type (not ValueError, not the caller's input), and a session
+    refuses an object that is not a program before starting any party."""
+    from hf_secure.protocols.mpc.core import MPC, product_shape
+    from hf_secure.protocols.mpc.run import MPCSession
+
+    mpc = MPC(0, None, b"s" * 16)
+    with pytest.raises(ProgramError, match="1 to 62"):
+        mpc.truncate_many([mpc.shared(torch.zeros(3, dtype=torch.int64))], 63)
+    with pytest.raises(ProgramError, match="power of two"):
+        mpc.open_modulo(mpc.shared(torch.zeros(3, dtype=torch.int64)), 24)
+    with pytest.raises(ProgramError, match="no product shape"):
+        product_shape(torch.matmul, (2, 3), (4, 5))
+    with pytest.raises(ProgramError, match="not an mpc program"):
+        MPCSession(object(), {})
 
 
 def test_goldschmidt_steps_cover_their_interval():

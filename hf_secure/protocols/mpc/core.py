@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import PartyFailedError
+from ...errors import ProgramError, ProgramMismatchError
 from ...runtime.channel import Channel
 from .prg import PRG
 from .ring import DEFAULT_FRAC_BITS, encode
@@ -120,17 +120,17 @@ class MPC:
     def take(self, shape) -> torch.Tensor:
         """Online, after :meth:`prepare`: the next value the replay kept (its shape is checked)."""
         if not self._tape:
-            raise PartyFailedError("the offline preparation ran out: offline and online programs differ")
+            raise ProgramMismatchError("the offline preparation ran out: offline and online programs differ")
         value = self._tape.popleft()
         if tuple(value.shape) != tuple(shape):
-            raise PartyFailedError(f"prepared value has shape {tuple(value.shape)}, expected {tuple(shape)}")
+            raise ProgramMismatchError(f"prepared value has shape {tuple(value.shape)}, expected {tuple(shape)}")
         return value
 
     def finish(self) -> None:
         """After an online run: everything prepared must have been used."""
         left, self._tape = self._tape, None
         if left:
-            raise PartyFailedError(f"{len(left)} prepared values were not used: offline and online programs differ")
+            raise ProgramMismatchError(f"{len(left)} prepared values were not used: offline and online programs differ")
 
     def masks(self, *shapes, binary: bool = False) -> list[torch.Tensor]:
         """Fresh uniform masks: this server's shares (dealer: the masks themselves).
@@ -158,10 +158,10 @@ class MPC:
         out = []
         for shape in shapes:
             if not self._corrections:
-                raise PartyFailedError("server 1 ran out of dealer corrections: offline and online programs differ")
+                raise ProgramMismatchError("server 1 ran out of dealer corrections: offline and online programs differ")
             correction = self._corrections.popleft()
             if tuple(correction.shape) != tuple(shape):
-                raise PartyFailedError(f"dealer correction has shape {tuple(correction.shape)}, expected {tuple(shape)}")
+                raise ProgramMismatchError(f"dealer correction has shape {tuple(correction.shape)}, expected {tuple(shape)}")
             out.append(correction)
         return out
 
@@ -199,7 +199,7 @@ class MPC:
         """Reconstruct ``x mod modulus`` only (``modulus`` a power of two; one round): each server
         sends its share reduced modulo ``modulus``, so nothing of ``x``'s higher bits travels."""
         if modulus & (modulus - 1) or not 1 < modulus <= 1 << 62:
-            raise ValueError(f"modulus must be a power of two up to 2^62, got {modulus}")
+            raise ProgramError(f"modulus must be a power of two up to 2^62, got {modulus}")
         if self.offline:
             return x.share
         low = x.share & (modulus - 1)
@@ -277,7 +277,7 @@ class MPC:
         """
         bits = self.frac_bits if bits is None else bits
         if not 1 <= bits <= 62:
-            raise ValueError(f"truncation by {bits} bits: 1 to 62 are supported")
+            raise ProgramError(f"truncation by {bits} bits: 1 to 62 are supported")
         self.next_request()
         shapes = [x.shape for x in xs]
         rs = self.masks(*shapes)
@@ -372,7 +372,7 @@ def product_shape(op, x_shape, y_shape) -> torch.Size:
         return torch.broadcast_shapes(x_shape, y_shape)
     if op is torch.matmul and len(x_shape) >= 2 and len(y_shape) >= 2 and x_shape[-1] == y_shape[-2]:
         return torch.broadcast_shapes(x_shape[:-2], y_shape[:-2]) + (x_shape[-2], y_shape[-1])
-    raise ValueError(f"no product shape for {getattr(op, '__name__', op)} of {tuple(x_shape)} and {tuple(y_shape)}")
+    raise ProgramError(f"no product shape for {getattr(op, '__name__', op)} of {tuple(x_shape)} and {tuple(y_shape)}")
 
 
 class Shared:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import PartyFailedError
+from ...errors import InvalidInputError
 from .approximations import Approximations, scope
 from .comparison import argmax
 from .core import MPC, Shared
@@ -44,7 +44,7 @@ def attention_keep(attention_mask: torch.Tensor, past: int, new: int) -> torch.T
     """Public 0/1 mask ``(batch, 1, new, past + new)``: causal and padding."""
     total = attention_mask.shape[-1]
     if total != past + new:
-        raise PartyFailedError(f"attention_mask covers {total} positions, expected past {past} + new {new}")
+        raise InvalidInputError(f"attention_mask covers {total} positions, expected past {past} + new {new}")
     causal = torch.arange(total)[None, :] <= (past + torch.arange(new))[:, None]
     return (causal[None, None] & attention_mask[:, None, None, :].bool()).to(torch.int64)
 
@@ -96,7 +96,7 @@ class DecoderProgram:
         if past:
             length = cached[0][0].shape[2] if cached else 0
             if past > length:
-                raise PartyFailedError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
+                raise InvalidInputError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
             cached = [(k.narrow(2, past), v.narrow(2, past)) for k, v in cached]
         (onehot,) = inputs
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])

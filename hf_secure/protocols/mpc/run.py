@@ -21,11 +21,8 @@ the masked matrices (one round). Then every query:
 The user's process talks to the client process through a pipe; a party that fails or dies ends
 the query with :class:`~hf_secure.errors.PartyFailedError` within the session timeout.
 
-A program is a picklable object with ``derive(weights) -> (weights, matrices)`` (local re-layout
-of weight shares: transposes, concatenations) and ``forward(mpc, weights, inputs, public, state)
--> list[Shared]``; it must be data-oblivious. ``state`` is a dict of the party's own that lives as
-long as the session (a decoder keeps its KV cache shares there; the dealer, replaying on shapes,
-keeps the matching masks).
+What a program must provide is :class:`Program`; :class:`.gpt2.GPT2Program` is the worked example
+to start from.
 """
 
 from __future__ import annotations
@@ -34,10 +31,11 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from ...errors import OutOfRangeError, PartyFailedError
+from ...errors import OutOfRangeError, PartyFailedError, ProgramError
 from ...progress import progress
 from ...runtime import PIPE, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1, Shared
@@ -50,6 +48,38 @@ _CLIENT, _OWNER = int(Role.CLIENT), int(Role.OWNER)
 _STOP, _FORWARD = 0, 1
 SETUP_STEPS = (Role.OWNER, Role.DEALER, Role.SERVER0, Role.SERVER1)  # in the order they get ready
 _REFUSED = -1  # in place of the output count: the query left a range (.ranges)
+
+
+@runtime_checkable
+class Program(Protocol):
+    """The contract of a two-party program: what every party runs, from the weights' shares to the
+    outputs' shares. Public (the architecture and its approximations), picklable (it is sent to
+    each party's process), and data-oblivious: which operations run, on which shapes, depends only
+    on the weights' shapes and the query's public fields, never on a secret value -- the dealer and
+    each server's offline replay run it on shapes only (:meth:`.core.MPC.prepare`), and any
+    divergence fails the session with :class:`~hf_secure.errors.ProgramMismatchError`.
+
+    Start from :class:`.gpt2.GPT2Program` (on :class:`.decoder.DecoderProgram`); an encoder:
+    :class:`.bert.BertProgram`.
+    """
+
+    def derive(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """Re-lay out the weight shares locally (transposes, concatenations: linear maps only, each
+        party on its own share, no communication): ``(program weights by name, names of those used
+        as right operands of products)`` -- the latter get a fixed mask opened once at setup
+        (:func:`.layers.prepare_weights`). Input: the owner's weights by state-dict key (int64
+        fixed-point shares; meta tensors on the dealer)."""
+        ...
+
+    def forward(self, mpc: MPC, weights: dict, inputs: list[Shared], public: dict[str, torch.Tensor],
+                state: dict) -> list[Shared]:
+        """One query: the private ``inputs`` (shares; placeholders offline) and the ``public`` fields
+        (int64 tensors every party sees, the dealer included) to the outputs' shares, which only the
+        client reconstructs. ``state`` is the party's own and lives as long as the session (a
+        decoder keeps its KV cache shares there; the dealer, replaying on shapes, the matching
+        masks). Raises :class:`~hf_secure.errors.InvalidInputError` for public fields that do not
+        fit; values outside an approximation's range are recorded, not raised (:mod:`.ranges`)."""
+        ...
 
 
 def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -75,7 +105,7 @@ def _recv_public(channel: Channel, count: int) -> dict[str, torch.Tensor]:
     return public
 
 
-def session_party(role: Role, channel: Channel, program, private, frac_bits: int = DEFAULT_FRAC_BITS):
+def session_party(role: Role, channel: Channel, program: Program, private, frac_bits: int = DEFAULT_FRAC_BITS):
     """The life of one party in a session (see the module docstring); the same wherever it runs.
 
     ``private`` is what only this role holds: the owner's weights (by state-dict key), the
@@ -223,9 +253,11 @@ class MPCSession:
     the client authenticates with its key file (``party_key`` or ``HF_SECURE_PARTY_KEY``).
     """
 
-    def __init__(self, program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
+    def __init__(self, program: Program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
                  timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None,
                  party_key: str | None = None):
+        if not isinstance(program, Program):
+            raise ProgramError(f"{type(program).__name__} is not an mpc program: it needs derive() and forward()")
         self.timeout_s = timeout_s
         private = {Role.CLIENT: PIPE, Role.OWNER: weights}
         if rendezvous is None:
