@@ -13,6 +13,8 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
 )
 
 from hf_secure.convert import convert_permute
@@ -30,6 +32,14 @@ def tiny_config(family: str, vocab_size: int = VOCAB):
         return LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=112, vocab_size=vocab_size, max_position_embeddings=128,
                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "mistral":  # a sliding window shorter than the tests' sequences is set where it is tested
+        return MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=112, vocab_size=vocab_size, max_position_embeddings=128,
+                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, sliding_window=64)
+    if family == "qwen2":  # biases on Q, K and V; tied embeddings
+        return Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=112, vocab_size=vocab_size, max_position_embeddings=128,
+                           bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     if family == "bert":
         return BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=112,
                           vocab_size=vocab_size, max_position_embeddings=128)
@@ -52,6 +62,12 @@ def make_tiny(family: str, folder: Path, seed: int = 0, vocab_size: int = VOCAB)
     loader = AutoModel if family == "bert" else AutoModelForCausalLM
     model = loader.from_config(tiny_config(family, vocab_size)).eval()
     randomize_norms(model, seed)
+    if family == "qwen2":  # transformers initialises biases to zero, which would hide a dropped bias
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name.endswith(("q_proj", "k_proj", "v_proj")):
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.5)
     model.save_pretrained(folder)
     return model
 

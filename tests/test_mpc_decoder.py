@@ -13,13 +13,14 @@ from hf_secure.convert import convert_approximate
 from hf_secure.demo import DEMO_MODEL
 from hf_secure.errors import InvalidInputError, UnknownOptionError
 from hf_secure.protocols.mpc.approximations import Approximations
-from hf_secure.protocols.mpc.client import PROGRAMS, calibrate
+from hf_secure.families import family
+from hf_secure.protocols.mpc.client import calibrate
 from hf_secure.protocols.mpc.run import MPCSession
 
 from .conftest import make_tiny
 
 DEMO = str(DEMO_MODEL)  # the embedded demo GPT-2 (trained on Jane Austen) and its tokenizer
-ACTIVATIONS = {"gpt2": "secformer_gelu", "llama": "series_silu"}
+ACTIVATIONS = {"gpt2": "secformer_gelu", "llama": "series_silu", "mistral": "series_silu", "qwen2": "series_silu"}
 LOGIT_TOL = 0.03  # approximations (segmented GeLU/SiLU, exp, Goldschmidt) plus fixed point, on logits of size ~1
 
 
@@ -29,18 +30,18 @@ def _public(mask, past, positions, keep=0, drop=(), token_only=False):
             "drop": torch.tensor(list(drop), dtype=torch.long), "token_only": torch.tensor([int(token_only)])}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoder_logits_match_plaintext_with_cache_and_padding(tmp_path, family):
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2"])
+def test_decoder_logits_match_plaintext_with_cache_and_padding(tmp_path, name):
     """Prompt (one row left-padded), two cached steps, then a crop back into the cache."""
-    program_class, activation = PROGRAMS[family], ACTIVATIONS[family]
-    model = make_tiny(family, tmp_path / family)
+    program_class, activation = family(name).program, ACTIVATIONS[name]
+    model = make_tiny(name, tmp_path / name)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     approx = Approximations(activation=activation, softmax="exact",
-                            ln_bounds=calibrate(model, family, input_ids=ids, attention_mask=mask))
+                            ln_bounds=calibrate(model, name, input_ids=ids, attention_mask=mask))
     weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, position_ids=positions).logits

@@ -7,7 +7,8 @@ import torch
 
 from hf_secure.errors import OutOfRangeError
 from hf_secure.protocols.mpc.approximations import Approximations
-from hf_secure.protocols.mpc.client import PROGRAMS, calibrate
+from hf_secure.families import family
+from hf_secure.protocols.mpc.client import calibrate
 from hf_secure.protocols.mpc.nonlinear import softmax
 from hf_secure.protocols.mpc.ranges import FINE, expect_within, verify_ranges
 from hf_secure.protocols.mpc.run import MPCSession, secure_eval
@@ -35,7 +36,7 @@ def test_an_embedding_beyond_the_calibrated_range_is_refused_and_the_session_goe
                             ln_bounds=calibrate(model, "gpt2", input_ids=calibration))
     weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     vocab = model.config.vocab_size
-    with MPCSession(PROGRAMS["gpt2"].from_config(model.config, approx), weights, timeout_s=60) as session:
+    with MPCSession(family("gpt2").program.from_config(model.config, approx), weights, timeout_s=60) as session:
         for big in (100, 101):
             ids = torch.tensor([[5, 6, big, 7]])
             with pytest.raises(OutOfRangeError, match="LayerNorm/RMSNorm statistic"):
@@ -134,7 +135,7 @@ def test_logits_beyond_the_argmax_lanes_are_refused_when_only_the_token_is_revea
     ids = torch.tensor([[5, 6, 8, 7], [9, 3, 4, 2]])
     onehot = torch.nn.functional.one_hot(ids, model.config.vocab_size)
     public = _public(torch.ones_like(ids), torch.arange(4)[None].expand(2, -1))
-    program = PROGRAMS["gpt2"].from_config(model.config, approx)
+    program = family("gpt2").program.from_config(model.config, approx)
     with MPCSession(program, loud, timeout_s=60) as session:
         with pytest.raises(OutOfRangeError, match="argmax input"):
             session.run([onehot], dict(public, token_only=torch.tensor([1])))

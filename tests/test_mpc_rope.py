@@ -112,3 +112,22 @@ def test_dynamic_rope_past_the_original_length_matches_transformers_through_mpc(
         (got_step,), _ = session.run([onehot[:, 12:]], public(12, 1))
     assert (got_prompt - prompt.logits).abs().max() < 0.03
     assert (got_step - step).abs().max() < 0.03
+
+
+def test_a_sliding_window_bounds_the_sequence_a_llama_like_program_accepts():
+    """Mistral attends within a window, Qwen2 only where a layer says so; the mpc program attends
+    over everything, so it refuses sequences longer than the window instead of diverging."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from hf_secure.errors import InvalidInputError
+    from hf_secure.protocols.mpc.llama import attention_window
+
+    shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    mistral = MistralConfig(**shape, sliding_window=16)
+    assert attention_window(mistral) == 16
+    assert attention_window(Qwen2Config(**shape)) is None
+    assert attention_window(Qwen2Config(**shape, use_sliding_window=True, sliding_window=16, max_window_layers=1)) == 16
+    program = _program(mistral)
+    program.check_length(16)
+    with pytest.raises(InvalidInputError, match="sliding window of 16"):
+        program.check_length(17)

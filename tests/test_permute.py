@@ -23,7 +23,7 @@ MODES = ("client", "server")
 
 
 @pytest.mark.parametrize("embeddings", MODES)
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
 def test_causal_logits_match_plaintext(tiny, family, embeddings):
     plain, folder, key = tiny(family, embeddings)
     secure = SecureModelForCausalLM.from_pretrained(folder, key=key)
@@ -39,7 +39,7 @@ def test_causal_logits_match_plaintext(tiny, family, embeddings):
 
 
 @pytest.mark.parametrize("embeddings", MODES)
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
 def test_greedy_generation_identical(tiny, family, embeddings):
     plain, folder, key = tiny(family, embeddings)
     secure = SecureModelForCausalLM.from_pretrained(folder, key=key)
@@ -52,7 +52,7 @@ def test_greedy_generation_identical(tiny, family, embeddings):
 
 
 @pytest.mark.parametrize("embeddings", MODES)
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
 def test_hidden_states_match_plaintext(tiny, family, embeddings):
     plain, folder, key = tiny(family, embeddings)
     secure = SecureModel.from_pretrained(folder, key=key)
@@ -66,7 +66,7 @@ def test_hidden_states_match_plaintext(tiny, family, embeddings):
         assert (got.pooler_output - expected.pooler_output).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
 def test_server_weights_are_permuted(tiny, family):
     """Norm weights and projections really moved (guards against a converter that is a no-op)."""
     plain, folder, _ = tiny(family, "server")

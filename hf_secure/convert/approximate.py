@@ -22,7 +22,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from .. import __version__
 from ..errors import UnknownOptionError, UnsupportedModelError
 from ..hub import load_source_config
-from ..modeling.approximate import APPROX_FAMILIES
+from ..families import FamilySpec, family_of
+from ..modeling.approximate import approximated
 from ..protocols.mpc.client import activation_bound, calibrate
 from .distill import distill
 
@@ -60,24 +61,17 @@ DEFAULT_CALIBRATION = [
 ]
 
 
-def _family(config) -> str:
-    for family, (model_types, _, _) in APPROX_FAMILIES.items():
-        if config.model_type in model_types:
-            return family
-    raise UnsupportedModelError(f"convert approximate supports BERT, GPT-2 and Llama models, got {config.model_type!r}")
-
-
-def _activation(family: str, config, gelu: str) -> tuple[str, dict]:
-    """The activation's name in the section and the config field that selects it in plaintext."""
-    if family == "llama":
-        if config.hidden_act != "silu" and config.model_type == "llama":
-            raise UnsupportedModelError(f"Llama with activation {config.hidden_act!r} (only SiLU is supported)")
-        return "series_silu", {"hidden_act": "hf_secure_series_silu"}
-    if family == "gpt2":
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-            raise UnsupportedModelError("GPT-2 variants with layer-scaled or upcast attention are not supported")
-    activation = f"{gelu}_gelu"
-    return activation, {("activation_function" if family == "gpt2" else "hidden_act"): "hf_secure_" + activation}
+def _activation(spec: FamilySpec, gelu: str | None, distilled: bool) -> str:
+    """The approximated activation: SiLU families have one; GeLU families take ``gelu``
+    ("quad" for distilled models by default, else "secformer")."""
+    if spec.activations == ("series_silu",):
+        if gelu is not None:
+            raise UnknownOptionError(f"{spec.name} uses SiLU (approximated by a segmented sine series): gelu does not apply")
+        return "series_silu"
+    gelu = gelu or ("quad" if distilled else "secformer")
+    if gelu not in GELU_CHOICES:
+        raise UnknownOptionError(f"gelu must be one of {GELU_CHOICES}, got {gelu!r}")
+    return f"{gelu}_gelu"
 
 
 def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | None = None,
@@ -89,26 +83,22 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
     (:mod:`hf_secure.convert.distill`, MPCFormer's two stages); the losses are recorded.
     """
     config = load_source_config(src, revision=revision)
-    family = _family(config)
-    if family == "llama" and gelu is not None:
-        raise UnknownOptionError("Llama uses SiLU (approximated by a segmented sine series): gelu does not apply")
-    gelu = gelu or ("quad" if distill_text else "secformer")
+    spec = family_of(config)
+    spec.refuse(config)
+    activation = _activation(spec, gelu, bool(distill_text))
     softmax = softmax or ("2quad" if distill_text else "exact")
-    if gelu not in GELU_CHOICES:
-        raise UnknownOptionError(f"gelu must be one of {GELU_CHOICES}, got {gelu!r}")
     if softmax not in SOFTMAX_CHOICES:
         raise UnknownOptionError(f"softmax must be one of {SOFTMAX_CHOICES}, got {softmax!r}")
-    _, config_class, model_class = APPROX_FAMILIES[family]
-    activation, act_field = _activation(family, config, gelu)
-    loader = AutoModel if family == "bert" else AutoModelForCausalLM
+    config_class, model_class = approximated(spec)
+    loader = AutoModelForCausalLM if spec.causal else AutoModel
     # eager attention: the teacher's attention probabilities are distillation targets
     source = loader.from_pretrained(src, revision=revision, dtype=torch.float32, attn_implementation="eager").eval()
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "hf_secure")}
-    fields.update(act_field, softmax_approximation=softmax)
+    fields.update({spec.activation_field: "hf_secure_" + activation}, softmax_approximation=softmax)
     model = model_class(config_class(**fields)).eval()
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     if unexpected or [k for k in missing if not k.startswith("pooler.")]:
-        raise UnsupportedModelError(f"weights do not map onto {family}: missing {missing}, unexpected {unexpected}")
+        raise UnsupportedModelError(f"weights do not map onto {spec.name}: missing {missing}, unexpected {unexpected}")
 
     tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
     if tokenizer.pad_token is None:
@@ -119,15 +109,15 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
             model.config._attn_implementation = "eager"
         history = distill(source, model, tokenizer, distill_text, epochs=distill_epochs)
     batch = tokenizer(calibration_text or DEFAULT_CALIBRATION, return_tensors="pt", padding=True)
-    bounds = calibrate(model, family, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for site, bound in calibrate_first_tokens(model, family).items():
+    bounds = calibrate(model, spec.name, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for site, bound in calibrate_first_tokens(model, spec.name).items():
         bounds[site] = max(bounds[site], bound)
-    segment_bound = None if activation == "quad_gelu" else activation_bound(model, family, activation)
+    segment_bound = None if activation == "quad_gelu" else activation_bound(model, spec.name, activation)
     section = {
         "protocol": "mpc",
         "version": 1,
         "hf_secure_version": __version__,
-        "family": family,
+        "family": spec.name,
         "approximations": {"activation": activation, "softmax": softmax, "ln_bounds": bounds,
                            "activation_input_bound": segment_bound},
     }
@@ -137,6 +127,6 @@ def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | Non
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if getattr(source, "generation_config", None) is not None and family != "bert":
+    if getattr(source, "generation_config", None) is not None and spec.causal:
         source.generation_config.save_pretrained(out)
     return section

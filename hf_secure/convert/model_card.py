@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..families import family
+
 _EMBEDDING_TEXT = {
     "client": (
         "The client keeps the token embedding table and the LM head. The server receives permuted "
@@ -18,9 +20,12 @@ _EMBEDDING_TEXT = {
 }
 
 
+def _task(section: dict) -> str:
+    return "text-generation" if family(section["family"]).causal else "feature-extraction"
+
+
 def mpc_model_card(section: dict, source: str) -> str:
-    family = section["family"]
-    task = "feature-extraction" if family == "bert" else "text-generation"
+    task = _task(section)
     approximations = section.get("approximations", {})
     return f"""---
 library_name: transformers
@@ -88,7 +93,7 @@ Client (needs the key file from the model owner):
 
     hf-secure keys import client.key.safetensors
     python -c "from transformers import pipeline; import hf_secure; \\
-      print(pipeline('secure-{'text-generation' if section['family'] != 'bert' else 'feature-extraction'}', model='<repo>', server_url='http://HOST:8000')('Hello'))"
+      print(pipeline('secure-{_task(section)}', model='<repo>', server_url='http://HOST:8000')('Hello'))"
 
 ## Threat model
 

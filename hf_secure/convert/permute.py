@@ -24,9 +24,9 @@ from ..hub import load_source_config
 from ..integrity import weight_digests
 from ..keys import dumps_meta, fingerprint, save_key
 from ..protocols.permute.client import PermuteKey, check_embedding_mode
+from ..families import family_of
 from ..protocols.permute.rewrite import (
     AttentionShape,
-    family_of,
     ffn_size_of,
     rewrite_state_dict,
     sample_layer_permutations,

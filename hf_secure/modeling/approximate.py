@@ -1,8 +1,7 @@
 """MPC-friendly models in plaintext: the approximations the mpc protocol computes, as transformers models.
 
-``hf-secure convert approximate`` writes checkpoints of model type ``hf_secure_approx_bert``,
-``hf_secure_approx_gpt2`` or ``hf_secure_approx_llama``: the family's weights under their usual
-keys, with
+``hf-secure convert approximate`` writes checkpoints of model type ``hf_secure_approx_<family>``
+(every family of :mod:`hf_secure.families`): the family's weights under their usual keys, with
 
 * the activation ``"hf_secure_quad_gelu"`` (MPCFormer's Quad, ``0.125 x^2 + 0.25 x + 0.5``),
   ``"hf_secure_secformer_gelu"`` (SecFormer's segmented sine-series erf) or
@@ -25,16 +24,11 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from transformers.activations import ACT2FN
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from ..families import FAMILIES, FamilySpec
 from ..protocols.mpc.nonlinear import (
     ERF_CUT,
     ERF_PERIOD,
@@ -99,36 +93,20 @@ class _ApproxConfig:
             self._attn_implementation = TWO_QUAD
 
 
-class ApproxBertConfig(_ApproxConfig, BertConfig):
-    model_type = "hf_secure_approx_bert"
+def approximated(spec: FamilySpec) -> tuple[type, type]:
+    """The MPC-friendly twin of a family's config and model classes: model type
+    ``spec.approx_model_type``, the softmax replacement selected by the config (:class:`_ApproxConfig`),
+    everything else -- weights, keys, forward -- the family's own. Built once per family."""
+    if spec.name not in _TWINS:
+        config_class = type(f"Approx{spec.config_class.__name__}", (_ApproxConfig, spec.config_class),
+                            {"model_type": spec.approx_model_type, "__module__": __name__})
+        model_class = type(f"Approx{spec.model_class.__name__}", (spec.model_class,),
+                           {"config_class": config_class, "__module__": __name__})
+        _TWINS[spec.name] = (config_class, model_class)
+    return _TWINS[spec.name]
 
 
-class ApproxBertModel(BertModel):
-    config_class = ApproxBertConfig
-
-
-class ApproxGPT2Config(_ApproxConfig, GPT2Config):
-    model_type = "hf_secure_approx_gpt2"
-
-
-class ApproxGPT2LMHeadModel(GPT2LMHeadModel):
-    config_class = ApproxGPT2Config
-
-
-class ApproxLlamaConfig(_ApproxConfig, LlamaConfig):
-    model_type = "hf_secure_approx_llama"
-
-
-class ApproxLlamaForCausalLM(LlamaForCausalLM):
-    config_class = ApproxLlamaConfig
-
-
-# family -> (source model types, config class, model class)
-APPROX_FAMILIES = {
-    "bert": (("bert", ApproxBertConfig.model_type), ApproxBertConfig, ApproxBertModel),
-    "gpt2": (("gpt2", ApproxGPT2Config.model_type), ApproxGPT2Config, ApproxGPT2LMHeadModel),
-    "llama": (("llama", ApproxLlamaConfig.model_type), ApproxLlamaConfig, ApproxLlamaForCausalLM),
-}
+_TWINS: dict[str, tuple[type, type]] = {}
 
 
 def register_approximations() -> None:
@@ -137,8 +115,7 @@ def register_approximations() -> None:
     ACT2FN["hf_secure_series_silu"] = SeriesSiLU
     AttentionInterface.register(TWO_QUAD, two_quad_attention)
     AttentionMaskInterface.register(TWO_QUAD, eager_mask)
-    AutoConfig.register(ApproxBertConfig.model_type, ApproxBertConfig, exist_ok=True)
-    AutoModel.register(ApproxBertConfig, ApproxBertModel, exist_ok=True)
-    for config_class, model_class in ((ApproxGPT2Config, ApproxGPT2LMHeadModel), (ApproxLlamaConfig, ApproxLlamaForCausalLM)):
+    for spec in FAMILIES.values():
+        config_class, model_class = approximated(spec)
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        (AutoModelForCausalLM if spec.causal else AutoModel).register(config_class, model_class, exist_ok=True)

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from ..compat import CACHE_NAME, one_cache
+from ..families import FamilySpec, family
 from ..errors import InvalidInputError, KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
 from ..hub import check_uploadable, push_converted, resolve_folder
 from ..keys import resolve_key
@@ -63,9 +64,9 @@ def _check_ids(input_ids, vocab_size: int) -> torch.Tensor:
     return _check_int("input_ids", input_ids, high=vocab_size)
 
 
-def _check_positions(config, family: str | None, length: int, position_ids) -> None:
+def _check_positions(config, spec: FamilySpec, length: int, position_ids) -> None:
     """Learned position tables (GPT-2, BERT) end at their size; rotary positions (Llama) do not."""
-    if family not in ("gpt2", "bert"):
+    if spec.rope:
         return
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     top = length if position_ids is None else int(position_ids.max()) + 1 if position_ids.numel() else 0
@@ -111,6 +112,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.folder = folder
         self.section = read_section(config)
+        self.family = family(self.section["family"])
         self.engine: PermuteClient | MPCEngine | None = None
         self.backend = None
         self.post_init()
@@ -211,10 +213,10 @@ class SecurePreTrainedModel(PreTrainedModel):
             if key is not None or server_url is not None:
                 raise UnknownOptionError("the mpc protocol takes no key and no server_url (its parties meet at a "
                                          "rendezvous)")
-            causal = self.section.get("family", "bert") != "bert"
+            causal = self.family.causal
             if causal != isinstance(self, SecureModelForCausalLM):
                 wanted = "SecureModelForCausalLM" if causal else "SecureModel"
-                raise UnknownOptionError(f"this {self.section.get('family', 'bert')} checkpoint runs as {wanted} "
+                raise UnknownOptionError(f"this {self.family.name} checkpoint runs as {wanted} "
                                          f"with protocol='mpc', not {type(self).__name__}")
             options = {"reveal": reveal} if causal else {}
             engine_class = MPCCausalEngine if causal else MPCBertEngine
@@ -356,7 +358,7 @@ class SecureModel(SecurePreTrainedModel):
                                         high=getattr(self.config, "type_vocab_size", None))
         if position_ids is not None:
             position_ids = _check_int("position_ids", position_ids, shape)
-        _check_positions(self.config, self.section.get("family"), shape[1], position_ids)
+        _check_positions(self.config, self.family, shape[1], position_ids)
         if isinstance(engine, MPCBertEngine):
             if inputs_embeds is not None or input_ids is None:
                 raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
@@ -432,10 +434,10 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == 1:
                 position_ids = position_ids.expand(batch, -1)
             position_ids = _check_int("position_ids", position_ids, (batch, new))
-        _check_positions(self.config, self.section.get("family"), past + new, position_ids)
+        _check_positions(self.config, self.family, past + new, position_ids)
         if token_type_ids is not None:
-            if self.section.get("family") != "gpt2":
-                raise UnknownOptionError(f"token_type_ids: a {self.section.get('family')} model has no token types")
+            if not self.family.token_types_in_vocab:
+                raise UnknownOptionError(f"token_type_ids: a {self.family.name} model has no token types")
             token_type_ids = _check_int("token_type_ids", token_type_ids, (batch, new), high=engine.vocab_size)
         if labels is not None:
             if getattr(engine, "reveal", "logits") == "token":

@@ -35,7 +35,7 @@ from ..errors import (
     UnknownSessionError,
 )
 from ..integrity import verify_weights
-from ..protocols.permute.rewrite import family_of
+from ..families import family, family_of
 
 OUTPUTS = ("hidden", "logits")
 INPUT_NAMES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
@@ -293,8 +293,8 @@ class ModelServer:
         types = inputs.get("token_type_ids")
         if types is not None:
             # BERT has a token type table; GPT-2 embeds token types with its token table; Llama has none.
-            high = {"bert": getattr(self.config, "type_vocab_size", 0), "gpt2": self.config.vocab_size}.get(
-                self.section["family"])
+            spec = family(self.section["family"])
+            high = self.config.vocab_size if spec.token_types_in_vocab else getattr(self.config, "type_vocab_size", None)
             if high is None:
                 raise InvalidRequestError(f"token_type_ids do not apply to {self.section['family']} models")
             if types.min() < 0 or types.max() >= high:

@@ -23,38 +23,31 @@ import torch
 from safetensors.torch import load_file
 
 from ...accounting import Traffic
-from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError, UnsupportedModelError
+from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError
+from ...families import family
 from ...integrity import checkpoint_files
-from . import bert, gpt2, llama
 from .approximations import Approximations, activation_input_bound, calibrate_norms
+from .llama import attention_window
 from .run import MPCSession, online_traffic
 
-PROGRAMS = {"bert": bert.BertProgram, "gpt2": gpt2.GPT2Program, "llama": llama.LlamaProgram}
-NORM_SITES = {"bert": bert.norm_sites, "gpt2": gpt2.norm_sites, "llama": llama.norm_sites}
-ACTIVATION_SITES = {"bert": bert.activation_sites, "gpt2": gpt2.activation_sites, "llama": llama.activation_sites}
+def calibrate(model, family_name: str, margin: float = 1.5, **inputs) -> dict[str, float]:
+    """The normalisation bounds of a plaintext model of the family ``family_name`` from one pass
+    over ``inputs`` (:func:`.approximations.calibrate_norms`)."""
+    sites = family(family_name).norm_sites(model.config.num_hidden_layers)
+    return calibrate_norms(model, sites, margin, **inputs)
 
 
-def calibrate(model, family: str, margin: float = 1.5, **inputs) -> dict[str, float]:
-    """The normalisation bounds of a plaintext ``family`` model from one pass over ``inputs``
-    (:func:`.approximations.calibrate_norms`)."""
-    if family not in NORM_SITES:
-        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
-    return calibrate_norms(model, NORM_SITES[family](model.config.num_hidden_layers), margin, **inputs)
-
-
-def activation_bound(model, family: str, activation: str) -> float:
+def activation_bound(model, family_name: str, activation: str) -> float:
     """The largest value the activation's segment tests can see in ``model`` (:func:`.approximations.activation_input_bound`)."""
-    if family not in ACTIVATION_SITES:
-        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
-    return activation_input_bound(model, ACTIVATION_SITES[family](model.config.num_hidden_layers), activation)
+    sites = family(family_name).activation_sites(model.config.num_hidden_layers)
+    return activation_input_bound(model, sites, activation)
 
 
 def load_program(config):
     """The (public) program of a converted checkpoint: architecture and approximations."""
-    family = config.hf_secure.get("family", "bert")
-    if family not in PROGRAMS:
-        raise UnsupportedModelError(f"no mpc program for model family {family!r}")
-    return PROGRAMS[family].from_config(config, Approximations.from_config(config))
+    spec = family(config.hf_secure.get("family", "bert"))
+    spec.refuse(config)
+    return spec.program.from_config(config, Approximations.from_config(config))
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -139,6 +132,7 @@ class MPCCausalEngine(MPCEngine):
             raise UnknownOptionError(f"reveal must be one of {REVEAL}, got {reveal!r}")
         super().__init__(folder, config, timeout, rendezvous, party_key)
         self.reveal = reveal
+        self.window = attention_window(config)
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}
         self._drop: list[int] = []
@@ -168,6 +162,9 @@ class MPCCausalEngine(MPCEngine):
             raise InvalidInputError(f"cache {session.session_id} holds {self._lengths.get(cache_id, 0)} tokens, "
                                      f"cannot continue from {past}")
         batch, new = input_ids.shape
+        if self.window is not None and past + new > self.window:
+            raise InvalidInputError(f"{past + new} positions exceed the model's sliding window of {self.window}: "
+                                    "the mpc protocol attends over the whole sequence")
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + new, dtype=torch.long)
         if attention_mask.shape != (batch, past + new):

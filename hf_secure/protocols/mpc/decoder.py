@@ -81,7 +81,8 @@ class DecoderProgram:
 
     A family defines ``derive`` (weights by state-dict key -> program weights), ``embed``,
     ``layer`` and ``final_norm``, and may add public constants computed once per query
-    (``with_constants``); ``num_layers`` and ``approx`` are its fields.
+    (``with_constants``) and a length limit (``check_length``); ``num_layers`` and ``approx`` are
+    its fields.
     """
 
     num_layers: int
@@ -99,6 +100,7 @@ class DecoderProgram:
                 raise InvalidInputError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
             cached = [(k.narrow(2, past), v.narrow(2, past)) for k, v in cached]
         (onehot,) = inputs
+        self.check_length(past + onehot.shape[1])
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])
         public = self.with_constants(public)
         h = self.embed(mpc, w, onehot, public)
@@ -118,6 +120,10 @@ class DecoderProgram:
         with scope(mpc, "argmax"):
             expect_within(logits, -ARGMAX_LIMIT, ARGMAX_LIMIT, "logits (argmax input)", FINE)
             return [argmax(logits, *ARGMAX_COMPARISON)]
+
+    def check_length(self, length: int) -> None:
+        """Refuse (InvalidInputError) a sequence of ``length`` positions the family cannot attend
+        over as the plaintext model does; every length is fine by default."""
 
     def with_constants(self, public: dict) -> dict:
         """``public`` plus what every layer needs and only the public fields determine."""

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from ...errors import UnsupportedModelError
+from ...errors import InvalidInputError, UnsupportedModelError
 from .approximations import Approximations
 from .core import MPC, Shared
 from .decoder import DecoderProgram, cached_attention, split_heads
@@ -30,20 +30,24 @@ class LlamaProgram(DecoderProgram):
     num_kv_heads: int = 1
     head_dim: int = 1
     eps: float = 1e-6
-    has_bias: bool = False
+    window: int | None = None  # sliding-window attention (Mistral): longer sequences are refused
     rope_config: dict = field(default_factory=dict)  # the config's fields: each process rebuilds the rotary module
 
     @classmethod
     def from_config(cls, config, approx: Approximations) -> "LlamaProgram":
-        """Raises :class:`UnsupportedModelError` for MLP biases and for a RoPE variant transformers'
-        Llama rotary module cannot compute at full head width."""
+        """The program of any Llama-like config (Llama, Mistral, Qwen2: :mod:`hf_secure.families`).
+
+        Biases on the projections follow the weights (Qwen2's Q/K/V, ``attention_bias``); a sliding
+        window bounds the sequence (:func:`attention_window`). Raises :class:`UnsupportedModelError`
+        for MLP biases and for a RoPE variant transformers' Llama rotary module cannot compute at
+        full head width."""
         if getattr(config, "mlp_bias", False):
-            raise UnsupportedModelError("Llama MLP biases are not supported by the mpc protocol")
+            raise UnsupportedModelError(f"{config.model_type} MLP biases are not supported by the mpc protocol")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "hf_secure")}
         rotary_embedding(fields, head_dim)  # refuse here, not in the parties
         return cls(config.num_hidden_layers, approx, config.num_attention_heads, config.num_key_value_heads,
-                   head_dim, config.rms_norm_eps, bool(getattr(config, "attention_bias", False)), fields)
+                   head_dim, config.rms_norm_eps, attention_window(config), fields)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "rotary"}  # each process builds its own
@@ -66,10 +70,10 @@ class LlamaProgram(DecoderProgram):
             p = f"model.layers.{i}."
             qkv = [f"{p}self_attn.{n}_proj" for n in "qkv"]
             out[f"{i}.qkv"] = torch.cat([t(n + ".weight") for n in qkv], dim=1)
-            if self.has_bias:
+            if any(n + ".bias" in w for n in qkv):  # Qwen2, or attention_bias: all three (a missing one raises)
                 out[f"{i}.qkv.b"] = torch.cat([w[n + ".bias"] for n in qkv])
             out[f"{i}.o"] = t(p + "self_attn.o_proj.weight")
-            if self.has_bias:
+            if p + "self_attn.o_proj.bias" in w:
                 out[f"{i}.o.b"] = w[p + "self_attn.o_proj.bias"]
             out[f"{i}.gate_up"] = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], dim=1)
             out[f"{i}.down"] = t(p + "mlp.down_proj.weight")
@@ -95,6 +99,12 @@ class LlamaProgram(DecoderProgram):
         hidden = self.approx.act(gate_up[..., :inner]) * gate_up[..., inner:]
         return h + linear(hidden, w[f"{i}.down"]), cache
 
+    def check_length(self, length: int) -> None:
+        """Past a sliding window the plaintext model attends differently: InvalidInputError (the
+        client refuses before sending)."""
+        if self.window is not None and length > self.window:
+            raise InvalidInputError(f"{length} positions exceed the sliding window of {self.window}")
+
     def final_norm(self, w: dict, h: Shared) -> Shared:
         return self._norm(w, h, "final")
 
@@ -106,6 +116,19 @@ class LlamaProgram(DecoderProgram):
         ``[batch, seq]``, from transformers' rotary module, once per query for every layer."""
         cos, sin = self.rotary(torch.empty(0), public["position_ids"])
         return {**public, "rope": (cos.double()[:, None], sin.double()[:, None])}
+
+
+def attention_window(config) -> int | None:
+    """The sliding window of a config's attention (None: full attention in every layer).
+
+    Mistral's ``sliding_window`` applies to every layer; configs with ``layer_types`` (Qwen2) use it
+    only where a layer is ``"sliding_attention"``. The mpc program attends over everything, which
+    equals the plaintext model while the sequence fits the window, so longer ones are refused."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return window
 
 
 def rotary_embedding(fields: dict, head_dim: int):

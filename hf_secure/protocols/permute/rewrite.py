@@ -39,93 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UnsupportedModelError
-
-# Rules: (regex on the state-dict key, {axis: permutation name}). ``{n}`` marks the layer index.
-# A permutation name resolves either globally ("hidden", "vocab") or per layer ("q", "k", "v",
-# "o_in", "qkv", "ffn").
-_GPT2_RULES = [
-    (r"wte\.weight", {0: "vocab", 1: "hidden"}),
-    (r"wpe\.weight", {1: "hidden"}),
-    (r"h\.{n}\.ln_[12]\.(weight|bias)", {0: "hidden"}),
-    (r"ln_f\.(weight|bias)", {0: "hidden"}),
-    (r"h\.{n}\.attn\.c_attn\.weight", {0: "hidden", 1: "qkv"}),
-    (r"h\.{n}\.attn\.c_attn\.bias", {0: "qkv"}),
-    (r"h\.{n}\.attn\.c_proj\.weight", {0: "o_in", 1: "hidden"}),
-    (r"h\.{n}\.attn\.c_proj\.bias", {0: "hidden"}),
-    (r"h\.{n}\.mlp\.c_fc\.weight", {0: "hidden", 1: "ffn"}),
-    (r"h\.{n}\.mlp\.c_fc\.bias", {0: "ffn"}),
-    (r"h\.{n}\.mlp\.c_proj\.weight", {0: "ffn", 1: "hidden"}),
-    (r"h\.{n}\.mlp\.c_proj\.bias", {0: "hidden"}),
-    (r"lm_head\.weight", {0: "vocab", 1: "hidden"}),
-]
-
-_BERT_RULES = [
-    (r"embeddings\.word_embeddings\.weight", {0: "vocab", 1: "hidden"}),
-    (r"embeddings\.(position|token_type)_embeddings\.weight", {1: "hidden"}),
-    (r"embeddings\.LayerNorm\.(weight|bias)", {0: "hidden"}),
-    (r"layer\.{n}\.attention\.self\.query\.weight", {0: "q", 1: "hidden"}),
-    (r"layer\.{n}\.attention\.self\.query\.bias", {0: "q"}),
-    (r"layer\.{n}\.attention\.self\.key\.weight", {0: "k", 1: "hidden"}),
-    (r"layer\.{n}\.attention\.self\.key\.bias", {0: "k"}),
-    (r"layer\.{n}\.attention\.self\.value\.weight", {0: "v", 1: "hidden"}),
-    (r"layer\.{n}\.attention\.self\.value\.bias", {0: "v"}),
-    (r"layer\.{n}\.attention\.output\.dense\.weight", {0: "hidden", 1: "o_in"}),
-    (r"layer\.{n}\.attention\.output\.dense\.bias", {0: "hidden"}),
-    (r"layer\.{n}\.(attention\.)?output\.LayerNorm\.(weight|bias)", {0: "hidden"}),
-    (r"layer\.{n}\.intermediate\.dense\.weight", {0: "ffn", 1: "hidden"}),
-    (r"layer\.{n}\.intermediate\.dense\.bias", {0: "ffn"}),
-    (r"layer\.{n}\.output\.dense\.weight", {0: "hidden", 1: "ffn"}),
-    (r"layer\.{n}\.output\.dense\.bias", {0: "hidden"}),
-    (r"pooler\.dense\.weight", {0: "hidden", 1: "hidden"}),
-    (r"pooler\.dense\.bias", {0: "hidden"}),
-]
-
-_LLAMA_RULES = [
-    (r"embed_tokens\.weight", {0: "vocab", 1: "hidden"}),
-    (r"layers\.{n}\.self_attn\.q_proj\.weight", {0: "q", 1: "hidden"}),
-    (r"layers\.{n}\.self_attn\.q_proj\.bias", {0: "q"}),
-    (r"layers\.{n}\.self_attn\.k_proj\.weight", {0: "k", 1: "hidden"}),
-    (r"layers\.{n}\.self_attn\.k_proj\.bias", {0: "k"}),
-    (r"layers\.{n}\.self_attn\.v_proj\.weight", {0: "v", 1: "hidden"}),
-    (r"layers\.{n}\.self_attn\.v_proj\.bias", {0: "v"}),
-    (r"layers\.{n}\.self_attn\.o_proj\.weight", {0: "hidden", 1: "o_in"}),
-    (r"layers\.{n}\.self_attn\.o_proj\.bias", {0: "hidden"}),
-    (r"layers\.{n}\.mlp\.(gate|up)_proj\.weight", {0: "ffn", 1: "hidden"}),
-    (r"layers\.{n}\.mlp\.(gate|up)_proj\.bias", {0: "ffn"}),
-    (r"layers\.{n}\.mlp\.down_proj\.weight", {0: "hidden", 1: "ffn"}),
-    (r"layers\.{n}\.mlp\.down_proj\.bias", {0: "hidden"}),
-    (r"layers\.{n}\.(input|post_attention)_layernorm\.weight", {0: "hidden"}),
-    (r"norm\.weight", {0: "hidden"}),
-    (r"lm_head\.weight", {0: "vocab", 1: "hidden"}),
-]
-
-
-@dataclass(frozen=True)
-class Family:
-    """How the permute protocol sees one transformers model family."""
-
-    name: str
-    rules: list
-    rope: bool
-    causal: bool
-    embedding_key: str  # suffix of the token-embedding weight in the state dict
-
-
-FAMILIES = {
-    "gpt2": Family("gpt2", _GPT2_RULES, rope=False, causal=True, embedding_key="wte.weight"),
-    "bert": Family("bert", _BERT_RULES, rope=False, causal=False, embedding_key="word_embeddings.weight"),
-    "llama": Family("llama", _LLAMA_RULES, rope=True, causal=True, embedding_key="embed_tokens.weight"),
-}
-
-
-def family_of(config) -> Family:
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    if family is None:
-        raise UnsupportedModelError(
-            f"the permute protocol supports the model types {sorted(FAMILIES)}; got {config.model_type!r}"
-        )
-    return family
-
+from ...families import FamilySpec
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -185,7 +99,7 @@ def ffn_size_of(config) -> int:
 
 def rewrite_state_dict(
     state: dict[str, torch.Tensor],
-    family: Family,
+    family: FamilySpec,
     global_perms: dict[str, torch.Tensor],
     layer_perms: list[dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
