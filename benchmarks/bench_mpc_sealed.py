@@ -52,9 +52,9 @@ def run(host: str, work: Path, ids: torch.Tensor, new_tokens: int) -> dict:
     try:
         model = SecureModelForCausalLM.from_pretrained(work / "public", protocol="mpc", rendezvous=rendezvous,
                                                        party_key=str(work / "keys" / "client.key"))
-        model.backend.stats.reset()
+        model.engine.stats.reset()
         tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        stats = model.backend.stats.snapshot()
+        stats = model.engine.stats.snapshot()
         model.engine.close()
         for proc in procs:
             proc.wait(timeout=120)

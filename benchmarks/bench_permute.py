@@ -60,7 +60,7 @@ def bench_mode(plain, src: Path, work: Path, embeddings: str, repeats: int, seq:
     local = SecureModelForCausalLM.from_pretrained(folder, key=key)
     ids = torch.randint(0, 50257, (1, seq), generator=torch.Generator().manual_seed(2))
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    engine, server = local.engine, local.backend.server
+    engine, server = local.engine.client, local.engine.backend.server
 
     with served(str(folder)) as (_, url), torch.inference_mode():
         remote = SecureModelForCausalLM.from_pretrained(folder, key=key, server_url=url, timeout=120)

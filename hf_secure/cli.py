@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("--revision", default=None)
     permute.set_defaults(func=_convert)
     approximate = command(protocols, "approximate",
-                          help="MPC-friendly checkpoint for the mpc protocol (BERT, GPT-2, Llama)")
+                          help="MPC-friendly checkpoint for the mpc protocol (every family of hf_secure.families)")
     approximate.add_argument("src", help="local folder or Hub id")
     approximate.add_argument("--out", required=True, help="output model folder")
     approximate.add_argument("--gelu", choices=("quad", "secformer"), default=None,

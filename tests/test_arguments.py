@@ -173,7 +173,7 @@ def test_pipeline_arguments_are_honoured_or_refused(tiny):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, key=str(key))
     with pytest.raises(UnknownOptionError, match="already bound"):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, reveal="token")
-    with pytest.raises(UnknownOptionError, match="reveal is an option of causal models with the mpc protocol"):
+    with pytest.raises(UnknownOptionError, match="reveal: not an option of the permute protocol"):
         pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer, reveal="token")
 
 

@@ -38,7 +38,7 @@ def _check_generation(plain, folder, key, url):
         assert (secure(ids, use_cache=False).logits - plain(ids).logits).abs().max().item() < TOL
     kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert torch.equal(secure.generate(ids, **kwargs), plain.generate(ids, **kwargs))
-    stats = secure.backend.stats.snapshot()
+    stats = secure.engine.stats.snapshot()
     assert stats["rounds"] == 1 + 32 and stats["bytes_sent"] > 0
 
 

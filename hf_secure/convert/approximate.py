@@ -1,6 +1,6 @@
 """``hf-secure convert approximate``: an MPC-friendly checkpoint for the mpc protocol.
 
-The output is a transformers checkpoint of model type ``hf_secure_approx_{bert,gpt2,llama}``
+The output is a transformers checkpoint of model type ``hf_secure_approx_<family>``
 (weights under the family's keys, unchanged) whose ``config.json`` records the approximations in
 its ``hf_secure`` section (:mod:`hf_secure.protocols.mpc.approximations`): the activation and
 softmax replacements, and the public deflation bound of every LayerNorm's variance (RMSNorm's mean
@@ -9,7 +9,7 @@ activations, public to the servers).
 
 Defaults: with ``distill_text``, MPCFormer's cheap replacements (Quad GeLU, 2Quad softmax) that
 distillation makes accurate; without, SecFormer's accurate ones (segmented erf GeLU, exact-style
-softmax). Llama always uses the segmented sine-series SiLU.
+softmax). Llama-like families (Llama, Mistral, Qwen2) always use the segmented sine-series SiLU.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _activation(spec: FamilySpec, gelu: str | None, distilled: bool) -> str:
 def convert_approximate(src, out, *, gelu: str | None = None, softmax: str | None = None,
                         calibration_text: list[str] | None = None, distill_text: list[str] | None = None,
                         distill_epochs: tuple[int, int] = (2, 1), revision: str | None = None) -> dict:
-    """Write the approximated checkpoint of ``src`` (BERT, GPT-2 or Llama) to ``out``; return its section.
+    """Write the approximated checkpoint of ``src`` (a family of :mod:`hf_secure.families`) to ``out``; return its section.
 
     With ``distill_text`` the approximated model is first distilled from the original
     (:mod:`hf_secure.convert.distill`, MPCFormer's two stages); the losses are recorded.

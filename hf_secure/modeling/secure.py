@@ -16,7 +16,6 @@ weight digests, in process and over HTTP alike.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
@@ -26,21 +25,18 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from ..compat import CACHE_NAME, one_cache
+from ..engines import protocol_engine
+from ..errors import InvalidInputError, MissingKeyError, ServerError, UnknownOptionError
 from ..families import FamilySpec, family
-from ..errors import InvalidInputError, KeyMismatchError, MissingKeyError, ServerError, UnknownOptionError
 from ..hub import check_uploadable, push_converted, resolve_folder
-from ..keys import resolve_key
-from ..protocols.mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine
-from ..protocols.permute.client import PermuteClient, PermuteKey
-from ..server.backends import HttpBackend, InProcessBackend
-from ..server.runtime import ModelServer, read_section
+from ..protocols.engine import SecureEngine
+from ..server.runtime import read_section
 from .session_cache import RemoteSessionCache
 
 # from_pretrained arguments that transformers (pipelines, Auto classes) pass and that mean
 # nothing for a client model: accepted and ignored. Anything else is an unknown option.
 _IGNORED_HF_KWARGS = {"_from_pipeline", "_commit_hash", "trust_remote_code", "device_map", "code_revision",
                       "config", "low_cpu_mem_usage", "attn_implementation"}
-_PROTOCOLS = ("permute", "mpc")
 
 
 def _check_int(name: str, tensor, shape: tuple[int, ...] | None = None, low: int = 0,
@@ -113,8 +109,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         self.folder = folder
         self.section = read_section(config)
         self.family = family(self.section["family"])
-        self.engine: PermuteClient | MPCEngine | None = None
-        self.backend = None
+        self.engine: SecureEngine | None = None
         self.post_init()
 
     # transformers reads device and dtype from parameters; the client keeps its key tensors
@@ -139,7 +134,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         protocol: str | None = None,
         rendezvous: str | None = None,
         party_key: str | None = None,
-        reveal: str = "logits",
+        reveal: str | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -172,8 +167,8 @@ class SecurePreTrainedModel(PreTrainedModel):
         unknown = set(kwargs) - _IGNORED_HF_KWARGS
         if unknown:
             raise UnknownOptionError(f"unknown option(s) for {cls.__name__}.from_pretrained: {sorted(unknown)}")
-        if protocol is not None and protocol not in _PROTOCOLS:
-            raise UnknownOptionError(f"unknown protocol {protocol!r}; available: {_PROTOCOLS}")
+        if protocol is not None:
+            protocol_engine(protocol)  # an unknown name: UnknownOptionError listing the registered ones
         if dtype in (None, "auto"):
             dtype = torch.float32
         if isinstance(dtype, str):
@@ -190,58 +185,28 @@ class SecurePreTrainedModel(PreTrainedModel):
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
-        connection = {"server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle}
-        if ("_from_pipeline" in kwargs and key is None and rendezvous is None and party_key is None
-                and reveal == "logits" and not any(connection.values())):
+        options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
+        if "_from_pipeline" in kwargs and all(value is None for value in options.values()):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
-        return model.bind(key=key, timeout=timeout, rendezvous=rendezvous, party_key=party_key, reveal=reveal,
-                          **connection)
+        return model.bind(timeout=timeout, **options)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
              server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None,
-             reveal: str = "logits"):
-        """Attach the client key and connect to the server (permute), or start the parties (mpc)."""
-        if self.section["protocol"] != "mpc" and (rendezvous is not None or party_key is not None):
-            raise UnknownOptionError("rendezvous and party_key are options of the mpc protocol")
-        if reveal != "logits" and (self.section["protocol"] != "mpc" or not isinstance(self, SecureModelForCausalLM)):
-            raise UnknownOptionError("reveal is an option of causal models with the mpc protocol")
-        if rendezvous is None and party_key is not None:
-            raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
-        if server_url is None and (server_token is not None or ca_bundle is not None):
-            raise UnknownOptionError("server_token and ca_bundle need a server_url")
-        if self.section["protocol"] == "mpc":
-            if key is not None or server_url is not None:
-                raise UnknownOptionError("the mpc protocol takes no key and no server_url (its parties meet at a "
-                                         "rendezvous)")
-            causal = self.family.causal
-            if causal != isinstance(self, SecureModelForCausalLM):
-                wanted = "SecureModelForCausalLM" if causal else "SecureModel"
-                raise UnknownOptionError(f"this {self.family.name} checkpoint runs as {wanted} "
-                                         f"with protocol='mpc', not {type(self).__name__}")
-            options = {"reveal": reveal} if causal else {}
-            engine_class = MPCCausalEngine if causal else MPCBertEngine
-            self.engine = self.backend = engine_class(self.folder, self.config, timeout=max(timeout, 300.0),
-                                                      rendezvous=rendezvous, party_key=party_key, **options)
-            return self
-        tensors, meta = resolve_key(key, self.section["key_fingerprint"])
-        recorded = json.loads(meta.get("weights", "{}"))
-        if recorded != self.section.get("weights"):
-            raise KeyMismatchError("the key was issued for different weight files than this checkpoint's config records")
-        engine = PermuteClient(PermuteKey.from_tensors(tensors, meta), dtype=self._client_dtype)
-        if server_url is None:
-            backend = InProcessBackend(ModelServer(self.folder, dtype=self._client_dtype))
-        else:
-            backend = HttpBackend(server_url, timeout=timeout, token=server_token, ca_bundle=ca_bundle)
-        info = backend.info()
-        if info["key_fingerprint"] != meta["fingerprint"] or info["weights"] != recorded:
-            raise KeyMismatchError(
-                f"the server at {server_url or 'this process'} runs a different model "
-                f"(fingerprint {info['key_fingerprint']}) than this key ({meta['fingerprint']})"
-            )
-        self.engine, self.backend = engine, backend
+             reveal: str | None = None):
+        """Bind the checkpoint's protocol engine (:data:`hf_secure.engines.PROTOCOLS`): the client key
+        and a server for permute, the parties for mpc. Options another protocol takes are refused
+        (UnknownOptionError), as are unknown values."""
+        engine_class = protocol_engine(self.section["protocol"])
+        options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
+        engine_class.check_options(options)
+        self.engine = engine_class.connect(self.folder, self.config, causal=isinstance(self, SecureModelForCausalLM),
+                                           dtype=self._client_dtype, timeout=timeout,
+                                           **{k: v for k, v in options.items() if k in engine_class.options})
         return self
 
-    def _require_bound(self) -> PermuteClient:
+    def _require_bound(self) -> SecureEngine:
         if self.engine is None:
             raise MissingKeyError(
                 "this secure model has no key bound: pass key=PATH to from_pretrained/pipeline, or import it with "
@@ -249,33 +214,12 @@ class SecurePreTrainedModel(PreTrainedModel):
             )
         return self.engine
 
-    def _server_forward(self, engine, input_ids, inputs_embeds, extra, want, session=None, logits_to_keep=0,
-                        token_types=None):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InvalidInputError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is not None and (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
-                                          or not inputs_embeds.is_floating_point()):
-            raise InvalidInputError("inputs_embeds must be a float tensor of shape (batch, sequence, hidden)")
-        inputs = engine.encode(input_ids, inputs_embeds, token_types)
-        inputs.update({k: v for k, v in extra.items() if v is not None})
-        output = engine.server_output(want)
-        outputs, length = self.backend.forward(
-            inputs,
-            session_id=session.session_id if session is not None else None,
-            past_length=session.length if session is not None else 0,
-            output=output,
-            logits_to_keep=logits_to_keep,
-        )
-        if session is not None:
-            session.length = length
-        return outputs, output
-
     def secure_report(self) -> dict | None:
         """mpc: the last query's report per role (bytes, messages, rounds, seconds per scope -- one
         scope per layer -- and the dealer's offline bytes and seconds), and ``bounds``: the query's
         leak through the sine protocol's openings and its truncation failure probability (both 0,
-        see docs/threat-model.md); None for other protocols."""
-        return getattr(self.engine, "last_report", None)
+        see docs/threat-model.md); None for protocols that report nothing per query."""
+        return None if self.engine is None else self.engine.report()
 
     def save_pretrained(self, save_directory, **kwargs):
         """Copy the converted checkpoint to ``save_directory``: the files ``push_to_hub`` would upload
@@ -323,6 +267,14 @@ def _check_greedy_only(generation_config: GenerationConfig, logits_processor, kw
                                      f"pass do_sample=False and leave the logits processors at their defaults")
 
 
+def _check_embeds(input_ids, inputs_embeds) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InvalidInputError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is not None and (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
+                                      or not inputs_embeds.is_floating_point()):
+        raise InvalidInputError("inputs_embeds must be a float tensor of shape (batch, sequence, hidden)")
+
+
 def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:
     tensor = input_ids if input_ids is not None else inputs_embeds
     if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
@@ -359,11 +311,9 @@ class SecureModel(SecurePreTrainedModel):
         if position_ids is not None:
             position_ids = _check_int("position_ids", position_ids, shape)
         _check_positions(self.config, self.family, shape[1], position_ids)
-        if isinstance(engine, MPCBertEngine):
-            if inputs_embeds is not None or input_ids is None:
-                raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
-            hidden = engine.hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
-            return _as_return(BaseModelOutputWithPooling(last_hidden_state=hidden), return_dict)
+        _check_embeds(input_ids, inputs_embeds)
+        hidden, pooled = engine.hidden_states(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        return _as_return(BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
         extra = {"attention_mask": attention_mask, "token_type_ids": token_type_ids, "position_ids": position_ids}
         outputs, _ = self._server_forward(engine, input_ids, inputs_embeds, extra, "hidden")
         pooled = outputs.get("pooled")
@@ -421,8 +371,8 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
                 raise InvalidInputError("a secure model continues only from its own RemoteSessionCache")
             cache = None
         if cache is None and use_cache:
-            cache = RemoteSessionCache(self.backend, self.backend.open_session())
-        if cache is not None and cache.backend is not self.backend:
+            cache = RemoteSessionCache(engine, engine.open_session())
+        if cache is not None and cache.backend is not engine:
             raise ServerError("this cache belongs to another server connection")
         if input_ids is not None:
             input_ids = _check_ids(input_ids, engine.vocab_size)
@@ -440,7 +390,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
                 raise UnknownOptionError(f"token_type_ids: a {self.family.name} model has no token types")
             token_type_ids = _check_int("token_type_ids", token_type_ids, (batch, new), high=engine.vocab_size)
         if labels is not None:
-            if getattr(engine, "reveal", "logits") == "token":
+            if engine.reveal == "token":
                 raise UnknownOptionError("labels: a model bound with reveal='token' has no logits to take a loss of")
             labels = _check_int("labels", labels, (batch, new), low=-100, high=engine.vocab_size)
         if isinstance(logits_to_keep, torch.Tensor):
@@ -452,15 +402,8 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             keep = logits_to_keep
         else:
             raise InvalidInputError(f"logits_to_keep must be an int >= 0 or a 1-D tensor, got {logits_to_keep!r}")
-        if isinstance(engine, MPCCausalEngine):
-            if inputs_embeds is not None or input_ids is None:
-                raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
-            logits = engine.logits(input_ids, attention_mask, position_ids, cache, keep, token_type_ids)
-        else:
-            extra = {"attention_mask": attention_mask, "position_ids": position_ids}
-            outputs, output = self._server_forward(engine, input_ids, inputs_embeds, extra, "logits",
-                                                   session=cache, logits_to_keep=keep, token_types=token_type_ids)
-            logits = engine.decode(outputs[output], "logits")
+        _check_embeds(input_ids, inputs_embeds)
+        logits = engine.logits(input_ids, inputs_embeds, attention_mask, position_ids, cache, keep, token_type_ids)
         return _as_return(self._causal_output(logits, logits_to_keep, labels, cache if use_cache else None),
                           return_dict)
 
@@ -472,7 +415,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         minimum length, bad words, ...), returned scores or logits -- is refused with
         UnknownOptionError instead of silently acting on the point-mass stand-in.
         """
-        if getattr(self.engine, "reveal", "logits") == "token":
+        if self.engine is not None and self.engine.reveal == "token":
             config = self.generation_config if generation_config is None else generation_config
             _check_greedy_only(config, logits_processor, kwargs)
         return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,

@@ -35,13 +35,11 @@ class _SecurePipelineMixin:
         recorded = self.model.section["protocol"]
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
-        connection = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
-                      "rendezvous": rendezvous, "party_key": party_key}
+        options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
         if self.model.engine is None:
-            self.model.bind(timeout=timeout, reveal="logits" if reveal is None else reveal, **connection)
-        elif reveal is not None:
-            raise UnknownOptionError("the model is already bound: pass reveal to from_pretrained with the rest")
-        elif any(value is not None for value in connection.values()):
+            self.model.bind(timeout=timeout, **options)
+        elif any(value is not None for value in options.values()):
             raise UnknownOptionError("the model is already bound to a key and server; pass key/server_url once")
 
     def check_model_type(self, supported_models):
@@ -54,7 +52,7 @@ class _SecurePipelineMixin:
     @property
     def secure_stats(self) -> dict:
         """Rounds, bytes each way and server time since the model was bound."""
-        return self.model.backend.stats.snapshot()
+        return self.model.engine.stats.snapshot()
 
 
 class SecureTextGenerationPipeline(_SecurePipelineMixin, TextGenerationPipeline):

@@ -52,6 +52,9 @@ class InProcessBackend:
         with _as_server_error():
             self.server.close_session(session_id)
 
+    def close(self) -> None:
+        """Nothing to release: the server lives in this process and goes with it."""
+
     def forward(self, inputs, session_id=None, past_length=0, output="hidden", logits_to_keep=0):
         start = time.perf_counter()
         with _as_server_error():

@@ -26,6 +26,7 @@ from ...accounting import Traffic
 from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError
 from ...families import family
 from ...integrity import checkpoint_files
+from ..engine import Recorder, SecureEngine
 from .approximations import Approximations, activation_input_bound, calibrate_norms
 from .llama import attention_window
 from .run import MPCSession, online_traffic
@@ -65,8 +66,21 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
 QUERY_BOUNDS = {"sine_opening_leak": 0.0, "truncation_failure": 0.0}
 
 
-class MPCEngine:
-    """A running session of a converted checkpoint, with its accounting."""
+class MPCEngine(SecureEngine):
+    """A running session of a converted checkpoint, with its accounting: the worked example of
+    :class:`~hf_secure.protocols.engine.SecureEngine`.
+
+    :meth:`connect` starts the parties (every role on this machine, or only the client with
+    ``rendezvous``) and picks :class:`MPCCausalEngine` or :class:`MPCBertEngine`; each query is one
+    :meth:`.run.MPCSession.run`. Options: ``rendezvous`` ("tcp://HOST:PORT" of server 0),
+    ``party_key`` (the client's key file, with a rendezvous), ``reveal`` (causal models: "logits"
+    or "token"). :meth:`observe` records the public fields every non-client party receives and
+    the input shapes the dealer receives (each server's input share is uniform; what the servers
+    open inside the protocol is masked, :mod:`.core`).
+    """
+
+    name = "mpc"
+    options = ("rendezvous", "party_key", "reveal")
 
     def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
                  party_key: str | None = None):
@@ -76,7 +90,25 @@ class MPCEngine:
                                   party_key=party_key)
         self.stats = Traffic()
         self.last_report: dict | None = None
+        self._recorder: Recorder | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
+
+    @classmethod
+    def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float,
+                rendezvous: str | None = None, party_key: str | None = None,
+                reveal: str | None = None) -> "MPCEngine":
+        spec = family(config.hf_secure.get("family", "bert"))
+        if causal != spec.causal:
+            wanted = "SecureModelForCausalLM" if spec.causal else "SecureModel"
+            raise UnknownOptionError(f"this {spec.name} checkpoint runs as {wanted} with protocol='mpc'")
+        if rendezvous is None and party_key is not None:
+            raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
+        timeout = max(timeout, 300.0)
+        if not causal:
+            if reveal is not None:
+                raise UnknownOptionError("reveal is an option of causal models with the mpc protocol")
+            return MPCBertEngine(folder, config, timeout, rendezvous, party_key)
+        return MPCCausalEngine(folder, config, timeout, rendezvous, party_key, "logits" if reveal is None else reveal)
 
     def run(self, input_ids: torch.Tensor, public: dict, token_types: torch.Tensor | None = None) -> torch.Tensor:
         """One query on the private ``input_ids`` (shared as one-hot rows); ``token_types`` (GPT-2) add
@@ -84,12 +116,29 @@ class MPCEngine:
         onehot = torch.nn.functional.one_hot(input_ids, self.vocab_size)
         if token_types is not None:
             onehot = onehot + torch.nn.functional.one_hot(token_types, self.vocab_size)
+        if self._recorder is not None:
+            for party in ("server0", "server1", "dealer"):
+                for name, value in public.items():
+                    self._recorder(party, name, value)
+            self._recorder("dealer", "input_shape", torch.tensor(onehot.shape))
         (out,), self.last_report = self.session.run([onehot], public)
         self.last_report["bounds"] = dict(QUERY_BOUNDS)
         for name, value in online_traffic(self.last_report["SERVER0"]).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
         self.stats.seconds += self.last_report["SERVER0"]["online_seconds"]
         return out
+
+    @staticmethod
+    def _ids_only(input_ids, inputs_embeds) -> torch.Tensor:
+        if inputs_embeds is not None or input_ids is None:
+            raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
+        return input_ids
+
+    def observe(self, recorder: Recorder | None) -> None:
+        self._recorder = recorder
+
+    def report(self) -> dict | None:
+        return self.last_report
 
     def close(self) -> None:
         self._finalizer()
@@ -98,8 +147,8 @@ class MPCEngine:
 class MPCBertEngine(MPCEngine):
     """BERT encoders: final hidden states."""
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask=None, token_type_ids=None,
-                      position_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
+        input_ids = self._ids_only(input_ids, inputs_embeds)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         public = {
             "attention_mask": attention_mask,
@@ -107,7 +156,16 @@ class MPCBertEngine(MPCEngine):
             "position_ids": torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
             if position_ids is None else position_ids,
         }
-        return self.run(input_ids, public)
+        return self.run(input_ids, public), None
+
+    def logits(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, token_type_ids):
+        raise UnknownOptionError("a BERT encoder has no LM head: use SecureModel")
+
+    def open_session(self) -> str:
+        raise UnknownOptionError("a BERT encoder keeps no KV cache")
+
+    def close_session(self, session_id: str) -> None:
+        raise UnknownOptionError("a BERT encoder keeps no KV cache")
 
 
 # What the client of a causal model reconstructs per kept position: the logits, or only the most
@@ -146,8 +204,8 @@ class MPCCausalEngine(MPCEngine):
         if self._lengths.pop(int(session_id), None) is not None:
             self._drop.append(int(session_id))
 
-    def logits(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, session=None,
-               logits_to_keep: int = 0, token_types: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids, inputs_embeds, attention_mask, position_ids, session, logits_to_keep,
+               token_type_ids) -> torch.Tensor:
         """Logits ``(batch, kept, vocab)`` of the new tokens ``input_ids`` after the ``session.length``
         tokens cached (None: no cache); with ``reveal="token"`` a point mass at each kept position's
         most likely token instead (float32: 0 there, -inf elsewhere).
@@ -156,6 +214,7 @@ class MPCCausalEngine(MPCEngine):
         not, as the plain transformers model numbers them. Raises InvalidInputError (masks, cache),
         OutOfRangeError (a value left its approximation's range), PartyFailedError.
         """
+        input_ids, token_types = self._ids_only(input_ids, inputs_embeds), token_type_ids
         cache_id = int(session.session_id) if session is not None else 0
         past = session.length if session is not None else 0
         if session is not None and past > self._lengths.get(cache_id, -1):
@@ -183,6 +242,9 @@ class MPCCausalEngine(MPCEngine):
         if session is not None:
             session.length = self._lengths[cache_id] = past + new
         return logits
+
+    def hidden_states(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
+        raise UnknownOptionError("the mpc program of a causal model ends in its LM head: use SecureModelForCausalLM")
 
     def _point_mass(self, index: torch.Tensor) -> torch.Tensor:
         """The argmax the servers computed (fixed-point integers ``(batch, kept)``) as point-mass logits."""
