@@ -55,7 +55,9 @@ def test_truncation_pair_is_exact_in_integers():
 
 def _chained_squares(mpc, x):
     half = x.mul_public(0.5)  # a truncation's output: its square needs no Beaver opening
-    return [half.square(), x.mul_public(1 / 64).add_public(-3.0).square().square(), x.truncate(4).square()]
+    return [half.square(), x.mul_public(1 / 64).add_public(-3.0).square().square(), x.truncate(4).square(),
+            x.mul_public(1 / 64).truncate(1).square(),  # W = 2^63: the coefficient 2W wraps to 0 in the ring
+            x[:3, None].mul_public(1 / 64).add_public(torch.tensor([[1.0, -2.0]])).square()]  # a broadcast shift
 
 
 def test_the_square_of_a_truncation_opens_only_its_own_truncation():
@@ -65,15 +67,18 @@ def test_the_square_of_a_truncation_opens_only_its_own_truncation():
     gen = torch.Generator().manual_seed(5)
     x = torch.cat([(torch.rand(20_000, generator=gen, dtype=torch.float64) * 2 - 1).float() * 2**9,
                    torch.tensor([0.0, 2**-16, -(2**-16), 511.0, -511.0])])
-    (square, fourth, coarse), report = secure_eval(_chained_squares, [x])
+    (square, fourth, coarse, narrow, shifted2), report = secure_eval(_chained_squares, [x])
     half, shifted = x.double() / 2, x.double() / 64 - 3
     assert ((square.double() - half**2).abs() <= 2**-15 * half**2 + 2**-14 * half.abs() + 2**-14).all()
     expected = shifted**4  # error: one unit of each truncation, carried through the squares
     assert ((fourth.double() - expected).abs() <= 2**-13 * (shifted.abs() ** 3 + shifted**2) + 2**-12).all()
     assert ((coarse.double() - (x.double() / 16) ** 2).abs() <= 2**-11 * x.double().abs() / 16 + 2**-14
             + 2**-15 * (x.double() / 16) ** 2).all()
-    # rounds: three truncations of the inputs (one each), then four squares at one round each
-    assert report["SERVER0"]["stats"]["online"]["rounds"] == 3 + 4
+    assert ((narrow.double() - (x.double() / 128) ** 2).abs() <= 2**-14 * (x.double() / 128).abs() + 2**-14).all()
+    expected2 = (x[:3, None].double() / 64 + torch.tensor([[1.0, -2.0]], dtype=torch.float64)) ** 2
+    assert shifted2.shape == (3, 2) and ((shifted2.double() - expected2).abs() <= 2**-12 * expected2.sqrt() + 2**-13).all()
+    # rounds: six truncations of the inputs, then six squares at one round each
+    assert report["SERVER0"]["stats"]["online"]["rounds"] == 6 + 6
 
 
 def _arith(mpc, x, y, w):

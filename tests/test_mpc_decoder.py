@@ -121,7 +121,8 @@ def test_generation_revealing_only_tokens_equals_plaintext_and_refuses_what_need
 
     model.engine.session.run = recording
     try:
-        text = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+        # the pipeline's own default is sampling; a model that reveals only tokens makes it greedy
+        text = generator(prompt, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
         assert text == tokenizer.decode(expected)
         assert [tuple(out.shape) for out in received] == [(1, 1)] * 8  # one token id per step, no vocabulary axis
         assert [int(out.item()) for out in received] == expected.tolist()
@@ -140,13 +141,25 @@ def test_generation_revealing_only_tokens_equals_plaintext_and_refuses_what_need
             model.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([MinLengthLogitsProcessor(5, 0)]))
         with pytest.raises(UnknownOptionError, match="labels"):
             model(ids, labels=ids)
+        with pytest.raises(UnknownOptionError, match="last n positions"):  # would compute every position's token
+            model(ids, logits_to_keep=torch.tensor([0, 2]))
+        # a processor set in the checkpoint's generation config is refused also when the caller
+        # passes a generation config of its own (transformers fills the unset fields from the model's)
+        from transformers import GenerationConfig
+        model.generation_config.suppress_tokens = [14]
+        with pytest.raises(UnknownOptionError, match="suppress_tokens"):
+            model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2))
+        model.generation_config.suppress_tokens = None
+        # neutral values of processors are not processors
+        assert model.generate(ids, max_new_tokens=2, do_sample=False, repetition_penalty=1.0, min_new_tokens=0,
+                              no_repeat_ngram_size=0).shape[1] == ids.shape[1] + 2
         # greedy settings that do not read logits stay available
         assert model.generate(ids, max_new_tokens=3, do_sample=False, temperature=0.7, top_k=5).shape[1] == ids.shape[1] + 3
     finally:
         model.engine.close()
     with pytest.raises(UnknownOptionError, match="reveal"):
         SecureModelForCausalLM.from_pretrained(tmp_path / "approx", protocol="mpc", reveal="probabilities")
-    with pytest.raises(UnknownOptionError, match="reveal"):
+    with pytest.raises(UnknownOptionError, match="runs as SecureModelForCausalLM"):  # what is wrong comes first
         SecureModel.from_pretrained(tmp_path / "approx", protocol="mpc", reveal="token")
 
 

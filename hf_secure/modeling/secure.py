@@ -151,8 +151,9 @@ class SecurePreTrainedModel(PreTrainedModel):
             server_token: the bearer token its operator issued; None reads ``HF_SECURE_TOKEN``.
                 (``token`` is the Hub's, as in transformers, and never reaches the server.)
             ca_bundle: PEM file of the certificate authorities to trust for an https server_url.
-            protocol: the protocol the checkpoint was converted for ("permute" or "mpc"); None: as
-                recorded in the checkpoint. With "mpc" every party runs on this machine, unless
+            protocol: the protocol the checkpoint was converted for (a name in
+                :data:`hf_secure.engines.PROTOCOLS`); None: as recorded in the checkpoint. With "mpc"
+                every party runs on this machine, unless ``rendezvous`` is given.
             rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
                 owner, both servers and the dealer join with ``hf-secure party``.
             party_key: (mpc, with rendezvous) the client's key file from ``hf-secure party-keys``;
@@ -240,28 +241,49 @@ _GREEDY_NEUTRAL = {"_from_model_config", "transformers_version", "bos_token_id",
                    "return_dict_in_generate", "early_stopping", "length_penalty", "disable_compile", "compile_config",
                    "low_memory"}
 _SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
-_FALSE_OR_UNSET = {"do_sample": (None, False), "num_beams": (None, 1), "num_return_sequences": (None, 1),
-                   "output_scores": (None, False), "output_logits": (None, False),
-                   "output_attentions": (None, False), "output_hidden_states": (None, False)}
+_NEUTRAL = {"do_sample": (None, False), "num_beams": (None, 1), "num_return_sequences": (None, 1),
+            "output_scores": (None, False), "output_logits": (None, False),
+            "output_attentions": (None, False), "output_hidden_states": (None, False),
+            # processors at the value that leaves logits as they are
+            "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+            "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+            "min_length": (None, 0), "min_new_tokens": (None, 0), "renormalize_logits": (None, False),
+            "remove_invalid_values": (None, False), "guidance_scale": (None, 1.0), "diversity_penalty": (None, 0.0)}
 _GENERATE_HOOKS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids",
                    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
 
 
-def _check_greedy_only(generation_config: GenerationConfig, logits_processor, kwargs: dict) -> None:
-    """Refuse (UnknownOptionError) any ``generate`` setting that needs logits: the model reveals tokens only."""
+def _same_setting(value, allowed) -> bool:
+    """Whether a generation setting equals an allowed value: None and booleans by identity (True is
+    not 1), numbers by value (1 == 1.0), anything else by type and value."""
+    if value is None or allowed is None or isinstance(value, bool) or isinstance(allowed, bool):
+        return value is allowed
+    if isinstance(value, (int, float)) and isinstance(allowed, (int, float)):
+        return value == allowed
+    return type(value) is type(allowed) and value == allowed
+
+
+def _check_greedy_only(model_config: GenerationConfig, generation_config: GenerationConfig | None, logits_processor,
+                       kwargs: dict) -> None:
+    """Refuse (UnknownOptionError) any ``generate`` setting that needs logits: the model reveals tokens only.
+
+    Checked on what generate will use: the passed ``generation_config`` with every field it leaves
+    unset taken from the model's (as transformers fills them), then the keyword arguments."""
     if logits_processor is not None and len(logits_processor):
         raise UnknownOptionError("logits_processor: a model bound with reveal='token' reveals no logits to process")
     for name in _GENERATE_HOOKS:
         if kwargs.get(name) is not None:
             raise UnknownOptionError(f"{name}: a model bound with reveal='token' decodes greedily only")
-    config = copy.deepcopy(generation_config)
+    config = copy.deepcopy(model_config)
+    if generation_config is not None:
+        config.update(**{k: v for k, v in generation_config.to_dict().items() if v is not None})
     config.update(**kwargs)
     defaults = GenerationConfig().to_dict()
     for name, value in config.to_dict().items():
         if name in _GREEDY_NEUTRAL or name in _SAMPLING_ONLY:
             continue
-        allowed = _FALSE_OR_UNSET.get(name, (defaults.get(name),))
-        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+        allowed = _NEUTRAL.get(name, (defaults.get(name),))
+        if not any(_same_setting(value, a) for a in allowed):
             raise UnknownOptionError(f"{name}={value!r}: a model bound with reveal='token' decodes greedily only "
                                      f"(the servers reveal each step's most likely token, no logits); "
                                      f"pass do_sample=False and leave the logits processors at their defaults")
@@ -397,6 +419,9 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
             logits_to_keep = _check_int("logits_to_keep", logits_to_keep, high=new)
             if logits_to_keep.dim() != 1:
                 raise InvalidInputError("logits_to_keep as a tensor must be 1-D positions")
+            if engine.reveal == "token":
+                raise UnknownOptionError("logits_to_keep as positions: a model bound with reveal='token' reveals the "
+                                         "last n positions' tokens only (pass an int)")
             keep = 0
         elif isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
             keep = logits_to_keep
@@ -416,8 +441,7 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         UnknownOptionError instead of silently acting on the point-mass stand-in.
         """
         if self.engine is not None and self.engine.reveal == "token":
-            config = self.generation_config if generation_config is None else generation_config
-            _check_greedy_only(config, logits_processor, kwargs)
+            _check_greedy_only(self.generation_config, generation_config, logits_processor, kwargs)
         return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
                                 **kwargs)
 

@@ -15,7 +15,7 @@ only each generated token, not its logits.
 
 from __future__ import annotations
 
-from transformers import FeatureExtractionPipeline, TextGenerationPipeline
+from transformers import FeatureExtractionPipeline, GenerationConfig, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..errors import UnknownOptionError
@@ -30,6 +30,13 @@ class _SecurePipelineMixin:
     def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
                  protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None,
                  reveal: str | None = None, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        bound = getattr(getattr(model, "engine", None), "reveal", None)
+        defaults = getattr(self, "_default_generation_config", None)
+        if "token" in (reveal, bound) and defaults is not None:
+            # a model that reveals only tokens decodes greedily: the pipeline's sampling default would be refused
+            self._default_generation_config = GenerationConfig(
+                **{**defaults.to_diff_dict(), "do_sample": False, "temperature": None})
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]

@@ -245,7 +245,8 @@ def argmax(x: Shared, bits: int, drop: int) -> Shared:
     ``x`` is truncated by ``drop`` bits once, before the first level, so the comparisons run on
     ``bits``-bit lanes without a truncation each: the caller must ensure ``|left - right| <
     2^(bits - 1)`` units of ``2^(drop - f)`` (a range check on ``x``) -- outside it a comparison
-    wraps. Entries closer than one such unit may be ordered either way; ties go to either index.
+    wraps. Entries closer than two such units may be ordered either way (each entry's truncation
+    errs by one unit, up or down, independently); ties go to either index.
     Rounds: ``1 + ceil(log2 n) (ceil(log2(bits - 1)) + 3)``.
     """
     mpc = x.mpc

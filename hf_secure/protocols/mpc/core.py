@@ -313,7 +313,7 @@ class MPC:
         if self.offline:
             return self.truncate_many([self.placeholder(x.shape)])[0]
         r_hi_squared, top_r_hi = squares
-        z = (-2 * t.public * t.secret() + r_hi_squared - 2 * t.wrap * t.keep * top_r_hi
+        z = (-2 * t.public * t.secret() + r_hi_squared - _wrapped(2 * t.wrap) * t.keep * top_r_hi
              + _wrapped(t.wrap * t.wrap) * t.keep * t.top)
         if self.role == SERVER0:
             z = z + t.public * t.public
@@ -412,7 +412,7 @@ class Shared:
         """x + c for a public real c (only server 0 adds it; a truncation record moves with it)."""
         constant = encode(torch.as_tensor(value), self.mpc.frac_bits).to(self.share.device)
         truncation = None if self.truncation is None else self.truncation.shifted(constant)
-        share = self.share + constant if self.mpc.role == SERVER0 else self.share
+        share = self.share + (constant if self.mpc.role == SERVER0 else torch.zeros_like(constant))  # same broadcast
         return Shared(self.mpc, share, truncation)
 
     def mul_public(self, value, truncate: bool = True) -> "Shared":
