@@ -177,7 +177,7 @@ def test_secure_feature_extraction_pipeline_with_mpc(tmp_path):
         assert stats["rounds"] > 0 and stats["bytes_sent"] > 0
     finally:
         secure.model.engine.close()
-    with pytest.raises(UnknownOptionError, match="no key"):
+    with pytest.raises(UnknownOptionError, match="key: not an option of the mpc protocol"):
         SecureModel.from_pretrained(tmp_path / "approx", protocol="mpc", key=tmp_path / "none.safetensors")
     with pytest.raises(UnknownOptionError, match="protocol"):
         SecureModel.from_pretrained(tmp_path / "approx", protocol="permute")

@@ -1,0 +1,82 @@
+"""One battery for every (protocol, family) pair: what a new protocol or family inherits.
+
+For each registered protocol (:data:`hf_secure.engines.PROTOCOLS`) and model family
+(:data:`hf_secure.families.FAMILIES`), a tiny random model with non-trivial norms is converted the
+protocol's way and must:
+
+* agree with its plaintext reference on the same input (permute: the original model, to fp32
+  rounding; mpc: the approximated plaintext model, to the approximations' fixed-point error);
+* for causal families, generate greedily the same tokens as the reference;
+* refuse bad input with a clear error: an unknown option, token ids outside the vocabulary, and
+  a missing or foreign key where the protocol has keys.
+
+A protocol joins by a ``_convert`` branch below (how its checkpoints are made: the one place a test
+must know the protocol); a family joins by its spec alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from hf_secure import SecureModel, SecureModelForCausalLM
+from hf_secure.convert import convert_approximate, convert_permute
+from hf_secure.demo import DEMO_MODEL
+from hf_secure.engines import PROTOCOLS
+from hf_secure.errors import InvalidInputError, MissingKeyError, UnknownOptionError
+from hf_secure.families import FAMILIES
+
+from .conftest import TOL, make_tiny
+
+# mpc against the approximated plaintext model: fixed-point error only, on outputs of size ~1
+TOLERANCE = {"permute": TOL, "mpc": 0.05}
+PAIRS = [(protocol, name) for protocol in PROTOCOLS for name in FAMILIES]
+
+
+def _convert(protocol: str, src, out):
+    """(converted folder, reference plaintext folder, from_pretrained options) for ``protocol``."""
+    if protocol == "permute":
+        convert_permute(src, out, out.parent / "client.key.safetensors", embeddings="client", seed=5)
+        return out, src, {"key": str(out.parent / "client.key.safetensors")}
+    if protocol == "mpc":
+        convert_approximate(src, out)
+        return out, out, {"protocol": "mpc"}
+    raise AssertionError(f"no conversion for protocol {protocol!r}: add one to tests/test_conformance.py")
+
+
+@pytest.mark.parametrize("protocol, name", PAIRS, ids=[f"{p}-{n}" for p, n in PAIRS])
+def test_protocol_and_family_agree_with_plaintext_and_refuse_bad_input(tmp_path, protocol, name):
+    spec = FAMILIES[name]
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))  # the converter calibrates on text
+    make_tiny(name, tmp_path / "plain", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "plain")
+    folder, reference, options = _convert(protocol, tmp_path / "plain", tmp_path / "converted")
+    secure_class, plain_class = (SecureModelForCausalLM, AutoModelForCausalLM) if spec.causal else (SecureModel, AutoModel)
+    plain = plain_class.from_pretrained(reference).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in the second row
+    with pytest.raises(UnknownOptionError, match="colour"):
+        secure_class.from_pretrained(folder, colour="blue", **options)
+    model = secure_class.from_pretrained(folder, **options)
+    try:
+        with torch.no_grad():
+            got, expected = model(ids, attention_mask=mask), plain(ids, attention_mask=mask)
+        out = "logits" if spec.causal else "last_hidden_state"
+        valid = mask.bool()
+        assert (getattr(got, out) - getattr(expected, out))[valid].abs().max() < TOLERANCE[protocol]
+        if spec.causal:
+            prompt = ids[:1]
+            assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False),
+                               plain.generate(prompt, max_new_tokens=4, do_sample=False))
+        with pytest.raises(InvalidInputError, match="input_ids"):
+            model(torch.tensor([[1, len(tokenizer)]]))
+    finally:
+        model.engine.close()
+    if "key" in PROTOCOLS[protocol].options:
+        with pytest.raises(MissingKeyError):
+            secure_class.from_pretrained(folder, **{k: v for k, v in options.items() if k != "key"})
+    else:  # a protocol without keys refuses one
+        with pytest.raises(UnknownOptionError, match="key"):
+            secure_class.from_pretrained(folder, key="client.key", **options)
