@@ -36,6 +36,9 @@ SOFTMAXES = ("exact", "2quad")
 
 @dataclass(frozen=True)
 class Approximations:
+    """Which approximation each nonlinearity of a program uses, and its public constants (see the
+    module docstring). Raises UnknownOptionError for an activation or softmax it does not know."""
+
     activation: str = "secformer_gelu"
     softmax: str = "exact"
     ln_bounds: dict = field(default_factory=dict)  # normalisation site -> deflation bound
@@ -48,6 +51,7 @@ class Approximations:
             raise UnknownOptionError(f"softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
 
     def bound(self, site: str) -> float:
+        """The public deflation bound of a normalisation site's statistic (1.0 if not calibrated)."""
         return self.ln_bounds.get(site, 1.0)
 
     def act(self, x: Shared) -> Shared:

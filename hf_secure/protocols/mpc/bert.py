@@ -33,10 +33,14 @@ class BertProgram:
 
     @classmethod
     def from_config(cls, config, approx: Approximations = Approximations(), from_embeddings: bool = False):
+        """The program of a ``BertConfig``; ``from_embeddings``: the input is the embeddings' output
+        ``[b, s, hidden]`` (fixed point) instead of one-hot token rows."""
         return cls(config.num_hidden_layers, config.num_attention_heads, config.layer_norm_eps, approx,
                    from_embeddings)
 
     def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """``BertModel`` keys to program weights: projections transposed to ``(in, out)``, Q/K/V
+        concatenated (the pooler is not computed)."""
         def t(name):  # nn.Linear stores (out, in); products want (in, out)
             return w[name].transpose(0, 1).contiguous()
 
@@ -64,6 +68,8 @@ class BertProgram:
         return out, matrices
 
     def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict, state: dict) -> list[Shared]:
+        """Final hidden states ``[b, s, hidden]`` of one-hot rows (or embeddings); public fields
+        ``attention_mask``, ``position_ids``, ``token_type_ids``, all ``[b, s]``."""
         (h,) = inputs
         mask = public["attention_mask"]
         if not self.from_embeddings:  # h is one-hot token ids

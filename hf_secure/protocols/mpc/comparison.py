@@ -211,6 +211,7 @@ def drelu(x: Shared, bits: int = 64, drop: int = 0) -> SharedBit:
 
 
 def relu(x: Shared) -> Shared:
+    """``max(x, 0)``: a 64-bit DReLU and one multiplexer round (exact, no truncation)."""
     return drelu(x).times(x)
 
 

@@ -166,6 +166,7 @@ class MPC:
         return out
 
     def next_request(self) -> None:
+        """Start a new request: the masks drawn next come from fresh AES-CTR keys (seed, counter, label)."""
         self.counter += 1
 
     def receive_offline(self) -> None:
@@ -183,6 +184,7 @@ class MPC:
 
     # -- values -------------------------------------------------------------------------
     def shared(self, share: torch.Tensor) -> "Shared":
+        """Wrap this party's int64 share (fixed point, ``frac_bits``) as a :class:`Shared`."""
         return Shared(self, share)
 
     def placeholder(self, shape) -> "Shared":

@@ -90,6 +90,9 @@ class DecoderProgram:
     approx: Approximations
 
     def forward(self, mpc: MPC, w: dict, inputs: list[Shared], public: dict, state: dict) -> list[Shared]:
+        """One query: one-hot rows ``[b, new, vocab]`` and the public fields of the module docstring
+        to the logits ``[b, kept, vocab]`` (or with ``token_only`` the token ids ``[b, kept]``, fixed
+        point). Raises InvalidInputError for a cache or mask that does not fit."""
         caches = state.setdefault("caches", {})
         for cache_id in public["drop"].tolist():
             caches.pop(cache_id, None)

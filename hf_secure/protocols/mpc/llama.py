@@ -26,6 +26,13 @@ from .nonlinear import rms_norm
 
 @dataclass(frozen=True)
 class LlamaProgram(DecoderProgram):
+    """Every Llama-like family (Llama, Mistral, Qwen2) as a two-party program (:class:`.run.Program`).
+
+    Per layer: RMSNorm, fused Q/K/V (biases where the weights have them), RoPE from transformers'
+    own tables (local, then one truncation for queries and keys), grouped-query attention over
+    the cached keys and values, the output projection, RMSNorm, the gated MLP with the series SiLU.
+    """
+
     num_heads: int = 1
     num_kv_heads: int = 1
     head_dim: int = 1
@@ -59,6 +66,8 @@ class LlamaProgram(DecoderProgram):
         return rotary_embedding(self.rope_config, self.head_dim)
 
     def derive(self, w: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """``*ForCausalLM`` keys to program weights: projections transposed to ``(in, out)``, Q/K/V
+        and gate/up concatenated; the LM head is the embedding transposed when tied."""
         def t(name):  # nn.Linear stores (out, in); products want (in, out)
             return w[name].transpose(0, 1).contiguous()
 
@@ -83,9 +92,11 @@ class LlamaProgram(DecoderProgram):
         return out, matrices
 
     def embed(self, mpc: MPC, w: dict, onehot: Shared, public: dict) -> Shared:
+        """Token rows: one-hot ``[b, s, vocab]`` times the table (one round, no truncation)."""
         return linear(onehot, w["embed"], truncate=False)
 
     def layer(self, mpc: MPC, w: dict, i: int, h: Shared, keep: torch.Tensor, public: dict, cache):
+        """Layer ``i`` on ``h`` ``[b, new, hidden]``; returns ``(h, cache)``."""
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = linear(self._norm(w, h, f"{i}.ln1"), w[f"{i}.qkv"], w.get(f"{i}.qkv.b"))
         cos, sin = public["rope"]
@@ -106,6 +117,7 @@ class LlamaProgram(DecoderProgram):
             raise InvalidInputError(f"{length} positions exceed the sliding window of {self.window}")
 
     def final_norm(self, w: dict, h: Shared) -> Shared:
+        """The final RMSNorm before the LM head."""
         return self._norm(w, h, "final")
 
     def _norm(self, w: dict, x: Shared, site: str) -> Shared:
@@ -161,6 +173,7 @@ def _rope(x: Shared, cos: torch.Tensor, sin: torch.Tensor) -> Shared:
 
 
 def norm_sites(num_layers: int) -> dict[str, str]:
+    """A Llama-like model's RMSNorm modules and their site names in ``Approximations.ln_bounds``."""
     sites = {"model.norm": "final"}
     for i in range(num_layers):
         sites[f"model.layers.{i}.input_layernorm"] = f"{i}.ln1"

@@ -27,10 +27,13 @@ class PRG:
 
     @classmethod
     def fresh(cls) -> "PRG":
+        """A stream under a fresh 128-bit key from the OS (the dealer's own secrets: the sine mask)."""
         return cls(os.urandom(16))
 
     @classmethod
     def derive(cls, seed: bytes, *labels) -> "PRG":
+        """The stream under ``SHA-256(seed | labels)[:16]``: one independent AES-CTR key per
+        (seed, request number, label), so no key is used for two masks."""
         digest = hashlib.sha256(seed + b"|" + "|".join(map(str, labels)).encode()).digest()
         return cls(digest[:16])
 

@@ -28,12 +28,14 @@ EMBEDDING_MODES = ("client", "server")
 
 
 def check_embedding_mode(mode: str) -> str:
+    """``mode`` if it is "client" or "server"; UnknownOptionError otherwise."""
     if mode not in EMBEDDING_MODES:
         raise UnknownOptionError(f"embeddings must be one of {EMBEDDING_MODES}, got {mode!r}")
     return mode
 
 
 def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``x[..., perm][..., inverse(perm)] == x``."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype)
     return inv
@@ -47,6 +49,7 @@ def gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def is_permutation(perm: torch.Tensor) -> bool:
+    """Whether ``perm`` is a 1-D int64 permutation of ``0..n-1`` (n > 0)."""
     return (
         perm.dtype == torch.int64
         and perm.dim() == 1
@@ -73,6 +76,8 @@ class PermuteKey:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "PermuteKey":
+        """The key from its safetensors tensors and metadata; CorruptKeyError for anything that is
+        not a well-formed key of its embedding mode (non-permutations, wrong table shapes)."""
         if meta.get("protocol") != "permute":
             raise CorruptKeyError(f"not a permute key (protocol {meta.get('protocol')!r})")
         if meta.get("embeddings") not in EMBEDDING_MODES:

@@ -43,12 +43,15 @@ from ...families import FamilySpec
 
 @dataclass(frozen=True)
 class AttentionShape:
+    """Query heads, key/value heads (grouped-query attention) and the head width of a config."""
+
     n_heads: int
     n_kv_heads: int
     head_dim: int
 
     @classmethod
     def of(cls, config) -> "AttentionShape":
+        """From a transformers config; UnsupportedModelError when the query heads do not group evenly."""
         hidden = config.hidden_size
         n_heads = config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
@@ -93,6 +96,7 @@ def sample_layer_permutations(
 
 
 def ffn_size_of(config) -> int:
+    """The FFN's intermediate width (GPT-2's ``n_inner``, default ``4 * hidden``)."""
     size = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
     return size or 4 * config.hidden_size
 
