@@ -173,6 +173,11 @@ def test_pipeline_arguments_are_honoured_or_refused(tiny):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, key=str(key))
     with pytest.raises(UnknownOptionError, match="already bound"):
         pipeline("secure-text-generation", model=generator.model, tokenizer=tokenizer, reveal="token")
+    with pytest.raises(UnknownOptionError, match="available"):  # an unknown protocol name lists the registered ones
+        pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer, protocol="bogus")
+    _, bert_folder, bert_key = tiny("bert", "client")
+    with pytest.raises(UnknownOptionError, match="no LM head"):  # an encoder is not a causal LM
+        SecureModelForCausalLM.from_pretrained(bert_folder, key=bert_key)
     with pytest.raises(UnknownOptionError, match="reveal: not an option of the permute protocol"):
         pipeline("secure-text-generation", model=str(folder), key=str(key), tokenizer=tokenizer, reveal="token")
 

@@ -162,7 +162,8 @@ class SecurePreTrainedModel(PreTrainedModel):
                 or "token": the most likely token only, computed on shares, returned as point-mass
                 logits; ``generate()`` then decodes greedily and refuses sampling, beams, logits
                 processors and scores (see docs/threat-model.md, "What the output reveals").
-            timeout: seconds before a server call fails.
+            timeout: seconds before a server call fails (mpc: at least 300 per query, which a large
+                model's query can take; a smaller value is raised to 300).
             dtype: float dtype of the client's computation (and of the in-process server).
         """
         unknown = set(kwargs) - _IGNORED_HF_KWARGS
@@ -202,6 +203,9 @@ class SecurePreTrainedModel(PreTrainedModel):
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
                    "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
         engine_class.check_options(options)
+        if self.engine is not None:  # rebinding: release the servers or parties bound before
+            self.engine.close()
+            self.engine = None
         self.engine = engine_class.connect(self.folder, self.config, causal=isinstance(self, SecureModelForCausalLM),
                                            dtype=self._client_dtype, timeout=timeout,
                                            **{k: v for k, v in options.items() if k in engine_class.options})
@@ -336,13 +340,6 @@ class SecureModel(SecurePreTrainedModel):
         _check_embeds(input_ids, inputs_embeds)
         hidden, pooled = engine.hidden_states(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
         return _as_return(BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
-        extra = {"attention_mask": attention_mask, "token_type_ids": token_type_ids, "position_ids": position_ids}
-        outputs, _ = self._server_forward(engine, input_ids, inputs_embeds, extra, "hidden")
-        pooled = outputs.get("pooled")
-        return _as_return(BaseModelOutputWithPooling(
-            last_hidden_state=engine.decode(outputs["hidden"], "hidden"),
-            pooler_output=engine.decode(pooled, "hidden") if pooled is not None else None,
-        ), return_dict)
 
 
 class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):

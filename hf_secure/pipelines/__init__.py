@@ -18,6 +18,7 @@ from __future__ import annotations
 from transformers import FeatureExtractionPipeline, GenerationConfig, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from ..engines import protocol_engine
 from ..errors import UnknownOptionError
 from ..modeling import SecureModel, SecureModelForCausalLM
 
@@ -40,6 +41,8 @@ class _SecurePipelineMixin:
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
+        if protocol is not None:
+            protocol_engine(protocol)  # an unknown name: UnknownOptionError listing the registered ones
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,

@@ -21,7 +21,7 @@ import torch
 from ..errors import UnknownOptionError
 
 # What a non-client party sees, as the engine records it: (party, what, tensor), e.g.
-# ("server", "inputs_embeds", tensor). The audit (``hf-secure audit``) feeds it to its attacks.
+# ("server", "inputs_embeds", tensor); the leakage audit (issue 12) is to feed it to its attacks.
 Recorder = Callable[[str, str, torch.Tensor], None]
 
 
@@ -40,7 +40,8 @@ class SecureEngine(ABC):
     * :meth:`open_session` / :meth:`close_session` -- the KV cache handle's life on the other side.
     * :attr:`stats` (a :class:`~hf_secure.accounting.Traffic`) and :meth:`report` -- what the
       protocol cost: totals since binding, and the last query's per-party report (or None).
-    * :meth:`observe` -- record what each non-client party receives, for the audit.
+    * :meth:`observe` -- record what each non-client party receives from the client, for the
+      audit (each engine's docstring says what it records and what not).
     * :meth:`close` -- release servers, parties and sessions; idempotent.
 
     Arguments arrive checked by the model (ids in the vocabulary, masks 0/1 of the right shape,

@@ -3,8 +3,8 @@
 Each query: the client transforms its input with the key (:meth:`.client.PermuteClient.encode`:
 permuted embeddings, or vocabulary-permuted ids), the server runs the permuted transformers model
 (:class:`hf_secure.server.runtime.ModelServer`), and the client un-permutes what comes back
-(:meth:`.client.PermuteClient.decode`). What the server receives is exactly what :meth:`observe`
-records.
+(:meth:`.client.PermuteClient.decode`). :meth:`observe` records every tensor the server
+receives, and the cache length and ``logits_to_keep`` of the request.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from ...accounting import Traffic
 from ...errors import KeyMismatchError, UnknownOptionError
+from ...families import family
 from ...keys import resolve_key
 from ...server.backends import HttpBackend, InProcessBackend
 from ...server.runtime import ModelServer, read_section
@@ -46,6 +47,8 @@ class PermuteEngine(SecureEngine):
         if server_url is None and (server_token is not None or ca_bundle is not None):
             raise UnknownOptionError("server_token and ca_bundle need a server_url")
         section = read_section(config)
+        if causal and not family(section["family"]).causal:  # (hidden states of a causal model are fine)
+            raise UnknownOptionError(f"this {section['family']} checkpoint has no LM head: load it with SecureModel")
         tensors, meta = resolve_key(key, section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))
         if recorded != section.get("weights"):
@@ -74,6 +77,8 @@ class PermuteEngine(SecureEngine):
         if self._recorder is not None:
             for name, tensor in inputs.items():
                 self._recorder("server", name, tensor)
+            self._recorder("server", "past_length", torch.tensor([cache.length if cache is not None else 0]))
+            self._recorder("server", "logits_to_keep", torch.tensor([logits_to_keep]))
         output = self.client.server_output(want)
         outputs, length = self.backend.forward(
             inputs,
