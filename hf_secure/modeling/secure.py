@@ -243,9 +243,13 @@ class SecurePreTrainedModel(PreTrainedModel):
 _GREEDY_NEUTRAL = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
                    "decoder_start_token_id", "max_length", "max_new_tokens", "max_time", "stop_strings", "use_cache",
                    "return_dict_in_generate", "early_stopping", "length_penalty", "disable_compile", "compile_config",
-                   "low_memory"}
+                   "low_memory",
+                   # read only with an assistant model or prompt lookup, both refused in this mode
+                   "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                   "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "is_assistant"}
 _SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
-_NEUTRAL = {"do_sample": (None, False), "num_beams": (None, 1), "num_return_sequences": (None, 1),
+_NEUTRAL = {"do_sample": (None, False), "num_beams": (None, 1), "num_beam_groups": (None, 1),
+            "num_return_sequences": (None, 1),
             "output_scores": (None, False), "output_logits": (None, False),
             "output_attentions": (None, False), "output_hidden_states": (None, False),
             # processors at the value that leaves logits as they are
