@@ -89,10 +89,12 @@ class SecureEngine(ABC):
     def close_session(self, session_id: str) -> None:
         """Free a KV cache (unknown ids are ignored)."""
 
-    @abstractmethod
+    _recorder: Recorder | None = None  # set by observe(); each engine calls it where its parties receive
+
     def observe(self, recorder: Recorder | None) -> None:
         """From now on, call ``recorder(party, what, tensor)`` for what each non-client party
         receives (None: stop)."""
+        self._recorder = recorder
 
     def report(self) -> dict | None:
         """The last query's report per party (protocols that measure one), else None."""

@@ -26,9 +26,8 @@ from ...accounting import Traffic
 from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError
 from ...families import family
 from ...integrity import checkpoint_files
-from ..engine import Recorder, SecureEngine
+from ..engine import SecureEngine
 from .approximations import Approximations, activation_input_bound, calibrate_norms
-from .llama import attention_window
 from .run import MPCSession, online_traffic
 
 def calibrate(model, family_name: str, margin: float = 1.5, **inputs) -> dict[str, float]:
@@ -86,11 +85,11 @@ class MPCEngine(SecureEngine):
                  party_key: str | None = None):
         self.vocab_size = config.vocab_size
         weights = load_weights(folder) if rendezvous is None else None
-        self.session = MPCSession(load_program(config), weights, timeout_s=timeout, rendezvous=rendezvous,
+        self.program = load_program(config)
+        self.session = MPCSession(self.program, weights, timeout_s=timeout, rendezvous=rendezvous,
                                   party_key=party_key)
         self.stats = Traffic()
         self.last_report: dict | None = None
-        self._recorder: Recorder | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
 
     @classmethod
@@ -133,9 +132,6 @@ class MPCEngine(SecureEngine):
         if inputs_embeds is not None or input_ids is None:
             raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
         return input_ids
-
-    def observe(self, recorder: Recorder | None) -> None:
-        self._recorder = recorder
 
     def report(self) -> dict | None:
         return self.last_report
@@ -190,7 +186,6 @@ class MPCCausalEngine(MPCEngine):
             raise UnknownOptionError(f"reveal must be one of {REVEAL}, got {reveal!r}")
         super().__init__(folder, config, timeout, rendezvous, party_key)
         self.reveal = reveal
-        self.window = attention_window(config)
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}
         self._drop: list[int] = []
@@ -221,9 +216,7 @@ class MPCCausalEngine(MPCEngine):
             raise InvalidInputError(f"cache {session.session_id} holds {self._lengths.get(cache_id, 0)} tokens, "
                                      f"cannot continue from {past}")
         batch, new = input_ids.shape
-        if self.window is not None and past + new > self.window:
-            raise InvalidInputError(f"{past + new} positions exceed the model's sliding window of {self.window}: "
-                                    "the mpc protocol attends over the whole sequence")
+        self.program.check_length(past + new)  # refused here, before anything is sent
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + new, dtype=torch.long)
         if attention_mask.shape != (batch, past + new):

@@ -35,8 +35,8 @@ from .ranges import FINE, expect_within
 
 # The argmax compares logits truncated to 8 fractional bits on 20-bit lanes: differences below
 # 2^19 / 2^8 = 2048, so the logits are range-checked to |l| <= 1000; entries closer than 2^-7 (each
-# truncated to 2^-8 independently, one unit either way) may
-# be ordered either way (the approximations' own error on logits is larger).
+# truncated to 2^-8 independently, one unit either way) may be ordered either way (the
+# approximations' own error on logits is larger).
 ARGMAX_COMPARISON = (20, 8)
 ARGMAX_LIMIT = 1000.0
 

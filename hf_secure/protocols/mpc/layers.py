@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import ProgramError
 from .core import MPC, SERVER0, Shared, product_shape
 from .prg import PRG
 
@@ -109,6 +110,8 @@ def linear(x: Shared, weight: SharedWeight, bias: Shared | None = None, truncate
     round, and one for the truncation. ``scale`` is public: a power of two ``2^-j`` is folded into
     the truncation, any other scale multiplies ``x`` first (one more round)."""
     mpc = x.mpc
+    if not truncate and scale != 1.0:
+        raise ProgramError("linear(truncate=False) takes no scale: the scale is applied by the truncation")
     bits = mpc.scaled_truncation(scale)
     if bits is None:
         x, bits = x.mul_public(scale), mpc.frac_bits

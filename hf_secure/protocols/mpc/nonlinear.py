@@ -138,9 +138,10 @@ def _harmonics(v: torch.Tensor, modulus: int, n: int) -> torch.Tensor:
     return out
 
 
-def erf_series(u: Shared) -> Shared:
-    """SecFormer's erf on [-2.5, 2.5] (max error ~0.036 there; outside it needs the segment selection)."""
-    return sine_series(u, ERF_SINE_COEFFS, ERF_PERIOD)
+def erf_series(x: Shared, scale: float = 1.0) -> Shared:
+    """SecFormer's erf of ``u = scale * x`` on ``|u| <= 2.5`` (max error ~0.036 there; outside it needs
+    the segment selection): a series in ``x`` of period ``20 / scale``, so ``u`` is never computed."""
+    return sine_series(x, ERF_SINE_COEFFS, ERF_PERIOD / scale)
 
 
 INV_SQRT_RANGE = (1e-4, 2.0)  # inputs of inv_sqrt relative to the bound: 2 allows 1.5x the calibrated maximum
@@ -296,8 +297,8 @@ def _odd_saturating(x: Shared, series: Shared, cut: float, check_range: bool) ->
 def gelu(x: Shared, check_range: bool = True) -> Shared:
     """SecFormer's GeLU: ``0.5 x (1 + erf(x / sqrt 2))`` with the segmented sine-series erf, read
     in ``x`` (period ``20 sqrt 2``, edges ``-+2.5 sqrt 2``)."""
-    series = sine_series(x, ERF_SINE_COEFFS, ERF_PERIOD * math.sqrt(2))
-    return _odd_saturating(x, series, ERF_CUT * math.sqrt(2), check_range)
+    scale = U_SCALE["secformer_gelu"]
+    return _odd_saturating(x, erf_series(x, scale), ERF_CUT / scale, check_range)
 
 
 def silu(x: Shared, check_range: bool = True) -> Shared:

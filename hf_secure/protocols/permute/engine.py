@@ -19,7 +19,7 @@ from ...families import family
 from ...keys import resolve_key
 from ...server.backends import HttpBackend, InProcessBackend
 from ...server.runtime import ModelServer, read_section
-from ..engine import Recorder, SecureEngine
+from ..engine import SecureEngine
 from .client import PermuteClient, PermuteKey
 
 
@@ -38,7 +38,6 @@ class PermuteEngine(SecureEngine):
         self.client = client
         self.backend = backend
         self.vocab_size = client.vocab_size
-        self._recorder: Recorder | None = None
 
     @classmethod
     def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float, key=None,
@@ -109,9 +108,6 @@ class PermuteEngine(SecureEngine):
 
     def close_session(self, session_id: str) -> None:
         self.backend.close_session(session_id)
-
-    def observe(self, recorder: Recorder | None) -> None:
-        self._recorder = recorder
 
     def close(self) -> None:
         self.backend.close()
