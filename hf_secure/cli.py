@@ -9,6 +9,7 @@
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL [--ca-bundle PEM]]
     hf-secure push DIR REPO_ID
+    hf-secure audit DIR [--original SRC] [--text FILE] [--layers 0,1,mid,last] [--json OUT] [--chart OUT.png]
     hf-secure demo
 
 Every failure ends in one line on stderr, ``hf-secure: error: Type: message``, exit status 1
@@ -165,6 +166,26 @@ def _push(args) -> None:
     print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
 
 
+def _audit(args) -> None:
+    from .audit import audit
+
+    texts = None
+    if args.text is not None:
+        texts = [line.strip() for line in Path(args.text).read_text().splitlines() if line.strip()]
+        if not texts:
+            raise UnknownOptionError(f"{args.text} holds no text (one sample per line)")
+    report = audit(args.model, original=args.original, protocol=args.protocol, texts=texts,
+                   layers=args.layers.split(","), key=args.key, embedding_noise=args.embedding_noise,
+                   shortlist=args.shortlist, sweeps=args.sweeps, max_length=args.max_length)
+    print(report.table())
+    if args.json is not None:
+        report.to_json(args.json)
+        print(f"table -> {args.json}")
+    if args.chart is not None:
+        report.plot(args.chart)
+        print(f"chart -> {args.chart}")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -311,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=_push)
+
+    aud = command(sub, "audit", help="attack what the parties see on sample text and print what leaks")
+    aud.add_argument("model", help="converted folder or Hub id")
+    aud.add_argument("--protocol", default=None, help="the protocol to audit (default: the checkpoint's)")
+    aud.add_argument("--original", default=None,
+                     help="the open checkpoint the attacker knows (permute: required; mpc: default the checkpoint)")
+    aud.add_argument("--key", default=None, help="permute: the client key file (default: the key store)")
+    aud.add_argument("--text", default=None, metavar="FILE", help="sample text, one per line (default: built-in)")
+    aud.add_argument("--layers", default="0,1,mid,last", help="residual-stream layers: numbers, mid, last")
+    aud.add_argument("--embedding-noise", type=float, default=None,
+                     help="permute, client embeddings: std of the noise defence to measure")
+    aud.add_argument("--shortlist", type=_positive, default=64,
+                     help="candidates per position in the joint search (bidirectional models)")
+    aud.add_argument("--sweeps", type=_positive, default=2, help="sweeps of the joint search")
+    aud.add_argument("--max-length", type=_positive, default=32, help="tokens per sample")
+    aud.add_argument("--json", default=None, metavar="OUT", help="write the table as JSON")
+    aud.add_argument("--chart", default=None, metavar="OUT.png", help="draw recovery by layer")
+    aud.set_defaults(func=_audit)
 
     demo = command(sub, "demo", help="convert, serve and generate privately, end to end")
     demo.add_argument("--model", default=None, help="source model (default: the embedded demo GPT-2)")

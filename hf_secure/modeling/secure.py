@@ -135,6 +135,8 @@ class SecurePreTrainedModel(PreTrainedModel):
         rendezvous: str | None = None,
         party_key: str | None = None,
         reveal: str | None = None,
+        embedding_noise: float | None = None,
+        record_views: bool | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -162,6 +164,11 @@ class SecurePreTrainedModel(PreTrainedModel):
                 or "token": the most likely token only, computed on shares, returned as point-mass
                 logits; ``generate()`` then decodes greedily and refuses sampling, beams, logits
                 processors and scores (see docs/threat-model.md, "What the output reveals").
+            embedding_noise: (permute, client-held embeddings) standard deviation of the Gaussian
+                noise the client adds to its input embeddings before permuting them: the noise
+                defence, whose cost and (lack of) protection ``hf-secure audit`` measures.
+            record_views: (mpc, every party on this machine) each server hands the client what it
+                saw, for ``hf-secure audit`` (:meth:`~hf_secure.protocols.engine.SecureEngine.observe`).
             timeout: seconds before a server call fails (mpc: at least 300 per query, which a large
                 model's query can take; a smaller value is raised to 300).
             dtype: float dtype of the client's computation (and of the in-process server).
@@ -188,20 +195,22 @@ class SecurePreTrainedModel(PreTrainedModel):
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
-                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
+                   "embedding_noise": embedding_noise, "record_views": record_views}
         if "_from_pipeline" in kwargs and all(value is None for value in options.values()):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
         return model.bind(timeout=timeout, **options)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
              server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None,
-             reveal: str | None = None):
+             reveal: str | None = None, embedding_noise: float | None = None, record_views: bool | None = None):
         """Bind the checkpoint's protocol engine (:data:`hf_secure.engines.PROTOCOLS`): the client key
         and a server for permute, the parties for mpc. Options another protocol takes are refused
         (UnknownOptionError), as are unknown values."""
         engine_class = protocol_engine(self.section["protocol"])
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
-                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
+                   "embedding_noise": embedding_noise, "record_views": record_views}
         engine_class.check_options(options)
         if self.engine is not None:  # rebinding: release the servers or parties bound before
             self.engine.close()

@@ -79,6 +79,7 @@ class BertProgram:
         for i in range(self.num_layers):
             with scope(mpc, f"layer.{i}"):
                 h = self._layer(mpc, w, i, h, mask)
+                mpc.see("output share", h.share)
         return [h]
 
     def _layer(self, mpc: MPC, w: dict, i: int, h: Shared, mask: torch.Tensor) -> Shared:

@@ -73,21 +73,23 @@ class MPCEngine(SecureEngine):
     ``rendezvous``) and picks :class:`MPCCausalEngine` or :class:`MPCBertEngine`; each query is one
     :meth:`.run.MPCSession.run`. Options: ``rendezvous`` ("tcp://HOST:PORT" of server 0),
     ``party_key`` (the client's key file, with a rendezvous), ``reveal`` (causal models: "logits"
-    or "token"). :meth:`observe` records the public fields every non-client party receives and
-    the input shapes the dealer receives (each server's input share is uniform; what the servers
-    open inside the protocol is masked, :mod:`.core`).
+    or "token"), ``record_views`` (``hf-secure audit``: every party runs here and each server hands
+    over what it saw). :meth:`observe` records the public fields every non-client party receives,
+    the input shapes the dealer receives and, with ``record_views``, each server's view: its input
+    shares, every value it opened and its share of each layer's output, named
+    ``"{scope}/{kind}"`` (e.g. ``"layer.3/opened"``), as int64 ring elements.
     """
 
     name = "mpc"
-    options = ("rendezvous", "party_key", "reveal")
+    options = ("rendezvous", "party_key", "reveal", "record_views")
 
     def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
-                 party_key: str | None = None):
+                 party_key: str | None = None, record_views: bool = False):
         self.vocab_size = config.vocab_size
         weights = load_weights(folder) if rendezvous is None else None
         self.program = load_program(config)
         self.session = MPCSession(self.program, weights, timeout_s=timeout, rendezvous=rendezvous,
-                                  party_key=party_key)
+                                  party_key=party_key, record_views=record_views)
         self.stats = Traffic()
         self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)  # stop the parties with the model
@@ -95,19 +97,23 @@ class MPCEngine(SecureEngine):
     @classmethod
     def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float,
                 rendezvous: str | None = None, party_key: str | None = None,
-                reveal: str | None = None) -> "MPCEngine":
+                reveal: str | None = None, record_views: bool | None = None) -> "MPCEngine":
         spec = family(config.hf_secure.get("family", "bert"))
         if causal != spec.causal:
             wanted = "SecureModelForCausalLM" if spec.causal else "SecureModel"
             raise UnknownOptionError(f"this {spec.name} checkpoint runs as {wanted} with protocol='mpc'")
         if rendezvous is None and party_key is not None:
             raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
+        if record_views is not None and not isinstance(record_views, bool):
+            raise UnknownOptionError(f"record_views must be True or False, got {record_views!r}")
+        record_views = record_views is True
         timeout = max(timeout, 300.0)
         if not causal:
             if reveal is not None:
                 raise UnknownOptionError("reveal is an option of causal models with the mpc protocol")
-            return MPCBertEngine(folder, config, timeout, rendezvous, party_key)
-        return MPCCausalEngine(folder, config, timeout, rendezvous, party_key, "logits" if reveal is None else reveal)
+            return MPCBertEngine(folder, config, timeout, rendezvous, party_key, record_views)
+        return MPCCausalEngine(folder, config, timeout, rendezvous, party_key, record_views,
+                               "logits" if reveal is None else reveal)
 
     def run(self, input_ids: torch.Tensor, public: dict, token_types: torch.Tensor | None = None) -> torch.Tensor:
         """One query on the private ``input_ids`` (shared as one-hot rows); ``token_types`` (GPT-2) add
@@ -121,6 +127,10 @@ class MPCEngine(SecureEngine):
                     self._recorder(party, name, value)
             self._recorder("dealer", "input_shape", torch.tensor(onehot.shape))
         (out,), self.last_report = self.session.run([onehot], public)
+        for role in ("SERVER0", "SERVER1"):
+            for where, kind, value in self.last_report[role].pop("view", ()):
+                if self._recorder is not None:
+                    self._recorder(role.lower(), f"{where}/{kind}", value)
         self.last_report["bounds"] = dict(QUERY_BOUNDS)
         for name, value in online_traffic(self.last_report["SERVER0"]).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
@@ -181,10 +191,10 @@ class MPCCausalEngine(MPCEngine):
     """
 
     def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
-                 party_key: str | None = None, reveal: str = "logits"):
+                 party_key: str | None = None, record_views: bool = False, reveal: str = "logits"):
         if reveal not in REVEAL:
             raise UnknownOptionError(f"reveal must be one of {REVEAL}, got {reveal!r}")
-        super().__init__(folder, config, timeout, rendezvous, party_key)
+        super().__init__(folder, config, timeout, rendezvous, party_key, record_views)
         self.reveal = reveal
         self._ids = itertools.count(1)
         self._lengths: dict[int, int] = {}

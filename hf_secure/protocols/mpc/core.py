@@ -70,6 +70,7 @@ class MPC:
         self._tape: deque[torch.Tensor] | None = None  # what that replay kept, in order
         self.where = ""  # the program's current scope (a layer), named in range checks
         self.range_checks: list = []  # inputs whose ranges are compared at the end of the query (.ranges)
+        self.view: list | None = None  # audit mode: (scope, kind, tensor) this server saw online (see)
 
     @property
     def offline(self) -> bool:
@@ -182,6 +183,14 @@ class MPC:
             self.channel.send(correction, SERVER1)
         return log.nbytes
 
+    # -- what a server sees (hf-secure audit) ----------------------------------------------
+    def see(self, kind: str, value: torch.Tensor) -> torch.Tensor:
+        """In audit mode (``view`` a list), keep ``value`` -- a share this server holds or a value it
+        opened -- with the current scope as part of this server's view; ``value`` unchanged."""
+        if self.view is not None and not self.offline:
+            self.view.append((self.where or "online", kind, value.clone()))
+        return value
+
     # -- values -------------------------------------------------------------------------
     def shared(self, share: torch.Tensor) -> "Shared":
         """Wrap this party's int64 share (fixed point, ``frac_bits``) as a :class:`Shared`."""
@@ -195,7 +204,7 @@ class MPC:
         """Reconstruct ``x`` on both servers (one round). Offline: a meta tensor."""
         if self.offline:
             return x.share
-        return x.share + self.channel.exchange(x.share, self.peer)
+        return self.see("opened", x.share + self.channel.exchange(x.share, self.peer))
 
     def open_modulo(self, x: "Shared", modulus: int) -> torch.Tensor:
         """Reconstruct ``x mod modulus`` only (``modulus`` a power of two; one round): each server
@@ -205,14 +214,14 @@ class MPC:
         if self.offline:
             return x.share
         low = x.share & (modulus - 1)
-        return (low + self.channel.exchange(low, self.peer)) & (modulus - 1)
+        return self.see("opened", (low + self.channel.exchange(low, self.peer)) & (modulus - 1))
 
     def open_many(self, *xs: "Shared") -> list[torch.Tensor]:
         """Open several values in one round (one message)."""
         if self.offline or not xs:
             return [x.share for x in xs]
         theirs = self.channel.exchange_many([x.share for x in xs], self.peer)
-        return [x.share + t for x, t in zip(xs, theirs)]
+        return [self.see("opened", x.share + t) for x, t in zip(xs, theirs)]
 
     def products(self, pairs: list[tuple["Shared", "Shared"]], op=torch.mul, scale: float = 1.0) -> list["Shared"]:
         """``scale * op(x, y)`` for every pair, with Beaver triples, all opened in one round.

@@ -112,6 +112,7 @@ class DecoderProgram:
         for i in range(self.num_layers):
             with scope(mpc, f"layer.{i}"):
                 h, kv = self.layer(mpc, w, i, h, keep, public, cached[i] if cached else None)
+                mpc.see("output share", h.share)
             layers.append(kv)
         caches[cache_id] = layers
         n = int(public["logits_to_keep"].item())

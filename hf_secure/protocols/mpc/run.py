@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ...errors import OutOfRangeError, PartyFailedError, ProgramError
+from ...errors import OutOfRangeError, PartyFailedError, ProgramError, UnknownOptionError
 from ...progress import progress
 from ...runtime import PIPE, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1, Shared
@@ -105,11 +105,15 @@ def _recv_public(channel: Channel, count: int) -> dict[str, torch.Tensor]:
     return public
 
 
-def session_party(role: Role, channel: Channel, program: Program, private, frac_bits: int = DEFAULT_FRAC_BITS):
+def session_party(role: Role, channel: Channel, program: Program, private, frac_bits: int = DEFAULT_FRAC_BITS,
+                  record_views: bool = False):
     """The life of one party in a session (see the module docstring); the same wherever it runs.
 
     ``private`` is what only this role holds: the owner's weights (by state-dict key), the
-    client's pipe to the user's process; None for the servers and the dealer.
+    client's pipe to the user's process; None for the servers and the dealer. With
+    ``record_views`` (``hf-secure audit``, every party on one machine) each server also sends the
+    client, after its report, what it saw online: its input shares, every value it opened and its
+    share of each layer's output (:meth:`.core.MPC.see`).
     """
     if role == Role.OWNER:
         with channel.scope("setup"):
@@ -123,7 +127,7 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
             channel.send_json({"ready": role.name}, _CLIENT)
         return {"stats": channel.summary()}
     if role == Role.CLIENT:
-        return _client_loop(channel, private, frac_bits)
+        return _client_loop(channel, private, frac_bits, record_views)
 
     with channel.scope("setup"):
         weight_shapes = channel.recv_json(_OWNER)
@@ -147,6 +151,7 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
         if op == _STOP:
             return {"stats": channel.summary()}
         channel.stats.clear()
+        mpc.view = [] if record_views and role != Role.DEALER else None
         public = _recv_public(channel, n_public)
         start = time.perf_counter()
         if role == Role.DEALER:
@@ -157,7 +162,8 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
                 nbytes = mpc.send_offline()
             report = {"offline_bytes": nbytes, "offline_seconds": time.perf_counter() - start}
         else:
-            inputs = [mpc.shared(channel.recv(_CLIENT, dtype=torch.int64)) for _ in range(n_inputs)]
+            inputs = [mpc.shared(mpc.see("input share", channel.recv(_CLIENT, dtype=torch.int64)))
+                      for _ in range(n_inputs)]
             with channel.scope("offline"):
                 placeholders = [mpc.placeholder(x.shape) for x in inputs]
                 mpc.prepare(lambda: (program.forward(mpc, replay_weights, placeholders, public, _shapes_only(state)),
@@ -184,6 +190,10 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         with channel.scope("report"):
             channel.send_json(report, _CLIENT)
+            if mpc.view is not None:
+                channel.send_json([[where, kind] for where, kind, _ in mpc.view], _CLIENT)
+                for _, _, value in mpc.view:
+                    channel.send(value, _CLIENT)
 
 
 def _shapes_only(obj):
@@ -206,10 +216,11 @@ def _shapes_only(obj):
     return obj
 
 
-def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
+def _client_loop(channel: Channel, conn, frac_bits: int, record_views: bool) -> dict:
     """The client process: relays the user's queries, shares inputs, reconstructs outputs.
 
     First it relays the setup's progress: each party says when it is ready (:data:`SETUP_STEPS`).
+    With ``record_views`` each server's report gains its ``view``: [(scope, kind, tensor)].
     """
     parties = (SERVER0, SERVER1, DEALER)
     with channel.scope("setup"):
@@ -238,6 +249,10 @@ def _client_loop(channel: Channel, conn, frac_bits: int) -> dict:
             outputs = [] if refused else [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits)
                                           for _ in range(count)]
             reports = {Role(party).name: channel.recv_json(party) for party in parties}
+            if record_views:
+                for party in _SERVERS:
+                    names = channel.recv_json(party)
+                    reports[Role(party).name]["view"] = [(where, kind, channel.recv(party)) for where, kind in names]
         except PartyFailedError as exc:
             conn.send(("error", str(exc)))
             raise
@@ -255,16 +270,18 @@ class MPCSession:
 
     def __init__(self, program: Program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
                  timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None,
-                 party_key: str | None = None):
+                 party_key: str | None = None, record_views: bool = False):
         if not isinstance(program, Program):
             raise ProgramError(f"{type(program).__name__} is not an mpc program: it needs derive() and forward()")
+        if record_views and rendezvous is not None:
+            raise UnknownOptionError("record_views needs every party in this process's session (no rendezvous)")
         self.timeout_s = timeout_s
         private = {Role.CLIENT: PIPE, Role.OWNER: weights}
         if rendezvous is None:
             roles = list(Role)
         else:
             roles = [Role.CLIENT] + ([Role.OWNER] if weights is not None else [])
-        args = {role: (program, private.get(role), frac_bits) for role in roles}
+        args = {role: (program, private.get(role), frac_bits, record_views) for role in roles}
         self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
                                  rendezvous=rendezvous, world_size=len(Role), party_key=party_key)
         self.closed = False

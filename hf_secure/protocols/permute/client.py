@@ -106,8 +106,9 @@ class PermuteKey:
 class PermuteClient:
     """Applies the key: builds what the server receives and reads what it returns."""
 
-    def __init__(self, key: PermuteKey, dtype: torch.dtype = torch.float32):
+    def __init__(self, key: PermuteKey, dtype: torch.dtype = torch.float32, embedding_noise: float = 0.0):
         self.key = key
+        self.embedding_noise = embedding_noise  # std of the noise added to client-held embeddings
         self.embeddings = key.embeddings
         self.hidden = key.hidden
         self.hidden_inv = inverse(key.hidden)
@@ -141,6 +142,8 @@ class PermuteClient:
                   else torch.nn.functional.embedding(input_ids, self.embed_permuted))
         if token_types is not None:
             embeds = embeds + torch.nn.functional.embedding(token_types, self.embed_permuted)
+        if self.embedding_noise:  # i.i.d. noise: permuting it first changes nothing
+            embeds = embeds + self.embedding_noise * torch.randn_like(embeds)
         return {"inputs_embeds": embeds}
 
     def server_output(self, want: str) -> str:

@@ -27,12 +27,14 @@ class PermuteEngine(SecureEngine):
     """STIP's client: a key bound to a server that holds the permuted weights.
 
     Options: ``key`` (path of the client key; None: the local key store), ``server_url`` (None: the
-    server part runs in this process), ``server_token`` and ``ca_bundle`` (for ``server_url``).
+    server part runs in this process), ``server_token`` and ``ca_bundle`` (for ``server_url``),
+    ``embedding_noise`` (client-held embeddings: the standard deviation of Gaussian noise added to
+    the input embeddings before they are permuted -- the noise defence ``hf-secure audit`` measures).
     Raises KeyMismatchError when the key and the server's model differ.
     """
 
     name = "permute"
-    options = ("key", "server_url", "server_token", "ca_bundle")
+    options = ("key", "server_url", "server_token", "ca_bundle", "embedding_noise")
 
     def __init__(self, client: PermuteClient, backend):
         self.client = client
@@ -42,17 +44,24 @@ class PermuteEngine(SecureEngine):
     @classmethod
     def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float, key=None,
                 server_url: str | None = None, server_token: str | None = None,
-                ca_bundle: str | None = None) -> "PermuteEngine":
+                ca_bundle: str | None = None, embedding_noise: float | None = None) -> "PermuteEngine":
         if server_url is None and (server_token is not None or ca_bundle is not None):
             raise UnknownOptionError("server_token and ca_bundle need a server_url")
         section = read_section(config)
+        if embedding_noise is not None:
+            if section["embeddings"] != "client":
+                raise UnknownOptionError("embedding_noise needs client-held embeddings (convert with embeddings='client')")
+            if isinstance(embedding_noise, bool) or not isinstance(embedding_noise, (int, float)) \
+                    or not 0 <= embedding_noise < float("inf"):
+                raise UnknownOptionError(f"embedding_noise must be a finite number >= 0, got {embedding_noise!r}")
         if causal and not family(section["family"]).causal:  # (hidden states of a causal model are fine)
             raise UnknownOptionError(f"this {section['family']} checkpoint has no LM head: load it with SecureModel")
         tensors, meta = resolve_key(key, section["key_fingerprint"])
         recorded = json.loads(meta.get("weights", "{}"))
         if recorded != section.get("weights"):
             raise KeyMismatchError("the key was issued for different weight files than this checkpoint's config records")
-        client = PermuteClient(PermuteKey.from_tensors(tensors, meta), dtype=dtype)
+        client = PermuteClient(PermuteKey.from_tensors(tensors, meta), dtype=dtype,
+                               embedding_noise=float(embedding_noise or 0.0))
         if server_url is None:
             backend = InProcessBackend(ModelServer(folder, dtype=dtype))
         else:

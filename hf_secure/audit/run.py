@@ -1,0 +1,432 @@
+"""``hf-secure audit``: run a checkpoint's protocol on sample text, record what each non-client party
+sees, and attack those views with the published attacks (:mod:`.attacks`).
+
+Threat assumed: the attacker is a server (or the dealer) and knows the original open weights, as
+in arXiv 2505.18332. What each protocol's servers see:
+
+permute
+    the request (permuted embeddings, or vocabulary-permuted ids), the weights it holds, and every
+    activation its model computes (:class:`.probe.Probe` on the server's own forward): the residual
+    stream and attention input up to the hidden permutation, Q/K/V and FFN activations up to the
+    internal permutations (in the clear without them).
+mpc
+    each server's input shares, every value it opens and its share of every layer's output
+    (``record_views``, :meth:`hf_secure.protocols.mpc.core.MPC.see`); the dealer sees public fields
+    and shapes only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from ..engines import protocol_engine
+from ..errors import UnknownOptionError
+from ..families import family
+from ..hub import resolve_folder
+from ..modeling import SecureModel, SecureModelForCausalLM
+from ..progress import progress
+from ..protocols.mpc.ring import DEFAULT_FRAC_BITS
+from ..protocols.permute.client import gather_last, inverse
+from ..server.runtime import read_section
+from .attacks import Search, VocabularyMatcher, position_wise, recover_permutations
+from .probe import Probe, Site, sites_of
+
+AUDITED = ("permute", "mpc")  # protocols whose parties' views the audit knows how to record
+DEFAULT_LAYERS = ("0", "1", "mid", "last")
+DEFAULT_TEXTS = (
+    "The patient was admitted with chest pain and shortness of breath.",
+    "Please transfer the remaining balance to my savings account tomorrow.",
+    "My password for the company laptop is written on a yellow note.",
+)
+SEQUENTIAL = "sequential, full vocabulary"
+
+
+def resolve_layers(names, num_layers: int) -> list[int]:
+    """Residual-stream layers from names: an integer, "mid" (``num_layers // 2``) or "last"
+    (``num_layers``, the final hidden state). UnknownOptionError for anything else."""
+    out = []
+    for name in names:
+        name = str(name).strip()
+        if name == "mid":
+            out.append(num_layers // 2)
+        elif name == "last":
+            out.append(num_layers)
+        elif name.isdigit() and int(name) <= num_layers:
+            out.append(int(name))
+        else:
+            raise UnknownOptionError(f"layer {name!r}: give 0..{num_layers}, 'mid' or 'last'")
+    return sorted(set(out))
+
+
+@dataclass
+class AuditReport:
+    """What :func:`audit` measured: one row per (party, view, layer, attack) with token and
+    whole-prompt recovery in percent, key recovery per permutation, and the output's error."""
+
+    settings: dict
+    rows: list[dict] = field(default_factory=list)
+    keys: list[dict] = field(default_factory=list)
+    quality: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The rows as an aligned text table."""
+        head = ("party", "view", "layer", "attack", "search", "tokens %", "prompts %", "chance %")
+        lines = [[r["party"], r["view"], str(r["layer"]), r["attack"], r["search"], f"{r['tokens_pct']:.1f}",
+                  f"{r['prompts_pct']:.1f}", f"{r['chance_pct']:.3f}"] for r in self.rows]
+        widths = [max(len(h), *(len(line[k]) for line in lines)) if lines else len(h) for k, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+        for k in self.keys:
+            out.append(f"key recovery from weights: {k['permutation']}: {k['recovered_pct']:.1f}% ({k['measure']})")
+        if self.quality:
+            out.append("output vs plaintext: " + ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items()))
+        return "\n".join(out)
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"settings": self.settings, "rows": self.rows, "keys": self.keys, "quality": self.quality},
+                      f, indent=2)
+
+    def plot(self, path: str, title: str | None = None) -> None:
+        """A PNG of token recovery by layer, one line per (party, view, attack). Needs matplotlib
+        (``pip install 'hf-secure[audit]'``)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise UnknownOptionError("the chart needs matplotlib: pip install 'hf-secure[audit]'") from exc
+        lines = defaultdict(list)
+        for r in self.rows:
+            lines[(r["party"], r["view"], r["attack"])].append((r["layer"], r["tokens_pct"]))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for (party, view, attack), points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{party}: {view} ({attack})")
+        chance = max((r["chance_pct"] for r in self.rows), default=0.0)
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("tokens recovered (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(title or f"hf-secure audit: {self.settings.get('protocol')} ({self.settings.get('variant')})")
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+class _Tally:
+    """Recovery counts per row key, summed over the texts."""
+
+    def __init__(self):
+        self.counts = defaultdict(lambda: [0, 0, 0, 0])  # tokens hit, tokens scored, prompts hit, prompts
+
+    def add(self, key: tuple, recovered: torch.Tensor, truth: torch.Tensor, scored: torch.Tensor) -> None:
+        hits = (recovered == truth)[scored]
+        c = self.counts[key]
+        c[0] += int(hits.sum())
+        c[1] += int(scored.sum())
+        c[2] += int(bool(hits.all()))
+        c[3] += 1
+
+    def rows(self, protocol: str, chance: float) -> list[dict]:
+        out = []
+        for (party, view, layer, attack, search), (hit, scored, prompts, texts) in sorted(self.counts.items()):
+            out.append({"protocol": protocol, "party": party, "view": view, "layer": layer, "attack": attack,
+                        "search": search, "tokens_pct": 100.0 * hit / max(scored, 1),
+                        "prompts_pct": 100.0 * prompts / max(texts, 1), "chance_pct": chance,
+                        "tokens": scored, "texts": texts})
+        return out
+
+
+def audit(folder: str, *, original: str | None = None, protocol: str | None = None, texts=None,
+          layers=DEFAULT_LAYERS, key=None, embedding_noise: float | None = None, shortlist: int = 64,
+          sweeps: int = 2, max_length: int = 32, opened_per_layer: int = 2) -> AuditReport:
+    """Measure what a converted checkpoint's parties could learn from the user's text.
+
+    Args:
+        folder: a converted checkpoint (folder or Hub id).
+        original: the open checkpoint the attacker knows (required for permute, whose server holds
+            permuted weights; mpc: default the checkpoint itself, whose weights are the model).
+        protocol: the protocol to audit; None: the checkpoint's. Must be one of :data:`AUDITED`.
+        texts: sample texts (default :data:`DEFAULT_TEXTS`), each truncated to ``max_length`` tokens.
+        layers: residual-stream layers (:func:`resolve_layers`); block sites are read at each.
+        key: permute: the client key file (None: the key store).
+        embedding_noise: permute, client-held embeddings: the noise defence's standard deviation.
+        shortlist: candidates per position in the joint search (bidirectional models, deep sites).
+        sweeps: sweeps of the joint search.
+        opened_per_layer: mpc: how many of a layer's opened values of hidden width are attacked
+            (the first and the last; all are uniformly masked).
+
+    Returns an :class:`AuditReport`. Raises UnknownOptionError for a protocol not audited here or
+    not the checkpoint's, or options of another protocol; the loading errors of
+    :meth:`SecureModel.from_pretrained` (missing or wrong key, tampered checkpoint) pass through.
+    """
+    if protocol is not None:
+        protocol_engine(protocol)  # an unknown name lists the registered protocols
+        if protocol not in AUDITED:
+            raise UnknownOptionError(f"the audit knows the views of {AUDITED}, not {protocol!r}")
+    if not isinstance(shortlist, int) or shortlist < 1 or not isinstance(sweeps, int) or sweeps < 1:
+        raise UnknownOptionError("shortlist and sweeps must be positive integers")
+    folder = resolve_folder(folder)
+    config = AutoConfig.from_pretrained(folder)
+    section = read_section(config, folder, protocol)
+    proto = section["protocol"]
+    if protocol is not None and proto != protocol:
+        raise UnknownOptionError(f"{folder} was converted for protocol {proto!r}, not {protocol!r}")
+    if proto not in AUDITED:
+        raise UnknownOptionError(f"the audit knows the views of {AUDITED}, not {proto!r}")
+    spec = family(section["family"])
+    if proto == "permute" and original is None:
+        raise UnknownOptionError("auditing permute needs the original open checkpoint the attacker knows (original=...)")
+    public_src = resolve_folder(original) if original is not None else folder
+    public = (AutoModelForCausalLM if spec.causal else AutoModel).from_pretrained(public_src, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder if _has_tokenizer(folder) else public_src)
+    options = {"key": key, "embedding_noise": embedding_noise} if proto == "permute" else {"record_views": True}
+    secure = (SecureModelForCausalLM if spec.causal else SecureModel).from_pretrained(folder, **options)
+    num_layers = public.config.num_hidden_layers
+    residual_layers = resolve_layers(layers, num_layers)
+    variant = _variant(section, embedding_noise)
+    settings = {"protocol": proto, "variant": variant, "family": spec.name, "checkpoint": str(folder),
+                "original": str(public_src), "layers": residual_layers, "shortlist": shortlist, "sweeps": sweeps,
+                "texts": len(texts or DEFAULT_TEXTS), "max_length": max_length}
+    try:
+        auditor = _PermuteAudit(secure, public, spec, section, residual_layers) if proto == "permute" else \
+            _MPCAudit(secure, public, spec, residual_layers, opened_per_layer)
+        auditor.matcher = VocabularyMatcher(public, spec.name, spec.causal)
+        auditor.shortlist, auditor.sweeps = shortlist, sweeps
+        report = AuditReport(settings, keys=auditor.keys())
+        tally, errors, agreement, jobs = _Tally(), [], [], []
+        for text in texts or DEFAULT_TEXTS:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids
+            special = tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True)
+            output, views = auditor.observe(ids)
+            with torch.no_grad():
+                plain = public(input_ids=ids, attention_mask=torch.ones_like(ids))
+            plain = plain.logits if spec.causal else plain.last_hidden_state
+            errors.append(float((output - plain).abs().max()))
+            if spec.causal:
+                agreement.append(float((output.argmax(-1) == plain.argmax(-1)).float().mean()))
+            jobs.append((ids[0], ~torch.tensor(special, dtype=torch.bool), auditor.views(views, ids[0].numel())))
+        with progress(sum(auditor.work(v) for _, _, v in jobs), "audit", unit="position") as bar:
+            for truth, scored, entries in jobs:
+                for row_key, recovered in auditor.attack(entries, bar):
+                    tally.add(row_key, recovered, truth, scored)
+        report.rows = tally.rows(proto, 100.0 / auditor.matcher.vocab_size)
+        report.quality = {"max_abs_error": max(errors)}
+        if agreement:
+            report.quality["top1_agreement"] = sum(agreement) / len(agreement)
+        return report
+    finally:
+        secure.engine.close()
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(Path(folder, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def _variant(section: dict, noise: float | None) -> str:
+    if section["protocol"] != "permute":
+        return section["protocol"]
+    internal = "on" if section.get("internal_permutations", True) else "off"
+    return f"embeddings={section['embeddings']}, internal permutations {internal}, noise {noise or 0}"
+
+
+@dataclass
+class _Entry:
+    """One attack on one view: its row (party, view, layer, attack), and either a search to run
+    or tokens already recovered (``direct``, with the search's description)."""
+
+    party: str
+    view: str
+    layer: int
+    attack: str
+    search: Search | None = None
+    direct: tuple[torch.Tensor, str] | None = None
+    decoded: bool = False  # the view after the recovered key (its shortlist is not shared)
+
+
+class _Audit:
+    """What both protocols' audits share: running the searches of one text's views."""
+
+    matcher: VocabularyMatcher
+    shortlist: int
+    sweeps: int
+
+    def __init__(self, secure, public, spec, residual_layers: list[int]):
+        self.secure = secure
+        self.public = public
+        self.spec = spec
+        self.residual_layers = residual_layers
+        self.sites = sites_of(spec.name, public.config.num_hidden_layers, residual_layers)
+
+    def keys(self) -> list[dict]:
+        """Key recovery results (protocols with keys)."""
+        return []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The secure model's logits (causal) or last hidden state on ``ids [1, seq]``."""
+        out = self.secure(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          **({"use_cache": False} if self.spec.causal else {}))
+        return out.logits if self.spec.causal else out.last_hidden_state
+
+    def _proxied(self, entry: _Entry) -> bool:
+        search = entry.search
+        return search.site.kind in ("residual", "attention_input") and \
+            search.observed.shape[-1] == self.public.config.hidden_size
+
+    def attack(self, entries: list[_Entry], bar):
+        """Yield (row key, recovered tokens) for each entry.
+
+        Causal models and position-wise sites: sequential search (:meth:`.attacks.VocabularyMatcher.sequential`).
+        Bidirectional deep sites: joint search; the shortlist of a hidden-width view comes from
+        sequential matching against the candidates' embedding output (a proxy: deep states keep
+        much of their own token), that of a Q/K/V/FFN view from its party's residual view nearest
+        in depth.
+        """
+        searched = [e for e in entries if e.search is not None]
+        sequential = [e for e in searched if position_wise(e.search.site, self.spec.causal)]
+        joint = [e for e in searched if not position_wise(e.search.site, self.spec.causal)]
+        proxies = {id(e): Search(Site("residual", 0), e.search.observed, e.search.permuted, self.shortlist)
+                   for e in joint if self._proxied(e)}
+        self.matcher.sequential([e.search for e in sequential] + list(proxies.values()), bar)
+        for e in entries:
+            if e.direct is not None:
+                bar.update(e.direct[0].numel())
+                yield (e.party, e.view, e.layer, e.attack, e.direct[1]), e.direct[0]
+        for e in sequential:
+            yield (e.party, e.view, e.layer, e.attack, SEQUENTIAL), e.search.tokens
+        shortlists = {}
+        for e in sorted(joint, key=lambda e: not self._proxied(e)):  # proxied views first: they seed the rest
+            if id(e) in proxies:
+                shortlist, source = torch.stack(proxies[id(e)].ranked), "embedding-output proxy"
+                if not e.decoded and e.search.site.kind == "residual":
+                    shortlists.setdefault(e.party, {})[e.layer] = shortlist
+            else:
+                mine = shortlists[e.party]
+                nearest = min(mine, key=lambda layer: abs(layer - e.layer))
+                shortlist, source = mine[nearest], f"residual {nearest} view"
+            tokens = self.matcher.joint(e.search, shortlist, self.sweeps, bar)
+            yield (e.party, e.view, e.layer, e.attack,
+                   f"joint, {shortlist.shape[1]} candidates from the {source}, {self.sweeps} sweeps"), tokens
+
+    def work(self, entries: list[_Entry]) -> int:
+        """Progress steps of one text's entries (positions searched)."""
+        steps = 0
+        for e in entries:
+            if e.search is None:
+                steps += e.direct[0].numel()
+                continue
+            seq = e.search.observed.shape[0]
+            steps += seq if position_wise(e.search.site, self.spec.causal) else \
+                seq * self.sweeps + (seq if self._proxied(e) else 0)
+        return steps
+
+
+class _PermuteAudit(_Audit):
+    """The permute server: its request, weights and every activation it computes."""
+
+    def __init__(self, secure, public, spec, section, residual_layers):
+        super().__init__(secure, public, spec, residual_layers)
+        self.internal = section.get("internal_permutations", True)
+        self.embeddings = section["embeddings"]
+        backend = secure.engine.backend
+        if not hasattr(backend, "server"):
+            raise UnknownOptionError("the audit runs the permute server in this process (no server_url)")
+        self.server_model = backend.server.model
+        self.recorded: list[tuple[str, str, torch.Tensor]] = []
+        secure.engine.observe(lambda party, what, tensor: self.recorded.append((party, what, tensor.clone())))
+        client_key = secure.engine.client.key
+        self.recovered = recover_permutations(self.server_model.base_model.state_dict(), public.base_model.state_dict(),
+                                              spec.rules, public.config.num_hidden_layers)
+        self.truth = {"hidden": client_key.hidden, "vocab": client_key.vocab}
+
+    def keys(self) -> list[dict]:
+        groups = defaultdict(list)
+        for name, (index, exact) in self.recovered.items():
+            kind = name.split(".")[-1]
+            kind = "attention (q/k/v/o units)" if kind in ("q", "k", "v", "qkv", "o_in") else kind
+            truth = self.truth.get(name)
+            if truth is not None:
+                groups[kind].append((float((index == truth).float().mean()), "equal to the key"))
+            else:
+                groups[kind].append((float(exact.float().mean()), "unique exact matches (the key holds no truth)"))
+        return [{"permutation": kind, "recovered_pct": 100.0 * sum(v for v, _ in vals) / len(vals),
+                 "measure": vals[0][1], "count": len(vals)} for kind, vals in sorted(groups.items())]
+
+    def observe(self, ids: torch.Tensor):
+        self.recorded.clear()
+        with torch.no_grad(), Probe(self.server_model, self.spec.name, self.sites) as probe:
+            output = self.forward(ids)
+        return output, {**{(p, w): t for p, w, t in self.recorded}, **{s: v[0] for s, v in probe.captured.items()}}
+
+    def views(self, views: dict, seq: int) -> list[_Entry]:
+        hidden = self.recovered.get("hidden")
+        entries = []
+        for site in self.sites:
+            observed = views[site]
+            basis = site.kind in ("residual", "attention_input")
+            permuted = basis or self.internal
+            attack = "vocabulary matching, " + ("sorted L1" if permuted else "L1")
+            if site.kind in ("q", "k", "v") and permuted:
+                attack = "vocabulary matching, per-head sorted L1"
+            view = site.kind.replace("_", " ")
+            entries.append(_Entry("server", view, site.layer, attack, Search(site, observed, permuted)))
+            if basis and hidden is not None:
+                clear = gather_last(observed, inverse(hidden[0]))
+                entries.append(_Entry("server", view, site.layer, "key recovered from weights, then vocabulary "
+                                      "matching (L1)", Search(site, clear, False), decoded=True))
+        ids = views.get(("server", "input_ids"))
+        if ids is not None and "vocab" in self.recovered:
+            entries.append(_Entry("server", "input ids", 0, "vocabulary permutation recovered from weights",
+                                  direct=(self.recovered["vocab"][0][ids[0]], "lookup")))
+        return entries
+
+
+class _MPCAudit(_Audit):
+    """Each mpc server: its input shares, the values it opens, its shares of each layer's output."""
+
+    def __init__(self, secure, public, spec, residual_layers, opened_per_layer: int):
+        super().__init__(secure, public, spec, residual_layers)
+        self.opened_per_layer = opened_per_layer
+        self.recorded: list[tuple[str, str, torch.Tensor]] = []
+        secure.engine.observe(lambda party, what, tensor: self.recorded.append((party, what, tensor)))
+
+    def observe(self, ids: torch.Tensor):
+        self.recorded.clear()
+        with torch.no_grad():
+            output = self.forward(ids)
+        return output, list(self.recorded)
+
+    def views(self, recorded: list, seq: int) -> list[_Entry]:
+        """The attacked views: each server's input share (one-hot rows), its share of each layer's
+        output, and the first and last opened values of hidden width per layer, all read as fixed point."""
+        hidden = self.public.config.hidden_size
+        entries, opened = [], defaultdict(list)
+        for party, what, tensor in recorded:
+            if party not in ("server0", "server1"):
+                continue
+            scope, kind = what.split("/", 1)
+            value = (tensor.double() / (1 << DEFAULT_FRAC_BITS)).float()
+            if kind == "input share":
+                entries.append(_Entry(party, "input share (one-hot rows)", 0, "largest decoded entry per row",
+                                      direct=(value.reshape(seq, -1).argmax(-1), "direct")))
+            elif scope.startswith("layer.") and tensor.numel() == seq * hidden:
+                layer = int(scope.split(".")[1])
+                value = value.reshape(seq, hidden)
+                if kind == "output share" and layer + 1 in self.residual_layers:
+                    entries.append(_Entry(party, "share of the layer output", layer + 1, "vocabulary matching, L1",
+                                          Search(Site("residual", layer + 1), value, False)))
+                elif kind == "opened" and layer in self.residual_layers:
+                    opened[(party, layer)].append(value)
+        for (party, layer), values in opened.items():
+            for value in (values[0], values[-1])[: min(self.opened_per_layer, len(values))]:
+                entries.append(_Entry(party, "opened value (hidden width)", layer, "vocabulary matching, L1",
+                                      Search(Site("residual", layer), value, False)))
+        return entries
