@@ -8,6 +8,7 @@ noise of several standard deviations (in units of the embedding table's standard
 against token recovery and output quality (greedy-token agreement with plaintext, max logit error).
 
     python benchmarks/bench_audit.py [--models gpt2,minilm] [--out benchmarks/audit] [--noise]
+    python benchmarks/bench_audit.py --models "" --noise     # the noise curve alone
 
 Writes one JSON and one PNG per run under ``--out`` and prints every table (the numbers in
 benchmarks/RESULTS.md). Threat: a server that knows the original open weights (arXiv 2505.18332).
@@ -34,7 +35,7 @@ TEXTS = (
     "My password for the company laptop is written on a yellow note.",
     "She told her lawyer that the contract had been signed under pressure.",
 )
-NOISE = (0.0, 0.1, 0.3, 1.0, 3.0)  # times the standard deviation of the token-embedding table
+NOISE = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # times the standard deviation of the token-embedding table
 
 
 def _minilm() -> str:
@@ -136,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         work = Path(tmp)
         sources = {"gpt2": str(DEMO_MODEL), "minilm": _minilm()}
-        for label in args.models.split(","):
+        for label in filter(None, args.models.split(",")):
             summary[label] = run_model(label, sources[label], work, out, args.shortlist)
         if args.noise:
             summary["noise"] = noise_curve(work, out)

@@ -418,6 +418,7 @@ class _MPCAudit(_Audit):
         """The attacked views: each server's input share (one-hot rows), its share of each layer's
         output, and the first and last opened values of hidden width per layer, all read as fixed point."""
         hidden = self.public.config.hidden_size
+        blocks = {min(layer, self.public.config.num_hidden_layers - 1) for layer in self.residual_layers}
         entries, opened = [], defaultdict(list)
         for party, what, tensor in recorded:
             if party not in ("server0", "server1") or "/" not in what:
@@ -433,7 +434,7 @@ class _MPCAudit(_Audit):
                 if kind == "output share" and layer + 1 in self.residual_layers:
                     entries.append(_Entry(party, "share of the layer output", layer + 1, "vocabulary matching, L1",
                                           Search(Site("residual", layer + 1), value, False)))
-                elif kind == "opened" and layer in self.residual_layers:
+                elif kind == "opened" and layer in blocks:  # compared with the block's input
                     opened[(party, layer)].append(value)
         for (party, layer), values in opened.items():
             for value in (values[0], values[-1])[: min(self.opened_per_layer, len(values))]:
