@@ -80,7 +80,7 @@ def noise_curve(work: Path, out: Path) -> list[dict]:
     folder, key = work / "gpt2-noise", work / "gpt2-noise.key"
     convert_permute(DEMO_MODEL, folder, key, embeddings="client")
     table = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).get_input_embeddings().weight
-    unit = float(table.std())
+    unit = float(table.detach().std())
     points = []
     for factor in NOISE:
         torch.manual_seed(0)
@@ -123,15 +123,45 @@ def _plot_noise(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def overview(out: Path) -> None:
+    """One chart of every run under ``out``: per layer, the most revealing view of any party."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, label in zip(axes, ("gpt2", "minilm")):
+        for path in sorted(out.glob(f"{label}-*.json")):
+            report = json.loads(path.read_text())
+            best = {}
+            for r in report["rows"]:
+                best[r["layer"]] = max(best.get(r["layer"], 0.0), r["tokens_pct"])
+            layers = sorted(best)
+            ax.plot(layers, [best[layer] for layer in layers], marker="o", label=path.stem.removeprefix(label + "-"))
+        ax.set_title({"gpt2": "demo GPT-2 (4 layers, 2048 tokens)", "minilm": "all-MiniLM-L6-v2 (6 layers, 30522 tokens)"}[label])
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("prompt tokens recovered by a server (%)\n(its most revealing view at that layer)")
+    fig.savefig(out / "overview.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,minilm")
     parser.add_argument("--out", default="benchmarks/audit")
     parser.add_argument("--noise", action="store_true", help="also the noise-defence curve (demo GPT-2)")
     parser.add_argument("--shortlist", type=int, default=64)
+    parser.add_argument("--overview-only", action="store_true", help="redraw overview.png from the JSON in --out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overview_only:
+        overview(out)
+        return
     print(f"hf-secure audit benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     summary = {}
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
@@ -141,8 +171,9 @@ def main() -> None:
             summary[label] = run_model(label, sources[label], work, out, args.shortlist)
         if args.noise:
             summary["noise"] = noise_curve(work, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nsummary -> {out / 'summary.json'}")
+    (out / f"summary-{args.models.replace(',', '-') or 'noise'}.json").write_text(json.dumps(summary, indent=2))
+    overview(out)
+    print(f"\nJSON, charts and overview.png -> {out}")
 
 
 if __name__ == "__main__":

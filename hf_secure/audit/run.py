@@ -111,6 +111,7 @@ class AuditReport:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            import matplotlib.ticker
         except ImportError as exc:
             raise UnknownOptionError("the chart needs matplotlib: pip install 'hf-secure[audit]'") from exc
         lines = defaultdict(list)
@@ -123,6 +124,7 @@ class AuditReport:
         chance = max((r["chance_pct"] for r in self.rows), default=0.0)
         ax.axhline(chance, color="grey", linestyle=":", label="chance")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("tokens recovered (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(title or f"hf-secure audit: {self.settings.get('protocol')} ({self.settings.get('variant')})")
