@@ -48,7 +48,7 @@ def _summary(name: str, report, seconds: float) -> None:
     print(report.table())
 
 
-def run_model(label: str, src: str, work: Path, out: Path, shortlist: int) -> list[dict]:
+def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts: tuple) -> list[dict]:
     results = []
     for embeddings in ("client", "server"):
         for internal in (True, False):
@@ -56,7 +56,7 @@ def run_model(label: str, src: str, work: Path, out: Path, shortlist: int) -> li
             key = folder.with_suffix(".key")
             convert_permute(src, folder, key, embeddings=embeddings, permute_internal=internal)
             start = time.perf_counter()
-            report = audit(folder, original=src, key=str(key), texts=TEXTS, shortlist=shortlist)
+            report = audit(folder, original=src, key=str(key), texts=texts, shortlist=shortlist)
             name = f"{label}-permute-{embeddings}-{'internal' if internal else 'no-internal'}"
             _summary(name, report, time.perf_counter() - start)
             report.to_json(str(out / f"{name}.json"))
@@ -65,7 +65,7 @@ def run_model(label: str, src: str, work: Path, out: Path, shortlist: int) -> li
     folder = work / f"{label}-mpc"
     convert_approximate(src, folder)
     start = time.perf_counter()
-    report = audit(folder, texts=TEXTS, shortlist=shortlist)
+    report = audit(folder, texts=texts, shortlist=shortlist)
     _summary(f"{label}-mpc", report, time.perf_counter() - start)
     report.to_json(str(out / f"{label}-mpc.json"))
     report.plot(str(out / f"{label}-mpc.png"), title=f"{label}, mpc: each server's view")
@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/audit")
     parser.add_argument("--noise", action="store_true", help="also the noise-defence curve (demo GPT-2)")
     parser.add_argument("--shortlist", type=int, default=64)
+    parser.add_argument("--texts", type=int, default=len(TEXTS), help="how many of the sample texts")
     parser.add_argument("--overview-only", action="store_true", help="redraw overview.png from the JSON in --out")
     args = parser.parse_args()
     out = Path(args.out)
@@ -168,7 +169,7 @@ def main() -> None:
         work = Path(tmp)
         sources = {"gpt2": str(DEMO_MODEL), "minilm": _minilm()}
         for label in filter(None, args.models.split(",")):
-            summary[label] = run_model(label, sources[label], work, out, args.shortlist)
+            summary[label] = run_model(label, sources[label], work, out, args.shortlist, TEXTS[: args.texts])
         if args.noise:
             summary["noise"] = noise_curve(work, out)
     (out / f"summary-{args.models.replace(',', '-') or 'noise'}.json").write_text(json.dumps(summary, indent=2))

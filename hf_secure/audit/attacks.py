@@ -83,30 +83,40 @@ class VocabularyMatcher:
         self.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
         self.chunk_tokens = chunk_tokens
 
-    def _values(self, sites: list[Site], input_ids: torch.Tensor, position: int | None) -> dict[Site, torch.Tensor]:
-        """The values of ``sites`` for each row of ``input_ids`` (at ``position``; None: every position)."""
+    def _values(self, sites: list[Site], input_ids: torch.Tensor, position: int | None,
+                position_ids: torch.Tensor | None = None) -> dict[Site, torch.Tensor]:
+        """The values of ``sites`` for each row of ``input_ids`` (at ``position``; None: every
+        position), with ``position_ids [1, seq]`` when given."""
         out = {site: [] for site in sites}
         rows = max(1, self.chunk_tokens // input_ids.shape[1])
         probe = Probe(self.model, self.family, sites)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         for chunk in input_ids.split(rows):
-            for site, value in probe.run(input_ids=chunk, attention_mask=torch.ones_like(chunk)).items():
+            inputs = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), **extra}
+            for site, value in probe.run(**inputs).items():
                 out[site].append(value[:, position] if position is not None else value)
         return {site: torch.cat(values) for site, values in out.items()}
 
     def sequential(self, searches: list[Search], bar=None) -> None:
         """Recover the tokens behind each search's view position by position (exact where
         :func:`position_wise`): at position ``i`` every vocabulary token follows the search's own
-        recovered prefix; searches that share a prefix share one batched forward. Fills each
-        search's ``tokens [seq]`` and, with ``shortlist``, ``ranked`` (the closest candidates)."""
+        recovered prefix; searches that share a prefix share one batched forward. In a bidirectional
+        model a position-wise value depends on its own token and position only, so each candidate
+        runs alone at position ``i``. Fills each search's ``tokens [seq]`` and, with ``shortlist``,
+        ``ranked`` (the closest candidates)."""
         targets = [s.target(self.head_dim) for s in searches]
         vocab = torch.arange(self.vocab_size)[:, None]
         for i in range(searches[0].observed.shape[0] if searches else 0):
             groups: dict[tuple, list[int]] = {}
             for n, search in enumerate(searches):
-                groups.setdefault(tuple(search.tokens.tolist()), []).append(n)
+                groups.setdefault(tuple(search.tokens.tolist()) if self.causal else (), []).append(n)
             for prefix, members in groups.items():
-                ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(self.vocab_size, -1), vocab], dim=1)
-                values = self._values(sorted({searches[n].site for n in members}), ids, i)
+                sites = sorted({searches[n].site for n in members})
+                if self.causal:
+                    ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(self.vocab_size, -1), vocab], dim=1)
+                    values = self._values(sites, ids, i)
+                else:
+                    values = self._values(sites, vocab, 0, position_ids=torch.tensor([[i]]))
                 for n in members:
                     search = searches[n]
                     candidates = canonical(values[search.site], search.site.kind, search.permuted, self.head_dim)
