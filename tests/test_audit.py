@@ -98,6 +98,25 @@ def test_permuted_views_of_a_trained_model_give_most_of_the_prompt_back(demo_per
         assert row["tokens_pct"] >= 80.0, row  # the paper: 97.6-100 %; chance is 0.05 %
 
 
+def test_bidirectional_models_sequential_at_the_embeddings_joint_deeper(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    make_tiny("bert", tmp_path / "plain", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "plain")
+    convert_permute(tmp_path / "plain", tmp_path / "bert", tmp_path / "bert.key", permute_internal=False, seed=2)
+    report = audit(tmp_path / "bert", original=str(tmp_path / "plain"), key=str(tmp_path / "bert.key"),
+                   texts=TEXT, layers=["0", "2"], shortlist=16)
+    (row,) = _rows(report, view="residual", layer=0, attack="vocabulary matching, sorted L1")
+    assert row["search"] == "sequential, full vocabulary" and row["tokens_pct"] == 100.0
+    for view in ("q", "k", "v"):  # block 0's projections see one position each: exact, in the clear
+        (row,) = _rows(report, view=view, layer=0)
+        assert row["search"] == "sequential, full vocabulary" and row["tokens_pct"] == 100.0
+    (row,) = _rows(report, view="residual", layer=2, attack="key recovered from weights, then vocabulary matching (L1)")
+    assert row["search"].startswith("joint, 16 candidates from the embedding-output proxy")
+    assert row["tokens_pct"] >= 80.0
+    (row,) = _rows(report, view="ffn", layer=1)
+    assert "from the residual 2 view" in row["search"]
+
+
 def test_mpc_servers_views_stay_at_chance(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     make_tiny("gpt2", tmp_path / "plain", vocab_size=len(tokenizer))
