@@ -48,10 +48,13 @@ def _summary(name: str, report, seconds: float) -> None:
     print(report.table())
 
 
-def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts: tuple) -> list[dict]:
+def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts: tuple,
+              variants: list[str]) -> list[dict]:
     results = []
     for embeddings in ("client", "server"):
         for internal in (True, False):
+            if variants and f"{embeddings}-{'internal' if internal else 'no-internal'}" not in variants:
+                continue
             folder = work / f"{label}-{embeddings}-{'internal' if internal else 'plain'}"
             key = folder.with_suffix(".key")
             convert_permute(src, folder, key, embeddings=embeddings, permute_internal=internal)
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--noise", action="store_true", help="also the noise-defence curve (demo GPT-2)")
     parser.add_argument("--shortlist", type=int, default=64)
     parser.add_argument("--texts", type=int, default=len(TEXTS), help="how many of the sample texts")
+    parser.add_argument("--variants", default="", help="permute variants to run, e.g. client-internal,server-no-internal "
+                        "(default: all four); 'none': mpc only")
     parser.add_argument("--overview-only", action="store_true", help="redraw overview.png from the JSON in --out")
     args = parser.parse_args()
     out = Path(args.out)
@@ -169,7 +174,8 @@ def main() -> None:
         work = Path(tmp)
         sources = {"gpt2": str(DEMO_MODEL), "minilm": _minilm()}
         for label in filter(None, args.models.split(",")):
-            summary[label] = run_model(label, sources[label], work, out, args.shortlist, TEXTS[: args.texts])
+            summary[label] = run_model(label, sources[label], work, out, args.shortlist, TEXTS[: args.texts],
+                                       [v for v in args.variants.split(",") if v])
         if args.noise:
             summary["noise"] = noise_curve(work, out)
     (out / f"summary-{args.models.replace(',', '-') or 'noise'}.json").write_text(json.dumps(summary, indent=2))

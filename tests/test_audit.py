@@ -114,7 +114,7 @@ def test_bidirectional_models_sequential_at_the_embeddings_joint_deeper(tmp_path
     assert row["search"].startswith("joint, 16 candidates from the embedding-output proxy")
     assert row["tokens_pct"] >= 80.0
     (row,) = _rows(report, view="ffn", layer=1)
-    assert "from the residual 2 view" in row["search"]
+    assert "from the residual 2 views" in row["search"]
 
 
 def test_mpc_servers_views_stay_at_chance(tmp_path):

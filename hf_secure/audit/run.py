@@ -300,7 +300,7 @@ class _Audit:
         Bidirectional deep sites: joint search; the shortlist of a hidden-width view comes from
         sequential matching against the candidates' embedding output (a proxy: deep states keep
         much of their own token), that of a Q/K/V/FFN view from its party's residual view nearest
-        in depth.
+        in depth (the one read with the recovered key where there is one: the party holds both).
         """
         searched = [e for e in entries if e.search is not None]
         sequential = [e for e in searched if position_wise(e.search.site, self.spec.causal)]
@@ -318,12 +318,12 @@ class _Audit:
         for e in sorted(joint, key=lambda e: not self._proxied(e)):  # proxied views first: they seed the rest
             if id(e) in proxies:
                 shortlist, source = torch.stack(proxies[id(e)].ranked), "embedding-output proxy"
-                if not e.decoded and e.search.site.kind == "residual":
+                if e.search.site.kind == "residual" and (e.decoded or e.layer not in shortlists.get(e.party, {})):
                     shortlists.setdefault(e.party, {})[e.layer] = shortlist
             else:
                 mine = shortlists[e.party]
                 nearest = min(mine, key=lambda layer: abs(layer - e.layer))
-                shortlist, source = mine[nearest], f"residual {nearest} view"
+                shortlist, source = mine[nearest], f"residual {nearest} views"
             tokens = self.matcher.joint(e.search, shortlist, self.sweeps, bar)
             yield (e.party, e.view, e.layer, e.attack,
                    f"joint, {shortlist.shape[1]} candidates from the {source}, {self.sweeps} sweeps"), tokens
