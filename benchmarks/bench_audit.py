@@ -76,8 +76,9 @@ def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts
     return results
 
 
-def noise_curve(work: Path, out: Path) -> list[dict]:
-    """Recovery against output quality for the noise defence (demo GPT-2, client embeddings)."""
+def noise_curve(work: Path, out: Path, texts: tuple) -> list[dict]:
+    """Recovery against output quality for the noise defence (demo GPT-2, client embeddings): the
+    residual stream at layers 0 and 4, sorted L1 and after key recovery."""
     from transformers import AutoModelForCausalLM
 
     folder, key = work / "gpt2-noise", work / "gpt2-noise.key"
@@ -87,8 +88,8 @@ def noise_curve(work: Path, out: Path) -> list[dict]:
     points = []
     for factor in NOISE:
         torch.manual_seed(0)
-        report = audit(folder, original=str(DEMO_MODEL), key=str(key), texts=TEXTS,
-                       embedding_noise=factor * unit if factor else None)
+        report = audit(folder, original=str(DEMO_MODEL), key=str(key), texts=texts, layers=("0", "last"),
+                       views=("residual",), embedding_noise=factor * unit if factor else None)
         by_view = {}
         for r in report.rows:
             name = f"{r['view']} {r['layer']} ({'key' if r['attack'].startswith('key') else 'sorted'})"
@@ -98,8 +99,7 @@ def noise_curve(work: Path, out: Path) -> list[dict]:
         points.append(point)
         print(f"noise {factor:g} x std ({factor * unit:.4f}): top-1 agreement {report.quality['top1_agreement']:.3f}, "
               f"max logit error {report.quality['max_abs_error']:.3f}, best view {point['best_view'][0]:.1f}% "
-              f"({point['best_view'][1]}); residual 0 sorted {by_view.get('residual 0 (sorted)', float('nan')):.1f}%, "
-              f"residual 4 sorted {by_view.get('residual 4 (sorted)', float('nan')):.1f}%")
+              f"({point['best_view'][1]}); " + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(by_view.items())))
     _plot_noise(points, out / "gpt2-noise.png")
     return points
 
@@ -112,7 +112,7 @@ def _plot_noise(points: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     x = [p["top1_agreement"] * 100 for p in points]
     ax.plot(x, [p["best_view"][0] for p in points], marker="o", label="best single server view")
-    for view in ("residual 0 (sorted)", "residual 4 (sorted)", "ffn 3 (sorted)"):
+    for view in ("residual 0 (sorted)", "residual 4 (sorted)", "residual 0 (key)", "residual 4 (key)"):
         ax.plot(x, [p["recovery"].get(view, float("nan")) for p in points], marker=".", linestyle="--", label=view)
     for p, xi in zip(points, x):
         ax.annotate(f"{p['sigma_over_embedding_std']:g}σ", (xi, p["best_view"][0]), textcoords="offset points",
@@ -177,7 +177,7 @@ def main() -> None:
             summary[label] = run_model(label, sources[label], work, out, args.shortlist, TEXTS[: args.texts],
                                        [v for v in args.variants.split(",") if v])
         if args.noise:
-            summary["noise"] = noise_curve(work, out)
+            summary["noise"] = noise_curve(work, out, TEXTS[: args.texts])
     (out / f"summary-{args.models.replace(',', '-') or 'noise'}.json").write_text(json.dumps(summary, indent=2))
     overview(out)
     print(f"\nJSON, charts and overview.png -> {out}")

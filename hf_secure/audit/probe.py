@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import UnknownOptionError, UnsupportedModelError
 
 KINDS = ("residual", "attention_input", "q", "k", "v", "ffn")
 
@@ -52,19 +52,25 @@ class Site:
         return f"{self.kind.replace('_', ' ')} {self.layer}"
 
 
-def sites_of(family: str, num_layers: int, residual_layers: list[int]) -> list[Site]:
+def sites_of(family: str, num_layers: int, residual_layers: list[int], kinds=KINDS) -> list[Site]:
     """The sites an audit reads for ``residual_layers`` (each in 0..num_layers): the residual stream at
-    each, and every block site of blocks ``min(layer, num_layers - 1)``."""
+    each, and the block sites of blocks ``min(layer, num_layers - 1)``, of the given ``kinds``
+    (BERT has no separate attention input). UnknownOptionError for a kind not in :data:`KINDS`."""
     if family not in _LAYOUTS:
         raise UnsupportedModelError(f"the audit has no site layout for family {family!r}")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise UnknownOptionError(f"views {unknown or '(none)'}: choose from {KINDS}")
     sites = []
     for layer in residual_layers:
         if not 0 <= layer <= num_layers:
             raise UnsupportedModelError(f"layer {layer} outside 0..{num_layers}")
-        sites.append(Site("residual", layer))
         block = min(layer, num_layers - 1)
-        kinds = ("q", "k", "v", "ffn") if family == "bert" else ("attention_input", "q", "k", "v", "ffn")
-        sites.extend(Site(kind, block) for kind in kinds)
+        for kind in kinds:
+            if kind == "residual":
+                sites.append(Site("residual", layer))
+            elif not (family == "bert" and kind == "attention_input"):
+                sites.append(Site(kind, block))
     return sorted(set(sites))
 
 

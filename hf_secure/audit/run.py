@@ -35,7 +35,7 @@ from ..protocols.mpc.ring import DEFAULT_FRAC_BITS
 from ..protocols.permute.client import gather_last, inverse
 from ..server.runtime import read_section
 from .attacks import Search, VocabularyMatcher, position_wise, recover_permutations
-from .probe import Probe, Site, sites_of
+from .probe import KINDS, Probe, Site, sites_of
 
 AUDITED = ("permute", "mpc")  # protocols whose parties' views the audit knows how to record
 DEFAULT_LAYERS = ("0", "1", "mid", "last")
@@ -158,7 +158,7 @@ class _Tally:
 
 
 def audit(folder: str, *, original: str | None = None, protocol: str | None = None, texts=None,
-          layers=DEFAULT_LAYERS, key=None, embedding_noise: float | None = None, shortlist: int = 64,
+          layers=DEFAULT_LAYERS, views=KINDS, key=None, embedding_noise: float | None = None, shortlist: int = 64,
           sweeps: int = 2, max_length: int = 32, opened_per_layer: int = 2) -> AuditReport:
     """Measure what a converted checkpoint's parties could learn from the user's text.
 
@@ -169,6 +169,7 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         protocol: the protocol to audit; None: the checkpoint's. Must be one of :data:`AUDITED`.
         texts: sample texts (default :data:`DEFAULT_TEXTS`), each truncated to ``max_length`` tokens.
         layers: residual-stream layers (:func:`resolve_layers`); block sites are read at each.
+        views: the kinds of site to read (:data:`.probe.KINDS`; permute: all by default).
         key: permute: the client key file (None: the key store).
         embedding_noise: permute, client-held embeddings: the noise defence's standard deviation.
         shortlist: candidates per position in the joint search (bidirectional models, deep sites).
@@ -184,6 +185,9 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         protocol_engine(protocol)  # an unknown name lists the registered protocols
         if protocol not in AUDITED:
             raise UnknownOptionError(f"the audit knows the views of {AUDITED}, not {protocol!r}")
+    for name, value in (("layers", layers), ("views", views), ("texts", texts)):
+        if isinstance(value, str):
+            raise UnknownOptionError(f"{name} must be a list, not the string {value!r}")
     if not isinstance(shortlist, int) or shortlist < 1 or not isinstance(sweeps, int) or sweeps < 1:
         raise UnknownOptionError("shortlist and sweeps must be positive integers")
     folder = resolve_folder(folder)
@@ -200,7 +204,13 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
     public_src = resolve_folder(original) if original is not None else folder
     public = (AutoModelForCausalLM if spec.causal else AutoModel).from_pretrained(public_src, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder if _has_tokenizer(folder) else public_src)
-    options = {"key": key, "embedding_noise": embedding_noise} if proto == "permute" else {"record_views": True}
+    if proto == "mpc" and tuple(views) != KINDS:
+        raise UnknownOptionError("views choose the permute server's activations; an mpc server's views are all read")
+    if proto == "permute" and opened_per_layer != 2:
+        raise UnknownOptionError("opened_per_layer is an option of the mpc audit")
+    options = {"key": key, "embedding_noise": embedding_noise}  # the engine refuses what its protocol lacks
+    if proto == "mpc":
+        options["record_views"] = True
     secure = (SecureModelForCausalLM if spec.causal else SecureModel).from_pretrained(folder, **options)
     num_layers = public.config.num_hidden_layers
     residual_layers = resolve_layers(layers, num_layers)
@@ -209,8 +219,8 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
                 "original": str(public_src), "layers": residual_layers, "shortlist": shortlist, "sweeps": sweeps,
                 "texts": len(texts or DEFAULT_TEXTS), "max_length": max_length}
     try:
-        auditor = _PermuteAudit(secure, public, spec, section, residual_layers) if proto == "permute" else \
-            _MPCAudit(secure, public, spec, residual_layers, opened_per_layer)
+        auditor = _PermuteAudit(secure, public, spec, section, residual_layers, tuple(views)) \
+            if proto == "permute" else _MPCAudit(secure, public, spec, residual_layers, opened_per_layer)
         auditor.matcher = VocabularyMatcher(public, spec.name, spec.causal)
         auditor.shortlist, auditor.sweeps = shortlist, sweeps
         report = AuditReport(settings, keys=auditor.keys())
@@ -271,12 +281,12 @@ class _Audit:
     shortlist: int
     sweeps: int
 
-    def __init__(self, secure, public, spec, residual_layers: list[int]):
+    def __init__(self, secure, public, spec, residual_layers: list[int], views=KINDS):
         self.secure = secure
         self.public = public
         self.spec = spec
         self.residual_layers = residual_layers
-        self.sites = sites_of(spec.name, public.config.num_hidden_layers, residual_layers)
+        self.sites = sites_of(spec.name, public.config.num_hidden_layers, residual_layers, views)
 
     def keys(self) -> list[dict]:
         """Key recovery results (protocols with keys)."""
@@ -344,8 +354,8 @@ class _Audit:
 class _PermuteAudit(_Audit):
     """The permute server: its request, weights and every activation it computes."""
 
-    def __init__(self, secure, public, spec, section, residual_layers):
-        super().__init__(secure, public, spec, residual_layers)
+    def __init__(self, secure, public, spec, section, residual_layers, views):
+        super().__init__(secure, public, spec, residual_layers, views)
         self.internal = section.get("internal_permutations", True)
         self.embeddings = section["embeddings"]
         backend = secure.engine.backend
