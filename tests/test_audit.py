@@ -122,6 +122,10 @@ def test_mpc_servers_views_stay_at_chance(tmp_path):
     make_tiny("gpt2", tmp_path / "plain", vocab_size=len(tokenizer))
     tokenizer.save_pretrained(tmp_path / "plain")
     convert_approximate(tmp_path / "plain", tmp_path / "mpc")
+    with pytest.raises(UnknownOptionError, match="embedding_noise: not an option of the mpc protocol"):
+        audit(tmp_path / "mpc", embedding_noise=0.1)
+    with pytest.raises(UnknownOptionError, match="views"):
+        audit(tmp_path / "mpc", views=["ffn"])
     report = audit(tmp_path / "mpc", texts=["a private note about my health"], layers=["0", "1"])
     views = {(r["party"], r["view"]) for r in report.rows}
     for party in ("server0", "server1"):
@@ -146,6 +150,12 @@ def test_audit_refuses_what_it_cannot_audit(demo_permuted, tmp_path):
     with pytest.raises(UnknownOptionError, match="layer"):
         audit(demo_permuted / "internal", original=DEMO_MODEL, key=str(demo_permuted / "internal.key"),
               layers=["deep"])
+    with pytest.raises(UnknownOptionError, match="views"):
+        audit(demo_permuted / "internal", original=DEMO_MODEL, key=str(demo_permuted / "internal.key"),
+              views=["colour"])
+    with pytest.raises(UnknownOptionError, match="must be a list"):
+        audit(demo_permuted / "internal", original=DEMO_MODEL, key=str(demo_permuted / "internal.key"),
+              layers="0,1")
     with pytest.raises(UnknownOptionError, match="not an option of the permute protocol"):
         SecureModelForCausalLM.from_pretrained(demo_permuted / "internal", key=str(demo_permuted / "internal.key"),
                                                record_views=True)
