@@ -171,9 +171,22 @@ def _audit(args) -> None:
 
     texts = None
     if args.text is not None:
-        texts = [line.strip() for line in Path(args.text).read_text().splitlines() if line.strip()]
+        try:
+            texts = [line.strip() for line in Path(args.text).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UnknownOptionError(f"cannot read --text {args.text}: {exc}") from None
         if not texts:
             raise UnknownOptionError(f"{args.text} holds no text (one sample per line)")
+    for option, path in (("--json", args.json), ("--chart", args.chart)):  # before the audit, not after it
+        if path is not None and (not Path(path).resolve().parent.is_dir() or Path(path).is_dir()):
+            raise UnknownOptionError(f"{option} {path}: not a file in an existing folder")
+    if args.chart is not None:
+        if Path(args.chart).suffix.lower() != ".png":
+            raise UnknownOptionError(f"--chart {args.chart}: the chart is a PNG (name it .png)")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UnknownOptionError("--chart needs matplotlib: pip install 'hf-secure[audit]'") from None
     report = audit(args.model, original=args.original, protocol=args.protocol, texts=texts,
                    layers=args.layers.split(","), views=args.views.split(","), key=args.key, embedding_noise=args.embedding_noise,
                    shortlist=args.shortlist, sweeps=args.sweeps, max_length=args.max_length)

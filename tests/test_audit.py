@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, pipeline
 
 from hf_secure import SecureModelForCausalLM
 from hf_secure.audit import audit
@@ -27,7 +27,7 @@ from hf_secure.demo import DEMO_MODEL
 from hf_secure.errors import MissingKeyError, UnknownOptionError
 from hf_secure.protocols.mpc.run import FunctionProgram, MPCSession
 
-from .conftest import make_tiny
+from .conftest import make_tiny, minilm_folder
 
 TEXT = ["The cat sat on the mat and looked at the bird."]
 
@@ -138,7 +138,7 @@ def test_mpc_servers_views_stay_at_chance(tmp_path):
     assert report.quality["top1_agreement"] == 1.0
 
 
-def test_audit_refuses_what_it_cannot_audit(demo_permuted, tmp_path):
+def test_audit_refuses_what_it_cannot_audit(demo_permuted, tmp_path, capsys):
     with pytest.raises(UnknownOptionError, match="unknown protocol .telepathy.; available"):
         audit(demo_permuted / "internal", original=DEMO_MODEL, protocol="telepathy")
     with pytest.raises(UnknownOptionError, match="converted for protocol 'permute', not 'mpc'"):
@@ -159,7 +159,21 @@ def test_audit_refuses_what_it_cannot_audit(demo_permuted, tmp_path):
     with pytest.raises(UnknownOptionError, match="not an option of the permute protocol"):
         SecureModelForCausalLM.from_pretrained(demo_permuted / "internal", key=str(demo_permuted / "internal.key"),
                                                record_views=True)
+    args = (demo_permuted / "internal",)
+    options = {"original": DEMO_MODEL, "key": str(demo_permuted / "internal.key")}
+    for bad in ({"layers": []}, {"texts": []}, {"texts": [" "]}, {"shortlist": True}, {"max_length": 0}):
+        with pytest.raises(UnknownOptionError):
+            audit(*args, **{**options, **bad})
+    with pytest.raises(UnknownOptionError, match="no token that is not a special token"):
+        audit(*args, **options, texts=["<|endoftext|>"])
+    with pytest.raises(UnknownOptionError, match="is not the model"):
+        audit(*args, original=minilm_folder(), key=options["key"])
     assert main(["audit", str(tmp_path / "missing")]) == 1
+    cli = ["audit", str(args[0]), "--original", str(DEMO_MODEL), "--key", options["key"]]
+    assert main(cli + ["--chart", str(tmp_path / "chart.txt")]) == 1  # refused before the audit runs
+    assert main(cli + ["--json", str(tmp_path / "no" / "such" / "dir.json")]) == 1
+    assert main(cli + ["--text", str(tmp_path / "missing.txt")]) == 1
+    assert "hf-secure: error: UnknownOptionError" in capsys.readouterr().err
 
 
 def test_embedding_noise_is_the_client_s_and_bounded(demo_permuted):
@@ -175,6 +189,8 @@ def test_embedding_noise_is_the_client_s_and_bounded(demo_permuted):
     noisy = SecureModelForCausalLM.from_pretrained(demo_permuted / "internal", key=key,
                                                    embedding_noise=0.5)(input_ids=ids).logits
     assert not torch.allclose(quiet, noisy)
+    generator = pipeline("secure-text-generation", model=str(demo_permuted / "internal"), key=key, embedding_noise=0.5)
+    assert generator.model.engine.client.embedding_noise == 0.5  # the pipeline binds it, never drops it
 
 
 def test_record_views_needs_every_party_here():

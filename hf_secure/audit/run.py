@@ -18,6 +18,7 @@ mpc
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def resolve_layers(names, num_layers: int) -> list[int]:
             out.append(num_layers // 2)
         elif name == "last":
             out.append(num_layers)
-        elif name.isdigit() and int(name) <= num_layers:
+        elif name.isascii() and name.isdigit() and int(name) <= num_layers:
             out.append(int(name))
         else:
             raise UnknownOptionError(f"layer {name!r}: give 0..{num_layers}, 'mid' or 'last'")
@@ -101,7 +102,8 @@ class AuditReport:
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
-            json.dump({"settings": self.settings, "rows": self.rows, "keys": self.keys, "quality": self.quality,
+            quality = {k: v if math.isfinite(v) else str(v) for k, v in self.quality.items()}  # strict JSON
+            json.dump({"settings": self.settings, "rows": self.rows, "keys": self.keys, "quality": quality,
                        "best_view": self.best_view()}, f, indent=2)
 
     def plot(self, path: str, title: str | None = None) -> None:
@@ -186,10 +188,16 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         if protocol not in AUDITED:
             raise UnknownOptionError(f"the audit knows the views of {AUDITED}, not {protocol!r}")
     for name, value in (("layers", layers), ("views", views), ("texts", texts)):
-        if isinstance(value, str):
-            raise UnknownOptionError(f"{name} must be a list, not the string {value!r}")
-    if not isinstance(shortlist, int) or shortlist < 1 or not isinstance(sweeps, int) or sweeps < 1:
-        raise UnknownOptionError("shortlist and sweeps must be positive integers")
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise UnknownOptionError(f"{name} must be a list or tuple, got {type(value).__name__}")
+    if texts is not None and (not texts or not all(isinstance(t, str) and t.strip() for t in texts)):
+        raise UnknownOptionError("texts must be non-empty strings (None: the built-in samples)")
+    if not layers:
+        raise UnknownOptionError("layers is empty: nothing to measure")
+    for name, value in (("shortlist", shortlist), ("sweeps", sweeps), ("max_length", max_length),
+                        ("opened_per_layer", opened_per_layer)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnknownOptionError(f"{name} must be a positive integer, got {value!r}")
     folder = resolve_folder(folder)
     config = AutoConfig.from_pretrained(folder)
     section = read_section(config, folder, protocol)
@@ -199,9 +207,17 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
     if proto not in AUDITED:
         raise UnknownOptionError(f"the audit knows the views of {AUDITED}, not {proto!r}")
     spec = family(section["family"])
+    residual_layers = resolve_layers(layers, config.num_hidden_layers)
     if proto == "permute" and original is None:
-        raise UnknownOptionError("auditing permute needs the original open checkpoint the attacker knows (original=...)")
+        raise UnknownOptionError("auditing permute needs the original open checkpoint the attacker knows "
+                                 "(--original / original=)")
     public_src = resolve_folder(original) if original is not None else folder
+    public_config = AutoConfig.from_pretrained(public_src)
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    if any(getattr(public_config, name, None) != getattr(config, name) for name in shape):
+        raise UnknownOptionError(f"{public_src} is not the model {folder} was converted from "
+                                 f"({', '.join(f'{n} {getattr(public_config, n, None)}' for n in shape)} against "
+                                 f"{', '.join(f'{n} {getattr(config, n)}' for n in shape)})")
     public = (AutoModelForCausalLM if spec.causal else AutoModel).from_pretrained(public_src, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder if _has_tokenizer(folder) else public_src)
     if proto == "mpc" and tuple(views) != KINDS:
@@ -212,8 +228,9 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
     if proto == "mpc":
         options["record_views"] = True
     secure = (SecureModelForCausalLM if spec.causal else SecureModel).from_pretrained(folder, **options)
-    num_layers = public.config.num_hidden_layers
-    residual_layers = resolve_layers(layers, num_layers)
+    if secure.engine.vocab_size != public.get_input_embeddings().weight.shape[0]:
+        secure.engine.close()
+        raise UnknownOptionError(f"{public_src} has another vocabulary than {folder}: not its original")
     variant = _variant(section, embedding_noise)
     settings = {"protocol": proto, "variant": variant, "family": spec.name, "checkpoint": str(folder),
                 "original": str(public_src), "layers": residual_layers, "shortlist": shortlist, "sweeps": sweeps,
@@ -228,6 +245,8 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         for text in texts or DEFAULT_TEXTS:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids
             special = tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True)
+            if all(special):
+                raise UnknownOptionError(f"text {text!r} has no token that is not a special token: nothing to recover")
             output, views = auditor.observe(ids)
             with torch.no_grad():
                 plain = public(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -241,7 +260,7 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
                 for row_key, recovered in auditor.attack(entries, bar):
                     tally.add(row_key, recovered, truth, scored)
         report.rows = tally.rows(proto, 100.0 / auditor.matcher.vocab_size)
-        report.quality = {"max_abs_error": max(errors)}
+        report.quality = {"max_abs_error": float(torch.tensor(errors).max())}  # NaN stays NaN
         if agreement:
             report.quality["top1_agreement"] = sum(agreement) / len(agreement)
         return report
@@ -287,6 +306,11 @@ class _Audit:
         self.spec = spec
         self.residual_layers = residual_layers
         self.sites = sites_of(spec.name, public.config.num_hidden_layers, residual_layers, views)
+        if not self.sites:
+            raise UnknownOptionError(f"views {list(views)} read nothing in a {spec.name} model")
+        if not spec.causal and "residual" not in views and any(not position_wise(s, False) for s in self.sites):
+            raise UnknownOptionError("in a bidirectional model the deep Q/K/V/FFN views are searched among the "
+                                     "candidates of the residual view: add 'residual' to views")
 
     def keys(self) -> list[dict]:
         """Key recovery results (protocols with keys)."""
@@ -313,6 +337,9 @@ class _Audit:
         in depth (the one read with the recovered key where there is one: the party holds both).
         """
         searched = [e for e in entries if e.search is not None]
+        for e in searched:  # every residual view can seed the joint search of its block's other views
+            if e.search.site.kind == "residual":
+                e.search.shortlist = self.shortlist
         sequential = [e for e in searched if position_wise(e.search.site, self.spec.causal)]
         joint = [e for e in searched if not position_wise(e.search.site, self.spec.causal)]
         proxies = {id(e): Search(Site("residual", 0), e.search.observed, e.search.permuted, self.shortlist)
@@ -322,9 +349,11 @@ class _Audit:
             if e.direct is not None:
                 bar.update(e.direct[0].numel())
                 yield (e.party, e.view, e.layer, e.attack, e.direct[1]), e.direct[0]
-        for e in sequential:
-            yield (e.party, e.view, e.layer, e.attack, SEQUENTIAL), e.search.tokens
         shortlists = {}
+        for e in sequential:
+            if e.search.ranked and (e.decoded or e.layer not in shortlists.get(e.party, {})):
+                shortlists.setdefault(e.party, {})[e.layer] = torch.stack(e.search.ranked)
+            yield (e.party, e.view, e.layer, e.attack, SEQUENTIAL), e.search.tokens
         for e in sorted(joint, key=lambda e: not self._proxied(e)):  # proxied views first: they seed the rest
             if id(e) in proxies:
                 shortlist, source = torch.stack(proxies[id(e)].ranked), "embedding-output proxy"
@@ -332,7 +361,7 @@ class _Audit:
                     shortlists.setdefault(e.party, {})[e.layer] = shortlist
             else:
                 mine = shortlists[e.party]
-                nearest = min(mine, key=lambda layer: abs(layer - e.layer))
+                nearest = min(mine, key=lambda layer: (abs(layer - e.layer), -layer))  # ties: the deeper
                 shortlist, source = mine[nearest], f"residual {nearest} views"
             tokens = self.matcher.joint(e.search, shortlist, self.sweeps, bar)
             yield (e.party, e.view, e.layer, e.attack,
@@ -373,6 +402,8 @@ class _PermuteAudit(_Audit):
         groups = defaultdict(list)
         for name, (index, exact) in self.recovered.items():
             kind = name.split(".")[-1]
+            if kind not in ("hidden", "vocab") and not self.internal:
+                continue  # internal permutations off: these are identities, nothing to recover
             kind = "attention (q/k/v/o units)" if kind in ("q", "k", "v", "qkv", "o_in") else kind
             truth = self.truth.get(name)
             if truth is not None:

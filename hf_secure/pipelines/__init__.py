@@ -30,7 +30,7 @@ class _SecurePipelineMixin:
 
     def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
                  protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None,
-                 reveal: str | None = None, **kwargs):
+                 reveal: str | None = None, embedding_noise: float | None = None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         bound = getattr(getattr(model, "engine", None), "reveal", None)
         defaults = getattr(self, "_default_generation_config", None)
@@ -46,7 +46,8 @@ class _SecurePipelineMixin:
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
-                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal}
+                   "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
+                   "embedding_noise": embedding_noise}
         if self.model.engine is None:
             self.model.bind(timeout=timeout, **options)
         elif any(value is not None for value in options.values()):
