@@ -77,8 +77,8 @@ class AuditReport:
 
     def table(self) -> str:
         """The rows as an aligned text table."""
-        head = ("party", "view", "layer", "attack", "search", "tokens %", "prompts %", "chance %")
-        lines = [[r["party"], r["view"], str(r["layer"]), r["attack"], r["search"], f"{r['tokens_pct']:.1f}",
+        head = ("protocol", "party", "view", "layer", "attack", "search", "tokens %", "prompts %", "chance %")
+        lines = [[r["protocol"], r["party"], r["view"], str(r["layer"]), r["attack"], r["search"], f"{r['tokens_pct']:.1f}",
                   f"{r['prompts_pct']:.1f}", f"{r['chance_pct']:.3f}"] for r in self.rows]
         widths = [max(len(h), *(len(line[k]) for line in lines)) if lines else len(h) for k, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
