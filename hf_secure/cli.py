@@ -168,6 +168,7 @@ def _push(args) -> None:
 
 def _audit(args) -> None:
     from .audit import audit
+    from .audit.probe import KINDS
 
     texts = None
     if args.text is not None:
@@ -188,8 +189,9 @@ def _audit(args) -> None:
         except ImportError:
             raise UnknownOptionError("--chart needs matplotlib: pip install 'hf-secure[audit]'") from None
     report = audit(args.model, original=args.original, protocol=args.protocol, texts=texts,
-                   layers=args.layers.split(","), views=args.views.split(","), key=args.key, embedding_noise=args.embedding_noise,
-                   shortlist=args.shortlist, sweeps=args.sweeps, max_length=args.max_length)
+                   layers=args.layers.split(","), views=KINDS if args.views is None else args.views.split(","),
+                   key=args.key, embedding_noise=args.embedding_noise, shortlist=args.shortlist, sweeps=args.sweeps,
+                   max_length=args.max_length)
     print(report.table())
     if args.json is not None:
         report.to_json(args.json)
@@ -354,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--key", default=None, help="permute: the client key file (default: the key store)")
     aud.add_argument("--text", default=None, metavar="FILE", help="sample text, one per line (default: built-in)")
     aud.add_argument("--layers", default="0,1,mid,last", help="residual-stream layers: numbers, mid, last")
-    aud.add_argument("--views", default="residual,attention_input,q,k,v,ffn",
-                     help="permute: the kinds of activation to attack")
+    aud.add_argument("--views", default=None,
+                     help="permute: the kinds of activation to attack, from residual,attention_input,q,k,v,ffn "
+                          "(default: all)")
     aud.add_argument("--embedding-noise", type=float, default=None,
                      help="permute, client embeddings: std of the noise defence to measure")
     aud.add_argument("--shortlist", type=_positive, default=64,

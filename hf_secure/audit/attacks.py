@@ -177,7 +177,7 @@ def _match(server: torch.Tensor, public: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def recover_permutations(server_state: dict[str, torch.Tensor], public_state: dict[str, torch.Tensor],
-                         rules: list, num_layers: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                         rules: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Recover each permutation the family's ``rules`` apply (:mod:`hf_secure.families`) by matching
     sorted weight slices of the server's checkpoint against the public one's.
 

@@ -176,8 +176,8 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         embedding_noise: permute, client-held embeddings: the noise defence's standard deviation.
         shortlist: candidates per position in the joint search (bidirectional models, deep sites).
         sweeps: sweeps of the joint search.
-        opened_per_layer: mpc: how many of a layer's opened values of hidden width are attacked
-            (the first and the last; all are uniformly masked).
+        opened_per_layer: mpc: how many of a block's opened values of hidden width are attacked,
+            evenly spaced (2: the first and the last; all are uniformly masked).
 
     Returns an :class:`AuditReport`. Raises UnknownOptionError for a protocol not audited here or
     not the checkpoint's, or options of another protocol; the loading errors of
@@ -228,14 +228,12 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
     if proto == "mpc":
         options["record_views"] = True
     secure = (SecureModelForCausalLM if spec.causal else SecureModel).from_pretrained(folder, **options)
-    if secure.engine.vocab_size != public.get_input_embeddings().weight.shape[0]:
-        secure.engine.close()
-        raise UnknownOptionError(f"{public_src} has another vocabulary than {folder}: not its original")
-    variant = _variant(section, embedding_noise)
-    settings = {"protocol": proto, "variant": variant, "family": spec.name, "checkpoint": str(folder),
-                "original": str(public_src), "layers": residual_layers, "shortlist": shortlist, "sweeps": sweeps,
-                "texts": len(texts or DEFAULT_TEXTS), "max_length": max_length}
+    settings = {"protocol": proto, "variant": _variant(section, embedding_noise), "family": spec.name,
+                "checkpoint": str(folder), "original": str(public_src), "layers": residual_layers,
+                "shortlist": shortlist, "sweeps": sweeps, "texts": len(texts or DEFAULT_TEXTS), "max_length": max_length}
     try:
+        if secure.engine.vocab_size != public.get_input_embeddings().weight.shape[0]:
+            raise UnknownOptionError(f"{public_src} has another vocabulary than {folder}: not its original")
         auditor = _PermuteAudit(secure, public, spec, section, residual_layers, tuple(views)) \
             if proto == "permute" else _MPCAudit(secure, public, spec, residual_layers, opened_per_layer)
         auditor.matcher = VocabularyMatcher(public, spec.name, spec.causal)
@@ -247,14 +245,14 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
             special = tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True)
             if all(special):
                 raise UnknownOptionError(f"text {text!r} has no token that is not a special token: nothing to recover")
-            output, views = auditor.observe(ids)
+            output, seen = auditor.observe(ids)
             with torch.no_grad():
                 plain = public(input_ids=ids, attention_mask=torch.ones_like(ids))
             plain = plain.logits if spec.causal else plain.last_hidden_state
             errors.append(float((output - plain).abs().max()))
             if spec.causal:
                 agreement.append(float((output.argmax(-1) == plain.argmax(-1)).float().mean()))
-            jobs.append((ids[0], ~torch.tensor(special, dtype=torch.bool), auditor.views(views, ids[0].numel())))
+            jobs.append((ids[0], ~torch.tensor(special, dtype=torch.bool), auditor.views(seen, ids[0].numel())))
         with progress(sum(auditor.work(v) for _, _, v in jobs), "audit", unit="position") as bar:
             for truth, scored, entries in jobs:
                 for row_key, recovered in auditor.attack(entries, bar):
@@ -290,7 +288,7 @@ class _Entry:
     attack: str
     search: Search | None = None
     direct: tuple[torch.Tensor, str] | None = None
-    decoded: bool = False  # the view after the recovered key (its shortlist is not shared)
+    decoded: bool = False  # the view read with the recovered key (its shortlist seeds its block first)
 
 
 class _Audit:
@@ -349,16 +347,20 @@ class _Audit:
             if e.direct is not None:
                 bar.update(e.direct[0].numel())
                 yield (e.party, e.view, e.layer, e.attack, e.direct[1]), e.direct[0]
-        shortlists = {}
+        shortlists: dict[str, dict[int, torch.Tensor]] = {}  # party -> residual layer -> [seq, K]
+
+        def seed(e: _Entry, shortlist: torch.Tensor) -> None:  # a residual view's candidates, key-read first
+            if e.search.site.kind == "residual" and (e.decoded or e.layer not in shortlists.get(e.party, {})):
+                shortlists.setdefault(e.party, {})[e.layer] = shortlist
+
         for e in sequential:
-            if e.search.ranked and (e.decoded or e.layer not in shortlists.get(e.party, {})):
-                shortlists.setdefault(e.party, {})[e.layer] = torch.stack(e.search.ranked)
+            if e.search.ranked:
+                seed(e, torch.stack(e.search.ranked))
             yield (e.party, e.view, e.layer, e.attack, SEQUENTIAL), e.search.tokens
         for e in sorted(joint, key=lambda e: not self._proxied(e)):  # proxied views first: they seed the rest
             if id(e) in proxies:
                 shortlist, source = torch.stack(proxies[id(e)].ranked), "embedding-output proxy"
-                if e.search.site.kind == "residual" and (e.decoded or e.layer not in shortlists.get(e.party, {})):
-                    shortlists.setdefault(e.party, {})[e.layer] = shortlist
+                seed(e, shortlist)
             else:
                 mine = shortlists[e.party]
                 nearest = min(mine, key=lambda layer: (abs(layer - e.layer), -layer))  # ties: the deeper
@@ -386,7 +388,6 @@ class _PermuteAudit(_Audit):
     def __init__(self, secure, public, spec, section, residual_layers, views):
         super().__init__(secure, public, spec, residual_layers, views)
         self.internal = section.get("internal_permutations", True)
-        self.embeddings = section["embeddings"]
         backend = secure.engine.backend
         if not hasattr(backend, "server"):
             raise UnknownOptionError("the audit runs the permute server in this process (no server_url)")
@@ -395,7 +396,7 @@ class _PermuteAudit(_Audit):
         secure.engine.observe(lambda party, what, tensor: self.recorded.append((party, what, tensor.clone())))
         client_key = secure.engine.client.key
         self.recovered = recover_permutations(self.server_model.base_model.state_dict(), public.base_model.state_dict(),
-                                              spec.rules, public.config.num_hidden_layers)
+                                              spec.rules)
         self.truth = {"hidden": client_key.hidden, "vocab": client_key.vocab}
 
     def keys(self) -> list[dict]:
@@ -467,20 +468,26 @@ class _MPCAudit(_Audit):
             if party not in ("server0", "server1") or "/" not in what:
                 continue  # the dealer's view and the public fields: shapes and masks, public by design
             scope, kind = what.split("/", 1)
-            value = (tensor.double() / (1 << DEFAULT_FRAC_BITS)).float()
             if kind == "input share":
                 entries.append(_Entry(party, "input share (one-hot rows)", 0, "largest decoded entry per row",
-                                      direct=(value.reshape(seq, -1).argmax(-1), "direct")))
+                                      direct=(_fixed_point(tensor).reshape(seq, -1).argmax(-1), "direct")))
             elif scope.startswith("layer.") and tensor.numel() == seq * hidden:
                 layer = int(scope.split(".")[1])
-                value = value.reshape(seq, hidden)
                 if kind == "output share" and layer + 1 in self.residual_layers:
                     entries.append(_Entry(party, "share of the layer output", layer + 1, "vocabulary matching, L1",
-                                          Search(Site("residual", layer + 1), value, False)))
+                                          Search(Site("residual", layer + 1), _fixed_point(tensor).reshape(seq, hidden),
+                                                 False)))
                 elif kind == "opened" and layer in blocks:  # compared with the block's input
-                    opened[(party, layer)].append(value)
+                    opened[(party, layer)].append(tensor)
         for (party, layer), values in opened.items():
-            for value in (values[0], values[-1])[: min(self.opened_per_layer, len(values))]:
+            picks = torch.linspace(0, len(values) - 1, min(self.opened_per_layer, len(values))).round().long()
+            for pick in picks.tolist():  # evenly spaced: 2 is the first and the last
                 entries.append(_Entry(party, "opened value (hidden width)", layer, "vocabulary matching, L1",
-                                      Search(Site("residual", layer), value, False)))
+                                      Search(Site("residual", layer), _fixed_point(values[pick]).reshape(seq, hidden),
+                                             False)))
         return entries
+
+
+def _fixed_point(ring: torch.Tensor) -> torch.Tensor:
+    """int64 ring elements (a share or an opened value) read as the protocol's fixed point, float32."""
+    return (ring.double() / (1 << DEFAULT_FRAC_BITS)).float()

@@ -127,9 +127,10 @@ class MPCEngine(SecureEngine):
                     self._recorder(party, name, value)
             self._recorder("dealer", "input_shape", torch.tensor(onehot.shape))
         (out,), self.last_report = self.session.run([onehot], public)
-        for role in ("SERVER0", "SERVER1"):
-            for where, kind, value in self.last_report[role].pop("view", ()):
-                if self._recorder is not None:
+        for role in ("SERVER0", "SERVER1"):  # a server's view leaves the report whether or not it is observed
+            view = self.last_report[role].pop("view", ())
+            if self._recorder is not None:
+                for where, kind, value in view:
                     self._recorder(role.lower(), f"{where}/{kind}", value)
         self.last_report["bounds"] = dict(QUERY_BOUNDS)
         for name, value in online_traffic(self.last_report["SERVER0"]).items():
