@@ -24,6 +24,10 @@ class CorruptKeyError(HfSecureError):
     """The key file cannot be read or its content does not match its own fingerprint."""
 
 
+class KeyReuseError(HfSecureError):
+    """A one-time key (an FSS key of one query) is presented a second time."""
+
+
 class TamperedCheckpointError(HfSecureError):
     """The checkpoint's weight files do not match the digests recorded at conversion."""
 
