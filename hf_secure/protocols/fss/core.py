@@ -142,13 +142,21 @@ class Masked:
         return self._like(self.data, self.share, bits)
 
     def shift_down(self, shift: int) -> "Masked":
-        """Truncate-reduce: ``floor(x / 2^shift)`` on the ring of ``bits - shift`` bits, minus the
-        carry of the dropped bits (0 or 1): local, no key. Valid for any ``x`` of the ring (the
+        """Truncate-reduce: ``floor(x / 2^shift)`` on the ring of ``bits - shift`` bits, plus the
+        carry of the dropped bits (0 or 1: stochastic rounding): local, no key. Valid for any ``x`` of the ring (the
         result is taken modulo the smaller ring); the server's mask share is dropped (a shift of
         shares is not a share of the shift)."""
         if not 0 < shift < self.bits:
             raise ProgramError(f"cannot shift a {self.bits}-bit value by {shift}")
         return Masked(self.ctx, _logical_shift(self.data, shift, self.bits), self.bits - shift)
+
+    def fill_public(self, keep: torch.Tensor, value: int) -> "Masked":
+        """Where ``keep`` (public bool, broadcast) is False, the public ``value`` (mask 0): for
+        causal and padding masks, whose positions are public anyway."""
+        keep = keep.to(self.data.device)
+        filled = torch.full_like(self.data, value) if not self.ctx.is_dealer else torch.zeros_like(self.data)
+        share = None if self.share is None else torch.where(keep, self.share, torch.zeros_like(self.share))
+        return self._like(torch.where(keep, self.data, filled), share)
 
     def to_shares(self) -> "Shares":
         """Additive shares of ``x``: server b holds ``b x^ - r_b`` (local)."""
@@ -366,7 +374,8 @@ class FSS:
         ``x' = x'^ - r + 2^n w`` where the wrap ``w = msb(r) (1 - msb(x'^))`` (a value below
         ``2^(n-1)`` wraps exactly when the mask's top bit is set and the sum's is not), so
         ``floor(x' / 2^s) = (x'^ >> s) - (r >> s) - c + 2^(n-s) w`` with ``c`` the carry of the
-        low bits, which is dropped (faithful truncation: at most one unit in the last place). The
+        low bits, which is dropped: the result is ``floor`` plus 1 with probability equal to the
+        dropped fraction (stochastic rounding, unbiased, at most one unit in the last place). The
         dealer shares ``r >> s`` and ``msb(r)``; there is no comparison key.
         """
         n = x.bits
@@ -383,34 +392,42 @@ class FSS:
         return Shares(self, wrap(t, n), n)
 
     # -- comparisons, selection and lookup tables --------------------------------------------
-    def less_than(self, x: Masked, constants: list[int]) -> list[Shares]:
-        """XOR shares of ``[x < c]`` (``x`` read unsigned on its ring) for each public ``c``.
+    def less_than(self, x: Masked, tests: list[tuple[int, int]]) -> list[Shares]:
+        """XOR shares of ``[(x + o) mod 2^k < c]`` for each public pair ``(o, c)`` (``x`` read
+        unsigned on its ring ``Z_2^k``, ``0 < c < 2^k``).
 
-        One DPF key at the mask ``r`` serves every constant: with ``A = [r > x^]`` and
-        ``B = [r > (x^ - c) mod 2^k]`` (:func:`.dpf.eval_greater`), ``[x < c] = A xor B xor [x^ < c]``.
-        Cost: ``k - 7`` expansions per evaluation, ``1 + len(constants)`` evaluations.
+        One DPF key at the mask ``r`` serves every test: for ``y = x + o`` (masked ``y^ = x^ + o``
+        under the same mask), ``[y < c] = A xor B xor [y^ < c]`` with ``A = [r > y^]`` and
+        ``B = [r > (y^ - c) mod 2^k]`` (:func:`.dpf.eval_greater`). Cost per element: one key of
+        ``k - 7`` levels and one path evaluation per distinct point.
         """
         k = x.bits
-        for c in constants:
+        for _, c in tests:
             if not 0 < c < (1 << k):
                 raise ProgramError(f"comparison constant {c} outside (0, 2^{k})")
         key = self.dpf_keys(x.data.reshape(-1) if self.is_dealer else None, k, x.data.numel())
         if self.is_dealer:
-            return [Shares(self, _meta(x.shape), 1) for _ in constants]
+            return [Shares(self, _meta(x.shape), 1) for _ in tests]
         flat = x.data.reshape(-1)
-        a = dpf.eval_greater(key, flat, self.backend)
+        greater: dict[int, torch.Tensor] = {}  # offset -> [r > x^ + offset]
+
+        def above(offset: int) -> torch.Tensor:
+            offset %= 1 << k
+            if offset not in greater:
+                greater[offset] = dpf.eval_greater(key, wrap(flat + offset, k), self.backend)
+            return greater[offset]
+
         out = []
-        for c in constants:
-            b = dpf.eval_greater(key, wrap(flat - c, k), self.backend)
-            bit = a ^ b
+        for offset, c in tests:
+            bit = above(offset) ^ above(offset - c)
             if self.role == SERVER0:
-                bit = bit ^ (flat < c).long()
+                bit = bit ^ (wrap(flat + offset, k) < c).long()
             out.append(Shares(self, bit.view(x.shape), 1))
         return out
 
     def sign_bit(self, x: Masked) -> Shares:
         """XOR shares of ``[x >= 0]`` (DReLU) for ``x`` signed on its ring."""
-        (below_half,) = self.less_than(x, [1 << (x.bits - 1)])
+        (below_half,) = self.less_than(x, [(0, 1 << (x.bits - 1))])
         return below_half
 
     def mux(self, selectors: list[Masked], x: Masked | None, table: list[tuple[int, int]], bits: int) -> Shares:
@@ -447,35 +464,44 @@ class FSS:
             out = out + coeff.gather(-1, pick).squeeze(-1) * signed(x.data, x.bits)
         return Shares(self, wrap(out, bits), bits)
 
-    def lookup(self, x: Masked, table: torch.Tensor, bits: int) -> Shares:
-        """Shares on ``Z_2^bits`` of ``T[x]`` for a public table of ``2^k`` entries (``x`` on ``Z_2^k``). One round.
+    def lookup(self, items: list[tuple[Masked, torch.Tensor]], bits: int) -> list[Shares]:
+        """Shares on ``Z_2^bits`` of ``T[x]`` for each pair ``(x, T)``: a public table of ``2^k``
+        int64 entries and ``x`` on ``Z_2^k``. One round for all pairs.
 
         The dealer gives a DPF key at the mask ``r``. Each server evaluates it on the whole
         domain, ``t_b``, and computes ``w_b = (-1)^b sum_i t_b[i] T[x^ - i]``; then
         ``w_0 + w_1 = s T[x]`` with the sign ``s = t_0[r] - t_1[r]`` known to the dealer. The
         servers open ``M = s T[x] + rho`` (fresh mask) and hold ``T[x] = s M - s rho`` from
         the dealer's shares of ``s`` and ``s rho`` (Sigma, section 3.3, with the sign removed by
-        shares instead of a second selection).
+        shares instead of a second selection). Cost per element: a ``k``-bit DPF key evaluated on
+        ``2^k`` points (``2^(k-7)`` leaves), ``2^k`` multiply-adds, ``bits`` bits sent.
         """
-        k = x.bits
-        if table.numel() != 1 << k:
-            raise ProgramError(f"a lookup on {k} bits needs {1 << k} entries, got {table.numel()}")
-        flat_shape = (x.data.numel(),)
-        key = self.dpf_keys(x.data.reshape(-1) if self.is_dealer else None, k, flat_shape[0])
-        if self.is_dealer:
-            t0 = dpf.eval_point(key[0], x.data.reshape(-1))
-            sign = (2 * t0 - 1).view(x.shape)
-            (m,) = self.reveal(Shares(self, _meta(x.shape), bits))
-            self.correlated(wrap(sign, bits), x.shape, bits)
-            self.correlated(wrap(sign * m.data, bits), x.shape, bits)
-            return Shares(self, _meta(x.shape), bits)
-        w = _rotated_inner_product(dpf.eval_all(key, self.backend), x.data.reshape(-1), table.to(self.device), k)
-        if self.role == SERVER1:
-            w = -w
-        (m,) = self.reveal(Shares(self, wrap(w.view(x.shape), bits), bits))
-        sign = self.correlated(None, x.shape, bits)
-        sign_rho = self.correlated(None, x.shape, bits)
-        return Shares(self, wrap(sign * m.data - sign_rho, bits), bits)
+        keys, partial = [], []
+        for x, table in items:
+            k = x.bits
+            if table.numel() != 1 << k:
+                raise ProgramError(f"a lookup on {k} bits needs {1 << k} entries, got {table.numel()}")
+            key = self.dpf_keys(x.data.reshape(-1) if self.is_dealer else None, k, x.data.numel())
+            keys.append(key)
+            if self.is_dealer:
+                partial.append(Shares(self, _meta(x.shape), bits))
+            else:
+                w = _rotated_inner_product(dpf.eval_all(key, self.backend), x.data.reshape(-1),
+                                           table.to(self.device), k)
+                partial.append(Shares(self, wrap(-w if self.role == SERVER1 else w, bits).view(x.shape), bits))
+        opened = self.reveal(*partial)
+        out = []
+        for (x, _), key, m in zip(items, keys, opened):
+            if self.is_dealer:
+                sign = (2 * dpf.eval_point(key[0], x.data.reshape(-1)) - 1).view(x.shape)
+                self.correlated(wrap(sign, bits), x.shape, bits)
+                self.correlated(wrap(sign * m.data, bits), x.shape, bits)
+                out.append(Shares(self, _meta(x.shape), bits))
+            else:
+                sign = self.correlated(None, x.shape, bits)
+                sign_rho = self.correlated(None, x.shape, bits)
+                out.append(Shares(self, wrap(sign * m.data - sign_rho, bits), bits))
+        return out
 
 
 def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Tensor, k: int,
