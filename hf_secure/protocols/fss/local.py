@@ -93,3 +93,25 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
     report = {"traffic": [s.snapshot() for s in link.stats], "key_bytes": [len(k) for k in keys]}
     return results[0], report
 
+
+
+def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, public: dict,
+                    vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None):
+    """One query of a model program (:mod:`.models`) with every party in this process: the owner's
+    ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids``. ``state``: the
+    dealer's and both servers' program state, kept across calls (KV caches). Returns
+    ``(float outputs, report)``."""
+    derived, _ = program.derive(weights)
+    names = sorted(derived)
+    onehot = torch.nn.functional.one_hot(input_ids, vocab_size).long()
+    inputs = [onehot] + [torch.round(derived[n].double() * (1 << params.frac_bits)).long() for n in names]
+    states = {}
+    if state is not None:
+        states = {DEALER: state[0], 0: state[1], 1: state[2]}
+
+    def fn(ctx, masked):
+        w = dict(zip(names, masked[1:]))
+        return program.forward(ctx, w, masked[:1], public, states.setdefault(ctx.role, {}))
+
+    outs, report = run_local(fn, inputs, params)
+    return [o.double() / (1 << params.frac_bits) for o in outs], report
