@@ -40,6 +40,7 @@ from . import dpf
 from .packing import pack, unpack
 
 SERVER0, SERVER1, DEALER = 0, 1, 2
+_BATCHED_POINTS = 1 << 16  # comparisons evaluate all their points in one pass up to this many
 
 
 def ring_mask(bits: int) -> int:
@@ -214,6 +215,10 @@ class Shares:
         return self._like(fn(self.data))
 
 
+def _zeros(shape) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64).expand(tuple(shape))
+
+
 def _meta(shape) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
 
@@ -318,7 +323,7 @@ class FSS:
         """A server's share of ``x``'s mask, asking the dealer for it if the server has none yet."""
         if x.share is None:
             share = self.correlated(x.data if self.is_dealer else None, x.shape, x.bits)
-            x.share = torch.zeros_like(x.data) if self.is_dealer else share
+            x.share = _zeros(x.shape) if self.is_dealer else share
         return x.share
 
     # -- openings ----------------------------------------------------------------------------
@@ -331,8 +336,8 @@ class FSS:
     def reveal(self, *xs: Shares) -> list[Masked]:
         """Open each of ``xs`` under a fresh mask of its ring, all in one round."""
         masks = [self.mask(x.shape, x.bits) for x in xs]
-        if self.is_dealer:
-            return [Masked(self, m, x.bits, torch.zeros_like(m)) for m, x in zip(masks, xs)]
+        if self.is_dealer:  # zeros (not stored: an expanded scalar) mark the servers' mask shares
+            return [Masked(self, m, x.bits, _zeros(m.shape)) for m, x in zip(masks, xs)]
         mine = [wrap(x.data + m, x.bits) for x, m in zip(xs, masks)]
         theirs = self.exchange(mine, [x.bits for x in xs])
         return [Masked(self, wrap(a + b, x.bits), x.bits, m) for a, b, x, m in zip(mine, theirs, xs, masks)]
@@ -409,13 +414,16 @@ class FSS:
         if self.is_dealer:
             return [Shares(self, _meta(x.shape), 1) for _ in tests]
         flat = x.data.reshape(-1)
-        greater: dict[int, torch.Tensor] = {}  # offset -> [r > x^ + offset]
+        offsets = sorted({o % (1 << k) for o, _ in tests} | {(o - c) % (1 << k) for o, c in tests})
+        if len(offsets) * flat.numel() <= _BATCHED_POINTS:  # small batches: one pass for every point
+            points = torch.cat([wrap(flat + o, k) for o in offsets])
+            values = dpf.eval_greater(key.repeat(len(offsets)), points, self.backend).view(len(offsets), -1)
+            greater = dict(zip(offsets, values))
+        else:  # large ones: a pass per point, keys not copied
+            greater = {o: dpf.eval_greater(key, wrap(flat + o, k), self.backend) for o in offsets}
 
-        def above(offset: int) -> torch.Tensor:
-            offset %= 1 << k
-            if offset not in greater:
-                greater[offset] = dpf.eval_greater(key, wrap(flat + offset, k), self.backend)
-            return greater[offset]
+        def above(offset: int) -> torch.Tensor:  # [r > x^ + offset]
+            return greater[offset % (1 << k)]
 
         out = []
         for offset, c in tests:
@@ -464,18 +472,9 @@ class FSS:
             out = out + coeff.gather(-1, pick).squeeze(-1) * signed(x.data, x.bits)
         return Shares(self, wrap(out, bits), bits)
 
-    def lookup(self, items: list[tuple[Masked, torch.Tensor]], bits: int) -> list[Shares]:
-        """Shares on ``Z_2^bits`` of ``T[x]`` for each pair ``(x, T)``: a public table of ``2^k``
-        int64 entries and ``x`` on ``Z_2^k``. One round for all pairs.
-
-        The dealer gives a DPF key at the mask ``r``. Each server evaluates it on the whole
-        domain, ``t_b``, and computes ``w_b = (-1)^b sum_i t_b[i] T[x^ - i]``; then
-        ``w_0 + w_1 = s T[x]`` with the sign ``s = t_0[r] - t_1[r]`` known to the dealer. The
-        servers open ``M = s T[x] + rho`` (fresh mask) and hold ``T[x] = s M - s rho`` from
-        the dealer's shares of ``s`` and ``s rho`` (Sigma, section 3.3, with the sign removed by
-        shares instead of a second selection). Cost per element: a ``k``-bit DPF key evaluated on
-        ``2^k`` points (``2^(k-7)`` leaves), ``2^k`` multiply-adds, ``bits`` bits sent.
-        """
+    def _signed_lookups(self, items: list[tuple[Masked, torch.Tensor]], bits: int):
+        """The round every lookup shares: per pair ``(x, T)`` the opened ``M = s T[x] + rho``,
+        and on the dealer the sign ``s``. See :meth:`lookup`."""
         keys, partial = [], []
         for x, table in items:
             k = x.bits
@@ -490,18 +489,53 @@ class FSS:
                                            table.to(self.device), k)
                 partial.append(Shares(self, wrap(-w if self.role == SERVER1 else w, bits).view(x.shape), bits))
         opened = self.reveal(*partial)
+        if not self.is_dealer:
+            return [(None, m) for m in opened]
+        signs = [(2 * dpf.eval_point(key[0], x.data.reshape(-1)) - 1).view(x.shape) for (x, _), key in zip(items, keys)]
+        return list(zip(signs, opened))
+
+    def lookup(self, items: list[tuple[Masked, torch.Tensor]], bits: int) -> list[Shares]:
+        """Shares on ``Z_2^bits`` of ``T[x]`` for each pair ``(x, T)``: a public table of ``2^k``
+        int64 entries and ``x`` on ``Z_2^k``. One round for all pairs.
+
+        The dealer gives a DPF key at the mask ``r``. Each server evaluates it on the whole
+        domain, ``t_b``, and computes ``w_b = (-1)^b sum_i t_b[i] T[x^ - i]``; then
+        ``w_0 + w_1 = s T[x]`` with the sign ``s = t_0[r] - t_1[r]`` known to the dealer. The
+        servers open ``M = s T[x] + rho`` (fresh mask) and hold ``T[x] = s M - s rho`` from
+        the dealer's shares of ``s`` and ``s rho`` (Sigma, section 3.3, with the sign removed by
+        shares instead of a second selection). Cost per element: a ``k``-bit DPF key evaluated on
+        ``2^k`` points (``2^(k-7)`` leaves), ``2^k`` multiply-adds, ``bits`` bits sent.
+        """
         out = []
-        for (x, _), key, m in zip(items, keys, opened):
+        for (x, _), (sign, m) in zip(items, self._signed_lookups(items, bits)):
             if self.is_dealer:
-                sign = (2 * dpf.eval_point(key[0], x.data.reshape(-1)) - 1).view(x.shape)
                 self.correlated(wrap(sign, bits), x.shape, bits)
                 self.correlated(wrap(sign * m.data, bits), x.shape, bits)
                 out.append(Shares(self, _meta(x.shape), bits))
             else:
-                sign = self.correlated(None, x.shape, bits)
-                sign_rho = self.correlated(None, x.shape, bits)
-                out.append(Shares(self, wrap(sign * m.data - sign_rho, bits), bits))
+                s = self.correlated(None, x.shape, bits)
+                s_rho = self.correlated(None, x.shape, bits)
+                out.append(Shares(self, wrap(s * m.data - s_rho, bits), bits))
         return out
+
+    def lookup_product(self, first: tuple[Masked, torch.Tensor], second: tuple[Masked, torch.Tensor],
+                       bits: int) -> Shares:
+        """Shares of ``T1[x1] * T2[x2]`` (elementwise, same shapes) in the lookups' one round.
+
+        With ``M_i = s_i T_i + rho_i`` opened, ``T1 T2 = s (M1 - rho1)(M2 - rho2)`` for
+        ``s = s1 s2``: local from the dealer's shares of ``s``, ``s rho1``, ``s rho2`` and
+        ``s rho1 rho2`` -- the round that would open both lookups before a product is saved.
+        """
+        (s1, m1), (s2, m2) = self._signed_lookups([first, second], bits)
+        shape = first[0].shape
+        if self.is_dealer:
+            s = s1 * s2
+            for value in (s, s * m1.data, s * m2.data, s * m1.data * m2.data):
+                self.correlated(wrap(value, bits), shape, bits)
+            return Shares(self, _meta(shape), bits)
+        s, s_rho1, s_rho2, s_rho12 = (self.correlated(None, shape, bits) for _ in range(4))
+        out = s * m1.data * m2.data - s_rho2 * m1.data - s_rho1 * m2.data + s_rho12
+        return Shares(self, wrap(out, bits), bits)
 
 
 def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Tensor, k: int,

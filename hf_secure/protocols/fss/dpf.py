@@ -59,6 +59,12 @@ class DPFKey:
         """Stored size: seeds and corrections, control bits packed 8 per byte."""
         return 16 * len(self) * (2 + self.depth) + (2 * self.depth * len(self) + 7) // 8
 
+    def repeat(self, times: int) -> "DPFKey":
+        """The same keys ``times`` over (key ``j`` of copy ``c`` at ``c N + j``): to evaluate
+        several points per key in one pass."""
+        return DPFKey(self.party, self.bits, self.seed.repeat(times, 1), self.cw_seed.repeat(1, times, 1),
+                      self.cw_t.repeat(1, times, 1), self.leaf.repeat(times, 1))
+
     def to(self, device) -> "DPFKey":
         return DPFKey(self.party, self.bits, *(t.to(device) for t in (self.seed, self.cw_seed, self.cw_t, self.leaf)))
 

@@ -5,8 +5,10 @@ protocols; models run through the multi-process runtime (:mod:`.run`).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 
 import torch
 
@@ -49,16 +51,20 @@ class _End:
 
 
 def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), device: str = "cpu",
-              backend: str | None = None, input_bits: list[int] | None = None):
+              backend: str | None = None, input_bits: list[int] | None = None, key_dir: str | None = None):
     """Run ``program(ctx, masked_inputs) -> list of Shares/Masked`` on integer ``inputs``.
 
-    Returns ``(outputs, report)``: the opened outputs (signed int64) and per-server traffic plus
-    each server's key size in bytes.
+    ``key_dir``: write the servers' keys there (files, read back record by record) instead of
+    memory. Returns ``(outputs, report)``: the opened outputs (signed int64) and per server its
+    traffic (in all, and of the inputs' opening), key size in bytes and seconds online (after the
+    inputs' opening); the dealer's seconds.
     """
     input_bits = input_bits or [params.ring_bits] * len(inputs)
     seeds = new_seeds()
     header = {"key_id": key_id(seeds), "params": params.as_dict()}
-    writers = [KeyWriter(None, {**header, "party": p, "seed": seeds[p].hex()}) for p in (0, 1)]
+    paths = [None, None] if key_dir is None else [os.path.join(key_dir, f"key-{p}.bin") for p in (0, 1)]
+    writers = [KeyWriter(paths[p], {**header, "party": p, "seed": seeds[p].hex()}) for p in (0, 1)]
+    start = time.perf_counter()
     dealer = FSS(DEALER, seeds, KeySink(writers), params=params)
     dealt = dealer.reveal(*[Shares(dealer, torch.empty(x.shape, dtype=torch.int64, device="meta"), b)
                             for x, b in zip(inputs, input_bits)])
@@ -66,15 +72,27 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
     for out in outs:
         dealer.open(out)
     keys = [w.close() for w in writers]
+    key_bytes = [w.nbytes for w in writers]
+    if key_dir is not None:
+        keys = paths
+    dealer_seconds = time.perf_counter() - start
     link = LocalLink()
-    results, errors = [None, None], []
+    results, errors, seconds, inputs_traffic = [None, None], [], [0.0, 0.0], [None, None]
 
     def server(role: int):
         try:
             reader = KeyReader(keys[role], expect={"party": role})
             ctx = FSS(role, bytes.fromhex(reader.header["seed"]), reader, link.end(role), params, device, backend)
-            masked = ctx.reveal(*[Shares(ctx, wrap(s[role].to(device), b), b) for s, b in zip(split, input_bits)])
-            results[role] = [ctx.open(out).cpu() for out in program(ctx, masked)]
+            begin = time.perf_counter()
+            mine = [Shares(ctx, wrap(s[role].to(device), b), b) for s, b in zip(split, input_bits)]
+            for s in split:
+                s[role] = None  # the client's shares are gone once sent
+            masked = ctx.reveal(*mine)
+            del mine
+            inputs_traffic[role] = link.stats[role].snapshot()
+            outputs = program(ctx, masked)
+            seconds[role] = time.perf_counter() - begin
+            results[role] = [ctx.open(out).cpu() for out in outputs]
             reader.finish()
         except BaseException as err:  # noqa: BLE001 - reported to the caller below
             errors.append(err)
@@ -82,7 +100,7 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
     split = []  # the client's additive shares of each input
     for x in inputs:
         share0 = PRG.fresh().ring(x.shape)
-        split.append((share0, x - share0))
+        split.append([share0, x - share0])
     threads = [threading.Thread(target=server, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
@@ -90,13 +108,15 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
         t.join()
     if errors:
         raise errors[0]
-    report = {"traffic": [s.snapshot() for s in link.stats], "key_bytes": [len(k) for k in keys]}
+    report = {"traffic": [s.snapshot() for s in link.stats], "key_bytes": key_bytes,
+              "inputs_traffic": inputs_traffic, "online_seconds": seconds, "dealer_seconds": dealer_seconds}
     return results[0], report
 
 
 
 def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, public: dict,
-                    vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None):
+                    vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None,
+                    key_dir: str | None = None):
     """One query of a model program (:mod:`.models`) with every party in this process: the owner's
     ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids``. ``state``: the
     dealer's and both servers' program state, kept across calls (KV caches). Returns
@@ -113,5 +133,5 @@ def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.
         w = dict(zip(names, masked[1:]))
         return program.forward(ctx, w, masked[:1], public, states.setdefault(ctx.role, {}))
 
-    outs, report = run_local(fn, inputs, params)
+    outs, report = run_local(fn, inputs, params, key_dir=key_dir)
     return [o.double() / (1 << params.frac_bits) for o in outs], report

@@ -136,9 +136,10 @@ def softmax(ctx: FSS, x: Masked, keep: torch.Tensor | None = None) -> Masked:
     ``t = max - x >= 0`` (rows of dropped positions see a public ``-2^(n-3)``), clipped below
     ``2^16 - 2^8`` (``t < 16``, where ``e^-t < 2^-12``); ``e^-t`` is the product of two lookups
     on the high byte and on the signed low part (the masked low byte read on 9 bits, which
-    absorbs the high byte's carry exactly). The row sum (``>= 1``) enters a lookup of its inverse
+    absorbs the high byte's carry exactly), multiplied in the lookups' round
+    (:meth:`~.core.FSS.lookup_product`). The row sum (``>= 1``) enters a lookup of its inverse
     with 6 fractional bits (``2^(ceil(log2 L) + 7)`` entries), and ``p = e / sum``.
-    Rounds: ``2 ceil(log2 L)`` for the maximum, then 9.
+    Rounds: ``2 ceil(log2 L)`` for the maximum, then 8.
     """
     n, f = x.bits, ctx.params.frac_bits
     if keep is not None:
@@ -151,9 +152,7 @@ def softmax(ctx: FSS, x: Masked, keep: torch.Tensor | None = None) -> Masked:
     high = clipped.shift_down(EXP_HALF_BITS)
     low = Masked(ctx, clipped.data & ((1 << EXP_HALF_BITS) - 1), EXP_HALF_BITS + 1)
     high_table, low_table = _exp_tables(f)
-    e_high, e_low = ctx.lookup([(high, high_table), (low, low_table)], n)
-    e_high, e_low = ctx.reveal(e_high, e_low)
-    (e,) = ctx.reveal(ctx.product(e_high, e_low))  # 2f fractional bits
+    (e,) = ctx.reveal(ctx.lookup_product((high, high_table), (low, low_table), n))  # 2f fractional bits
     total = e.apply(lambda v: v.sum(dim=-1, keepdim=True))
     bits, inverse_table = _inverse_table(x.shape[-1], f)
     index = total.shift_down(2 * f - INVERSE_FRAC).reduce(bits)
