@@ -100,8 +100,8 @@ class Masked:
         return Masked(self.ctx, wrap(data, bits), bits, None if share is None else wrap(share, bits))
 
     def _check(self, other: "Masked") -> None:
-        if not isinstance(other, Masked) or other.ctx is not self.ctx or other.bits != self.bits:
-            raise ProgramError(f"masked operands must share a context and a ring, got {self.bits} and "
+        if not isinstance(other, Masked) or other.ctx.role != self.ctx.role or other.bits != self.bits:
+            raise ProgramError(f"masked operands must share a party and a ring, got {self.bits} and "
                                f"{getattr(other, 'bits', type(other).__name__)} bits")
 
     def __add__(self, other: "Masked") -> "Masked":

@@ -216,8 +216,9 @@ def _shapes_only(obj):
     return obj
 
 
-def _client_loop(channel: Channel, conn, frac_bits: int, record_views: bool) -> dict:
-    """The client process: relays the user's queries, shares inputs, reconstructs outputs.
+def _client_loop(channel: Channel, conn, frac_bits: int, record_views: bool, ring_bits: int = 64) -> dict:
+    """The client process: relays the user's queries, shares inputs, reconstructs outputs
+    (on ``Z_2^ring_bits``: the fss protocol's outputs are shares on a smaller ring).
 
     First it relays the setup's progress: each party says when it is ready (:data:`SETUP_STEPS`).
     With ``record_views`` each server's report gains its ``view``: [(scope, kind, tensor)].
@@ -246,8 +247,8 @@ def _client_loop(channel: Channel, conn, frac_bits: int, record_views: bool) -> 
                 channel.send(x1, SERVER1)
             count = int(channel.recv(SERVER0, shape=(1,)).item())
             refused = channel.recv_json(SERVER0) if count == _REFUSED else None
-            outputs = [] if refused else [decode(channel.recv(SERVER0) + channel.recv(SERVER1), frac_bits)
-                                          for _ in range(count)]
+            outputs = [] if refused else [decode(_signed(channel.recv(SERVER0) + channel.recv(SERVER1), ring_bits),
+                                                 frac_bits) for _ in range(count)]
             reports = {Role(party).name: channel.recv_json(party) for party in parties}
             if record_views:
                 for party in _SERVERS:
@@ -259,6 +260,13 @@ def _client_loop(channel: Channel, conn, frac_bits: int, record_views: bool) -> 
         conn.send(("refused", (refused, reports)) if refused else ("ok", (outputs, reports)))
 
 
+def _signed(v: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits >= 64:
+        return v
+    v = v & ((1 << bits) - 1)
+    return torch.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+
+
 class MPCSession:
     """Long-lived parties running one program: weights shared once, then any number of queries.
 
@@ -268,6 +276,10 @@ class MPCSession:
     the client authenticates with its key file (``party_key`` or ``HF_SECURE_PARTY_KEY``).
     """
 
+    party_function = staticmethod(session_party)  # what each party's process runs (the fss session has its own)
+    description = "mpc session setup"
+    party_private = None  # what the servers and the dealer get as ``private`` (fss: their options)
+
     def __init__(self, program: Program, weights: dict[str, torch.Tensor] | None, frac_bits: int = DEFAULT_FRAC_BITS,
                  timeout_s: float = 300.0, threads: int = 1, rendezvous: str | None = None,
                  party_key: str | None = None, record_views: bool = False):
@@ -276,16 +288,17 @@ class MPCSession:
         if record_views and rendezvous is not None:
             raise UnknownOptionError("record_views needs every party in this process's session (no rendezvous)")
         self.timeout_s = timeout_s
-        private = {Role.CLIENT: PIPE, Role.OWNER: weights}
+        private = {Role.CLIENT: PIPE, Role.OWNER: weights,
+                   **{role: self.party_private for role in (Role.SERVER0, Role.SERVER1, Role.DEALER)}}
         if rendezvous is None:
             roles = list(Role)
         else:
             roles = [Role.CLIENT] + ([Role.OWNER] if weights is not None else [])
         args = {role: (program, private.get(role), frac_bits, record_views) for role in roles}
-        self._group = PartyGroup(session_party, args, timeout_s=timeout_s, threads=threads,
+        self._group = PartyGroup(self.party_function, args, timeout_s=timeout_s, threads=threads,
                                  rendezvous=rendezvous, world_size=len(Role), party_key=party_key)
         self.closed = False
-        with progress(1 + len(SETUP_STEPS), "mpc session setup", unit="party") as bar:
+        with progress(1 + len(SETUP_STEPS), self.description, unit="party") as bar:
             try:
                 self._conn = self._group.pipe(Role.CLIENT)
                 bar.set_postfix_str("parties started")
