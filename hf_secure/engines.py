@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from .errors import UnknownOptionError
 from .protocols.engine import SecureEngine
+from .protocols.fss.client import FSSEngine
 from .protocols.mpc.client import MPCEngine
 from .protocols.permute.engine import PermuteEngine
 
 PROTOCOLS: dict[str, type[SecureEngine]] = {
     "permute": PermuteEngine,  # STIP, ePrint 2023/1763
     "mpc": MPCEngine,  # SecFormer, arXiv 2401.00793
+    "fss": FSSEngine,  # Sigma, PoPETs 2024
 }
 
 

@@ -137,6 +137,8 @@ class SecurePreTrainedModel(PreTrainedModel):
         reveal: str | None = None,
         embedding_noise: float | None = None,
         record_views: bool | None = None,
+        device: str | None = None,
+        key_dir: str | None = None,
         timeout: float = 60.0,
         dtype=torch.float32,
         revision: str | None = None,
@@ -154,7 +156,8 @@ class SecurePreTrainedModel(PreTrainedModel):
                 (``token`` is the Hub's, as in transformers, and never reaches the server.)
             ca_bundle: PEM file of the certificate authorities to trust for an https server_url.
             protocol: the protocol the checkpoint was converted for (a name in
-                :data:`hf_secure.engines.PROTOCOLS`); None: as recorded in the checkpoint. With "mpc"
+                :data:`hf_secure.engines.PROTOCOLS`); None: as recorded in the checkpoint. "fss"
+                also runs a plain (unconverted) checkpoint of a supported family. With "mpc"
                 every party runs on this machine, unless ``rendezvous`` is given.
             rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
                 owner, both servers and the dealer join with ``hf-secure party``.
@@ -169,6 +172,10 @@ class SecurePreTrainedModel(PreTrainedModel):
                 defence, whose cost and (lack of) protection ``hf-secure audit`` measures.
             record_views: (mpc, every party on this machine) each server hands the client what it
                 saw, for ``hf-secure audit`` (:meth:`~hf_secure.protocols.engine.SecureEngine.observe`).
+            device: (fss) where the servers compute: "cpu" (default) or "cuda" (the CPU, with a
+                warning, where there is no GPU).
+            key_dir: (fss) where the servers keep the dealer's one-time keys until used (default: a
+                private temporary folder per server).
             timeout: seconds before a server call fails (mpc: at least 300 per query, which a large
                 model's query can take; a smaller value is raised to 300).
             dtype: float dtype of the client's computation (and of the in-process server).
@@ -185,32 +192,41 @@ class SecurePreTrainedModel(PreTrainedModel):
         folder = resolve_folder(pretrained_model_name_or_path, revision=revision, token=token,
                                 cache_dir=cache_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(folder)
-        section = read_section(config, str(pretrained_model_name_or_path), protocol)
+        if getattr(config, "hf_secure", None) is None and "_from_pipeline" in kwargs and protocol is None:
+            # a plain checkpoint in a pipeline: runnable with protocol="fss" only, which the pipeline checks
+            section = {**read_section(config, str(pretrained_model_name_or_path), "fss"), "plain": True}
+        else:
+            section = read_section(config, str(pretrained_model_name_or_path), protocol)
         if protocol is not None and section["protocol"] != protocol:
             raise UnknownOptionError(f"{folder} was converted for protocol {section['protocol']!r}, not {protocol!r}")
         for name, value in section.get("client_config", {}).items():
             setattr(config, name, value)
+        if getattr(config, "hf_secure", None) is None:
+            config.hf_secure = section  # a plain checkpoint run as it is (fss)
         model = cls(config, folder)
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
                    "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
-                   "embedding_noise": embedding_noise, "record_views": record_views}
+                   "embedding_noise": embedding_noise, "record_views": record_views, "device": device,
+                   "key_dir": key_dir}
         if "_from_pipeline" in kwargs and all(value is None for value in options.values()):
             return model  # the secure pipeline binds with the key, server or rendezvous it was given, right after
         return model.bind(timeout=timeout, **options)
 
     def bind(self, key=None, server_url: str | None = None, timeout: float = 60.0, rendezvous: str | None = None,
              server_token: str | None = None, ca_bundle: str | None = None, party_key: str | None = None,
-             reveal: str | None = None, embedding_noise: float | None = None, record_views: bool | None = None):
+             reveal: str | None = None, embedding_noise: float | None = None, record_views: bool | None = None,
+             device: str | None = None, key_dir: str | None = None):
         """Bind the checkpoint's protocol engine (:data:`hf_secure.engines.PROTOCOLS`): the client key
         and a server for permute, the parties for mpc. Options another protocol takes are refused
         (UnknownOptionError), as are unknown values."""
         engine_class = protocol_engine(self.section["protocol"])
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
                    "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
-                   "embedding_noise": embedding_noise, "record_views": record_views}
+                   "embedding_noise": embedding_noise, "record_views": record_views, "device": device,
+                   "key_dir": key_dir}
         engine_class.check_options(options)
         if self.engine is not None:  # rebinding: release the servers or parties bound before
             self.engine.close()

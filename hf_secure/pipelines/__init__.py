@@ -10,7 +10,9 @@ server part in this process (``server_token`` and ``ca_bundle`` as in ``from_pre
 (``secure-feature-extraction`` for BERT, ``secure-text-generation`` for GPT-2 and Llama), every
 party on this machine, or with ``rendezvous="tcp://HOST:PORT"`` only the client (the other parties
 started with ``hf-secure party``); ``reveal="token"`` (mpc, text generation) lets the client learn
-only each generated token, not its logits.
+only each generated token, not its logits. ``protocol="fss"`` runs a plain transformers checkpoint
+(BERT, GPT-2, Llama-like) through function secret sharing, unmodified (``device="cuda"``: the
+servers compute on the GPU).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from transformers import FeatureExtractionPipeline, GenerationConfig, TextGenera
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..engines import protocol_engine
-from ..errors import UnknownOptionError
+from ..errors import NotConvertedError, UnknownOptionError
 from ..modeling import SecureModel, SecureModelForCausalLM
 
 
@@ -30,7 +32,8 @@ class _SecurePipelineMixin:
 
     def __init__(self, *args, key=None, server_url=None, server_token=None, ca_bundle=None, timeout: float = 60.0,
                  protocol: str | None = None, rendezvous: str | None = None, party_key: str | None = None,
-                 reveal: str | None = None, embedding_noise: float | None = None, **kwargs):
+                 reveal: str | None = None, embedding_noise: float | None = None, device: str | None = None,
+                 key_dir: str | None = None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         bound = getattr(getattr(model, "engine", None), "reveal", None)
         defaults = getattr(self, "_default_generation_config", None)
@@ -41,13 +44,16 @@ class _SecurePipelineMixin:
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
+        if self.model.section.get("plain") and protocol != "fss":
+            raise NotConvertedError(f"{self.model.folder} is a plain transformers checkpoint: pass protocol='fss' to run "
+                                    "it as it is, or convert it for 'permute' or 'mpc' (see `hf-secure convert --help`)")
         if protocol is not None:
             protocol_engine(protocol)  # an unknown name: UnknownOptionError listing the registered ones
         if protocol is not None and protocol != recorded:
             raise UnknownOptionError(f"{self.model.folder} was converted for protocol {recorded!r}, not {protocol!r}")
         options = {"key": key, "server_url": server_url, "server_token": server_token, "ca_bundle": ca_bundle,
                    "rendezvous": rendezvous, "party_key": party_key, "reveal": reveal,
-                   "embedding_noise": embedding_noise}
+                   "embedding_noise": embedding_noise, "device": device, "key_dir": key_dir}
         if self.model.engine is None:
             self.model.bind(timeout=timeout, **options)
         elif any(value is not None for value in options.values()):

@@ -49,6 +49,10 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
     transformers checkpoint. TamperedCheckpointError when the section is there but malformed.
     """
     section = getattr(config, "hf_secure", None)
+    if section is None and protocol == "fss":  # Sigma's protocol runs unmodified checkpoints
+        from ..families import family_of
+
+        return {"protocol": "fss", "family": family_of(config).name}
     if section is None:
         commands = {
             "permute": f"hf-secure convert permute {source} --out CONVERTED --key-out client.key.safetensors",
