@@ -5,7 +5,7 @@
     hf-secure serve DIR --port P [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
     hf-secure public DIR --out PUBLIC
     hf-secure party-keys --out DIR
-    hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT
+    hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT [--protocol fss]
     hf-secure keys import KEYFILE | keys list | keys remove FINGERPRINT
     hf-secure generate DIR --prompt TEXT [--key KEYFILE] [--server-url URL [--ca-bundle PEM]]
     hf-secure push DIR REPO_ID
@@ -91,16 +91,29 @@ def _party(args) -> None:
     else:  # servers and dealer: the config only, never the weights
         folder = config_only_folder(args.model, revision=args.revision)
     config = AutoConfig.from_pretrained(folder)
-    if read_section(config, args.model, "mpc")["protocol"] != "mpc":
-        raise UnknownOptionError(f"{folder} is not an mpc checkpoint (hf-secure convert approximate)")
+    section = read_section(config, args.model, args.protocol)
+    if section["protocol"] != args.protocol:
+        raise UnknownOptionError(f"{folder} is a {section['protocol']} checkpoint, not {args.protocol}")
     if role != Role.OWNER and not args.allow_weights:
         refuse_weights(folder)
-    program = load_program(config)
-    weights = load_weights(folder) if role == Role.OWNER else None
+    if args.protocol == "fss":  # an unmodified checkpoint; servers get their device and key folder
+        from .protocols.fss.client import plain_weights, server_device
+        from .protocols.fss.core import Params
+        from .protocols.fss.models import program_for
+        from .protocols.fss.run import session_party as fss_party
+
+        program = program_for(config, section["family"])
+        private = (plain_weights(folder, section["family"]) if role == Role.OWNER
+                   else {"device": server_device(args.device), "key_dir": args.key_dir})
+        party, extra = fss_party, (program, private, Params())
+    else:
+        if args.device is not None or args.key_dir is not None:
+            raise UnknownOptionError("--device and --key-dir are options of fss parties")
+        party, extra = session_party, (load_program(config), load_weights(folder) if role == Role.OWNER else None)
     print(f"{role.name.lower()}: joining {args.rendezvous}", flush=True)
     channel = join(role, args.rendezvous, args.timeout, identity, threads=args.threads)
     try:
-        result = session_party(role, channel, program, weights)
+        result = party(role, channel, *extra)
     finally:
         dist.destroy_process_group()
     setup = result["stats"].get("setup", {})
@@ -298,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--revision", default=None)
     serve.set_defaults(func=_serve)
 
-    party = command(sub, "party", help="run one party of an mpc session (the client is the user's process)")
+    party = command(sub, "party", help="run one party of an mpc or fss session (the client is the user's process)")
     party.add_argument("--role", required=True, choices=("server0", "server1", "dealer", "owner"))
+    party.add_argument("--protocol", default="mpc", choices=("mpc", "fss"),
+                       help="mpc: a converted checkpoint; fss: a plain one (default: mpc)")
+    party.add_argument("--device", default=None, choices=("cpu", "cuda"), help="fss servers: where to compute")
+    party.add_argument("--key-dir", default=None, help="fss servers: where the dealer's keys wait until used")
     party.add_argument("--model", required=True,
                        help="servers and dealer: the public part (`hf-secure public`) or its Hub id, of which only "
                             "config.json is read; owner: the folder with the weights")

@@ -5,7 +5,8 @@ For each registered protocol (:data:`hf_secure.engines.PROTOCOLS`) and model fam
 protocol's way and must:
 
 * agree with its plaintext reference on the same input (permute: the original model, to fp32
-  rounding; mpc: the approximated plaintext model, to the approximations' fixed-point error);
+  rounding; mpc: the approximated plaintext model, to the approximations' fixed-point error;
+  fss: the original model, to its tables' and fixed point's error);
 * for causal families, generate greedily the same tokens as the reference;
 * refuse bad input with a clear error: an unknown option, token ids outside the vocabulary, and
   a missing or foreign key where the protocol has keys.
@@ -30,7 +31,7 @@ from hf_secure.families import FAMILIES
 from .conftest import TOL, make_tiny
 
 # mpc against the approximated plaintext model: fixed-point error only, on outputs of size ~1
-TOLERANCE = {"permute": TOL, "mpc": 0.05}
+TOLERANCE = {"permute": TOL, "mpc": 0.05, "fss": 0.05}
 PAIRS = [(protocol, name) for protocol in PROTOCOLS for name in FAMILIES]
 
 
@@ -42,6 +43,8 @@ def _convert(protocol: str, src, out):
     if protocol == "mpc":
         convert_approximate(src, out)
         return out, out, {"protocol": "mpc"}
+    if protocol == "fss":  # Sigma runs the checkpoint unmodified
+        return src, src, {"protocol": "fss"}
     raise AssertionError(f"no conversion for protocol {protocol!r}: add one to tests/test_conformance.py")
 
 
