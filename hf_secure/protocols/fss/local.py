@@ -118,13 +118,14 @@ def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.
                     vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None,
                     key_dir: str | None = None):
     """One query of a model program (:mod:`.models`) with every party in this process: the owner's
-    ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids``. ``state``: the
-    dealer's and both servers' program state, kept across calls (KV caches). Returns
-    ``(float outputs, report)``."""
+    ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids`` (integer), or
+    float ``input_ids`` as they are (an encoder from its embeddings). ``state``: the dealer's and
+    both servers' program state, kept across calls (KV caches). Returns ``(float outputs, report)``."""
     derived, _ = program.derive(weights)
     names = sorted(derived)
-    onehot = torch.nn.functional.one_hot(input_ids, vocab_size).long()
-    inputs = [onehot] + [torch.round(derived[n].double() * (1 << params.frac_bits)).long() for n in names]
+    encode = lambda t: torch.round(t.double() * (1 << params.frac_bits)).long()  # noqa: E731
+    first = encode(input_ids) if input_ids.is_floating_point() else torch.nn.functional.one_hot(input_ids, vocab_size).long()
+    inputs = [first] + [encode(derived[n]) for n in names]
     states = {}
     if state is not None:
         states = {DEALER: state[0], 0: state[1], 1: state[2]}

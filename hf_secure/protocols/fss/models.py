@@ -94,24 +94,27 @@ class FSSBert:
     activation: str = "gelu"
 
     @classmethod
-    def from_config(cls, config) -> "FSSBert":
+    def from_config(cls, config, from_embeddings: bool = False) -> "FSSBert":
+        """``from_embeddings``: the input is the embeddings' output ``[b, s, hidden]`` (float, sent
+        in fixed point) instead of one-hot token rows; the encoder alone runs under fss."""
         if config.hidden_act not in nl.ACTIVATIONS:
             raise UnsupportedModelError(f"BERT with activation {config.hidden_act!r}: fss computes {sorted(nl.ACTIVATIONS)}")
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise UnsupportedModelError("BERT with relative position embeddings is not supported by fss")
-        return cls(BertProgram.from_config(config, Approximations()), config.hidden_act)
+        return cls(BertProgram.from_config(config, Approximations(), from_embeddings), config.hidden_act)
 
     def derive(self, w):
         return self.layout.derive(w)
 
     def forward(self, ctx: FSS, w: dict, inputs: list[Masked], public: dict, state: dict) -> list[Shares]:
-        (onehot,) = inputs
+        (h,) = inputs
         lay = self.layout
         mask = public["attention_mask"]
         keep = mask[:, None, None, :].bool()
-        h = ctx.product(onehot, w["embed"], torch.matmul)  # one-hot rows are integers: no truncation
-        h = h + _rows(w["pos"], public["position_ids"]) + _rows(w["type"], public["token_type_ids"])
-        h = opened(ctx, nl.normalize(ctx, opened(ctx, h), w["emb_ln.w"], w["emb_ln.b"], lay.eps, True))
+        if not lay.from_embeddings:  # one-hot rows are integers: the product needs no truncation
+            h = ctx.product(h, w["embed"], torch.matmul)
+            h = h + _rows(w["pos"], public["position_ids"]) + _rows(w["type"], public["token_type_ids"])
+            h = opened(ctx, nl.normalize(ctx, opened(ctx, h), w["emb_ln.w"], w["emb_ln.b"], lay.eps, True))
         width = h.shape[-1]
         for i in range(lay.num_layers):
             qkv = opened(ctx, linear(ctx, h, w[f"{i}.qkv"], w[f"{i}.qkv.b"]))

@@ -113,7 +113,10 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
 
     options = private or {}
     device = options.get("device", "cpu")
-    key_dir = Path(options.get("key_dir") or tempfile.mkdtemp(prefix=f"hf-secure-fss-{role.name.lower()}-"))
+    if options.get("key_dir"):  # one folder per party: servers on one machine must not share a ledger
+        key_dir = Path(options["key_dir"]) / role.name.lower()
+    else:
+        key_dir = Path(tempfile.mkdtemp(prefix=f"hf-secure-fss-{role.name.lower()}-"))
     key_dir.mkdir(parents=True, exist_ok=True)
     ledger = key_dir / "used-keys"
     with channel.scope("setup"):
