@@ -128,3 +128,17 @@ def test_session_two_queries_then_a_server_dies(tmp_path):
         assert time.monotonic() - start < 60
     finally:
         secure.engine.close()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_cuda_path_is_bit_identical_on_the_same_keys(tmp_path, family):
+    """The servers' CUDA path (table AES in torch ops, float64-limb matmuls) run on the CPU gives
+    exactly the CPU path's outputs on the same keys: keys made once serve either path."""
+    model = make_tiny(family, tmp_path / family)
+    weights = {k: v.float() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    public = ({"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+               "position_ids": torch.arange(6)[None]} if family == "bert" else _decoder_public(0, 6))
+    runs, _ = run_model_local(program_for(model.config, family), weights, ids, public, model.config.vocab_size,
+                              variants=[{}, {"backend": "table", "limb_products": True}])
+    assert torch.equal(runs[0][0], runs[1][0])

@@ -150,3 +150,12 @@ def test_key_file_faults(tmp_path):
         reader.take((10,))  # the program wants more than the key holds
     with pytest.raises(CorruptKeyError):
         KeyReader(tmp_path / "missing.bin")
+
+
+def test_limb_matmul_is_exact_on_every_fss_ring():
+    from hf_secure.protocols.fss.core import limb_matmul
+
+    mask = (1 << 51) - 1
+    for shape_a, shape_b in (((3, 7, 300), (3, 300, 5)), ((16, 3072), (3072, 8))):
+        a, b = PRG.fresh().ring(shape_a), PRG.fresh().ring(shape_b)
+        assert torch.equal(limb_matmul(a, b) & mask, torch.matmul(a, b) & mask)

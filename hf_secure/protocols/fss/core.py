@@ -64,15 +64,16 @@ def signed(v: torch.Tensor, bits: int) -> torch.Tensor:
 class Params:
     """Fixed-point and ring parameters of one program (recorded in every key header).
 
-    ``ring_bits``: the ring ``Z_2^n`` of activations (Sigma: 50 for BERT-base and GPT-2, 48 for
-    Llama 2); ``frac_bits``: fractional bits of every activation (Sigma: 12).
+    ``ring_bits``: the ring ``Z_2^n`` of activations, at most 51 (Sigma: 50 for BERT-base and
+    GPT-2, 48 for Llama 2, 51 for GPT-Neo); ``frac_bits``: fractional bits of every activation
+    (Sigma: 12).
     """
 
     ring_bits: int = 50
     frac_bits: int = 12
 
     def __post_init__(self):
-        if not 16 <= self.ring_bits <= 64 or not 1 <= self.frac_bits <= 24 or 2 * self.frac_bits + 2 >= self.ring_bits:
+        if not 16 <= self.ring_bits <= 51 or not 1 <= self.frac_bits <= 24 or 2 * self.frac_bits + 2 >= self.ring_bits:
             raise ValueError(f"unsupported fixed point: ring {self.ring_bits} bits, {self.frac_bits} fractional")
 
     def as_dict(self) -> dict:
@@ -229,6 +230,27 @@ def _logical_shift(v: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
     return out & ((1 << (min(bits, 64) - shift)) - 1) if bits - shift < 64 else out
 
 
+LIMB_BITS = 17  # three limbs cover 51 bits; limb products summed over 2^19 terms stay below 2^53
+
+
+def limb_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int64 tensors modulo ``2^51`` (batched like torch.matmul), for devices without
+    an int64 matmul (CUDA): the operands are cut into 17-bit limbs whose float64 products are
+    exact for inner dimensions up to 2^19, and only limb pairs below bit 51 are kept; hence exact
+    on every fss ring (at most 51 bits, as Sigma's 37-51)."""
+    if a.shape[-1] > (1 << 19):
+        raise ProgramError(f"limb products are exact for inner dimensions up to 2^19, got {a.shape[-1]}")
+    mask = (1 << LIMB_BITS) - 1
+    la = [((a >> (LIMB_BITS * i)) & mask).double() for i in range(3)]
+    lb = [((b >> (LIMB_BITS * i)) & mask).double() for i in range(3)]
+    out = None
+    for i in range(3):
+        for j in range(3 - i):  # 17 (i + j) < 51
+            term = torch.matmul(la[i], lb[j]).long() << (LIMB_BITS * (i + j))
+            out = term if out is None else out + term
+    return out
+
+
 def msb(v: torch.Tensor, bits: int) -> torch.Tensor:
     """The top bit of a canonical element of ``Z_2^bits`` (0/1 int64)."""
     return (v >> (bits - 1)) & 1
@@ -262,6 +284,7 @@ class FSS:
     params: Params = field(default_factory=Params)
     device: str = "cpu"
     backend: str | None = None  # AES backend (None: by device, see .aes)
+    limb_products: bool = False  # matmuls by float64 limbs (always on CUDA; on CPU to test that path)
     counter: int = 0
 
     @property
@@ -325,6 +348,12 @@ class FSS:
             share = self.correlated(x.data if self.is_dealer else None, x.shape, x.bits)
             x.share = _zeros(x.shape) if self.is_dealer else share
         return x.share
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Ring matmul: torch's int64 matmul on CPU, :func:`limb_matmul` on CUDA (or when asked)."""
+        if self.limb_products or a.device.type == "cuda":
+            return limb_matmul(a, b)
+        return torch.matmul(a, b)
 
     # -- openings ----------------------------------------------------------------------------
     def exchange(self, tensors: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:

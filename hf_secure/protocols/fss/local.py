@@ -51,15 +51,35 @@ class _End:
 
 
 def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), device: str = "cpu",
-              backend: str | None = None, input_bits: list[int] | None = None, key_dir: str | None = None):
+              backend: str | None = None, input_bits: list[int] | None = None, key_dir: str | None = None,
+              variants: list[dict] | None = None):
     """Run ``program(ctx, masked_inputs) -> list of Shares/Masked`` on integer ``inputs``.
 
     ``key_dir``: write the servers' keys there (files, read back record by record) instead of
     memory. Returns ``(outputs, report)``: the opened outputs (signed int64) and per server its
     traffic (in all, and of the inputs' opening), key size in bytes and seconds online (after the
-    inputs' opening); the dealer's seconds.
+    inputs' opening); the dealer's seconds. ``variants`` (in-memory keys only): run the servers
+    once per dict of :class:`.core.FSS` settings (``device``, ``backend``, ``limb_products``) on
+    the same keys and input shares, and return the list of each run's outputs instead: the CUDA
+    path's host logic is tested bit for bit against the CPU path this way.
     """
     input_bits = input_bits or [params.ring_bits] * len(inputs)
+    if variants is not None and key_dir is not None:
+        raise ValueError("variants replay in-memory keys")
+    keys, key_bytes, dealer_seconds = _deal(program, inputs, params, input_bits, key_dir)
+    split = []  # the client's additive shares of each input
+    for x in inputs:
+        share0 = PRG.fresh().ring(x.shape)
+        split.append([share0, x - share0])
+    if variants is not None:
+        return [_serve(program, keys, [list(s) for s in split], params, input_bits, v)[0] for v in variants], None
+    results, report = _serve(program, keys, split, params, input_bits,
+                             {"device": device, "backend": backend})
+    return results, {**report, "key_bytes": key_bytes, "dealer_seconds": dealer_seconds}
+
+
+def _deal(program, inputs, params, input_bits, key_dir):
+    """The dealer's run on masks: both servers' keys (bytes, or file paths under ``key_dir``)."""
     seeds = new_seeds()
     header = {"key_id": key_id(seeds), "params": params.as_dict()}
     paths = [None, None] if key_dir is None else [os.path.join(key_dir, f"key-{p}.bin") for p in (0, 1)]
@@ -68,21 +88,22 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
     dealer = FSS(DEALER, seeds, KeySink(writers), params=params)
     dealt = dealer.reveal(*[Shares(dealer, torch.empty(x.shape, dtype=torch.int64, device="meta"), b)
                             for x, b in zip(inputs, input_bits)])
-    outs = program(dealer, dealt)
-    for out in outs:
+    for out in program(dealer, dealt):
         dealer.open(out)
     keys = [w.close() for w in writers]
-    key_bytes = [w.nbytes for w in writers]
-    if key_dir is not None:
-        keys = paths
-    dealer_seconds = time.perf_counter() - start
+    return (paths if key_dir is not None else keys), [w.nbytes for w in writers], time.perf_counter() - start
+
+
+def _serve(program, keys, split, params, input_bits, settings: dict):
+    """Both servers in two threads on ``keys`` and the client's shares ``split``."""
     link = LocalLink()
     results, errors, seconds, inputs_traffic = [None, None], [], [0.0, 0.0], [None, None]
+    device = settings.get("device", "cpu")
 
     def server(role: int):
         try:
             reader = KeyReader(keys[role], expect={"party": role})
-            ctx = FSS(role, bytes.fromhex(reader.header["seed"]), reader, link.end(role), params, device, backend)
+            ctx = FSS(role, bytes.fromhex(reader.header["seed"]), reader, link.end(role), params, **settings)
             begin = time.perf_counter()
             mine = [Shares(ctx, wrap(s[role].to(device), b), b) for s, b in zip(split, input_bits)]
             for s in split:
@@ -97,10 +118,6 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
         except BaseException as err:  # noqa: BLE001 - reported to the caller below
             errors.append(err)
 
-    split = []  # the client's additive shares of each input
-    for x in inputs:
-        share0 = PRG.fresh().ring(x.shape)
-        split.append([share0, x - share0])
     threads = [threading.Thread(target=server, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
@@ -108,15 +125,13 @@ def run_local(program, inputs: list[torch.Tensor], params: Params = Params(), de
         t.join()
     if errors:
         raise errors[0]
-    report = {"traffic": [s.snapshot() for s in link.stats], "key_bytes": key_bytes,
-              "inputs_traffic": inputs_traffic, "online_seconds": seconds, "dealer_seconds": dealer_seconds}
-    return results[0], report
-
+    return results[0], {"traffic": [s.snapshot() for s in link.stats], "inputs_traffic": inputs_traffic,
+                        "online_seconds": seconds}
 
 
 def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, public: dict,
                     vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None,
-                    key_dir: str | None = None):
+                    key_dir: str | None = None, variants: list[dict] | None = None):
     """One query of a model program (:mod:`.models`) with every party in this process: the owner's
     ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids`` (integer), or
     float ``input_ids`` as they are (an encoder from its embeddings). ``state``: the dealer's and
@@ -134,5 +149,7 @@ def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.
         w = dict(zip(names, masked[1:]))
         return program.forward(ctx, w, masked[:1], public, states.setdefault(ctx.role, {}))
 
-    outs, report = run_local(fn, inputs, params, key_dir=key_dir)
+    outs, report = run_local(fn, inputs, params, key_dir=key_dir, variants=variants)
+    if variants is not None:
+        return outs, None
     return [o.double() / (1 << params.frac_bits) for o in outs], report

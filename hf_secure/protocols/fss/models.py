@@ -39,7 +39,7 @@ def encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
 def linear(ctx: FSS, x: Masked, weight: Masked, bias: Masked | None = None) -> Shares:
     """``x @ W (+ b)`` with ``f`` fractional bits: the product opened (round 1), truncated and
     returned as shares (the caller adds a residual, then opens: round 2)."""
-    (z,) = ctx.reveal(ctx.product(x, weight, torch.matmul))
+    (z,) = ctx.reveal(ctx.product(x, weight, ctx.matmul))
     out = ctx.truncate(z, ctx.params.frac_bits)
     return out if bias is None else out + bias
 
@@ -71,14 +71,14 @@ def attention(ctx: FSS, q: Masked, k: Masked, v: Masked, keep: torch.Tensor, sca
         v = v.apply(lambda t: t.repeat_interleave(groups, 1))
     log2 = math.log2(1 / scaling)
     if log2.is_integer():  # a power of two: folded into the truncation
-        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), torch.matmul), f + int(log2)
+        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), ctx.matmul), f + int(log2)
     else:
         q = q.mul_public(round(scaling * (1 << f)))
-        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), torch.matmul), 2 * f
+        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), ctx.matmul), 2 * f
     (scores,) = ctx.reveal(scores)
     scores = opened(ctx, ctx.truncate(scores, shift))
     probs = nl.softmax(ctx, scores, keep.bool())
-    (context,) = ctx.reveal(ctx.product(probs, v, torch.matmul))
+    (context,) = ctx.reveal(ctx.product(probs, v, ctx.matmul))
     return opened(ctx, ctx.truncate(context, f))
 
 
@@ -112,7 +112,7 @@ class FSSBert:
         mask = public["attention_mask"]
         keep = mask[:, None, None, :].bool()
         if not lay.from_embeddings:  # one-hot rows are integers: the product needs no truncation
-            h = ctx.product(h, w["embed"], torch.matmul)
+            h = ctx.product(h, w["embed"], ctx.matmul)
             h = h + _rows(w["pos"], public["position_ids"]) + _rows(w["type"], public["token_type_ids"])
             h = opened(ctx, nl.normalize(ctx, opened(ctx, h), w["emb_ln.w"], w["emb_ln.b"], lay.eps, True))
         width = h.shape[-1]
@@ -178,7 +178,7 @@ class FSSDecoder:
         self.check_length(past + onehot.shape[1])
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])
         public = lay.with_constants(public)
-        h = ctx.product(onehot, w["embed"], torch.matmul)
+        h = ctx.product(onehot, w["embed"], ctx.matmul)
         if self.family == "gpt2":
             h = h + _rows(w["pos"], public["position_ids"])
         h = opened(ctx, h)
