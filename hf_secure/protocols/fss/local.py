@@ -131,7 +131,7 @@ def _serve(program, keys, split, params, input_bits, settings: dict):
 
 def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, public: dict,
                     vocab_size: int, params: Params = Params(), state: tuple[dict, dict, dict] | None = None,
-                    key_dir: str | None = None, variants: list[dict] | None = None):
+                    key_dir: str | None = None, variants: list[dict] | None = None, device: str = "cpu"):
     """One query of a model program (:mod:`.models`) with every party in this process: the owner's
     ``weights`` (float, by state-dict key) and the one-hot rows of ``input_ids`` (integer), or
     float ``input_ids`` as they are (an encoder from its embeddings). ``state``: the dealer's and
@@ -149,7 +149,7 @@ def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.
         w = dict(zip(names, masked[1:]))
         return program.forward(ctx, w, masked[:1], public, states.setdefault(ctx.role, {}))
 
-    outs, report = run_local(fn, inputs, params, key_dir=key_dir, variants=variants)
+    outs, report = run_local(fn, inputs, params, device=device, key_dir=key_dir, variants=variants)
     if variants is not None:
         return outs, None
     return [o.double() / (1 << params.frac_bits) for o in outs], report
