@@ -79,6 +79,7 @@ def main():
     ids, public = public_fields(family, args.seq)
     with torch.no_grad():
         reference = (model(input_ids=ids).last_hidden_state if family == "bert" else model(input_ids=ids).logits[:, -1:])
+    del model  # memory: three parties' copies of the weights live in this process
     params = Params(ring_bits=args.ring_bits)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.key_dir) as key_dir:

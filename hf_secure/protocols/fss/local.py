@@ -86,8 +86,8 @@ def _deal(program, inputs, params, input_bits, key_dir):
     writers = [KeyWriter(paths[p], {**header, "party": p, "seed": seeds[p].hex()}) for p in (0, 1)]
     start = time.perf_counter()
     dealer = FSS(DEALER, seeds, KeySink(writers), params=params)
-    dealt = dealer.reveal(*[Shares(dealer, torch.empty(x.shape, dtype=torch.int64, device="meta"), b)
-                            for x, b in zip(inputs, input_bits)])
+    dealt = [dealer.reveal(Shares(dealer, torch.empty(x.shape, dtype=torch.int64, device="meta"), b))[0]
+             for x, b in zip(inputs, input_bits)]
     for out in program(dealer, dealt):
         dealer.open(out)
     keys = [w.close() for w in writers]
@@ -105,11 +105,11 @@ def _serve(program, keys, split, params, input_bits, settings: dict):
             reader = KeyReader(keys[role], expect={"party": role})
             ctx = FSS(role, bytes.fromhex(reader.header["seed"]), reader, link.end(role), params, **settings)
             begin = time.perf_counter()
-            mine = [Shares(ctx, wrap(s[role].to(device), b), b) for s, b in zip(split, input_bits)]
-            for s in split:
+            masked = []
+            for s, b in zip(split, input_bits):  # one opening each: large weights need no second copy
+                (m,) = ctx.reveal(Shares(ctx, wrap(s[role].to(device), b), b))
                 s[role] = None  # the client's shares are gone once sent
-            masked = ctx.reveal(*mine)
-            del mine
+                masked.append(m)
             inputs_traffic[role] = link.stats[role].snapshot()
             outputs = program(ctx, masked)
             seconds[role] = time.perf_counter() - begin

@@ -134,7 +134,9 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
             setup = FSS(int(role), seed, None, channel, params, device)
             shares = [Shares(setup, wrap(channel.recv(_OWNER, shape=manifest[n], dtype=torch.int64), params.ring_bits)
                              .to(device), params.ring_bits) for n in names]
-        weights = dict(zip(names, setup.reveal(*shares)))
+        weights = {}
+        for name, share in zip(names, shares):  # one opening per weight: no second copy of the model
+            (weights[name],) = setup.reveal(share)
         del shares
         channel.send_json({"ready": role.name}, _CLIENT)
     state: dict = {}
