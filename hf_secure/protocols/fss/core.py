@@ -152,13 +152,42 @@ class Masked:
             raise ProgramError(f"cannot shift a {self.bits}-bit value by {shift}")
         return Masked(self.ctx, _logical_shift(self.data, shift, self.bits), self.bits - shift)
 
-    def fill_public(self, keep: torch.Tensor, value: int) -> "Masked":
-        """Where ``keep`` (public bool, broadcast) is False, the public ``value`` (mask 0): for
-        causal and padding masks, whose positions are public anyway."""
-        keep = keep.to(self.data.device)
-        filled = torch.full_like(self.data, value) if not self.ctx.is_dealer else torch.zeros_like(self.data)
-        share = None if self.share is None else torch.where(keep, self.share, torch.zeros_like(self.share))
-        return self._like(torch.where(keep, self.data, filled), share)
+    @classmethod
+    def zeros(cls, ctx: "FSS", shape, bits: int) -> "Masked":
+        """The public zero (mask 0, the servers' mask shares 0)."""
+        zero = torch.zeros(tuple(shape), dtype=torch.int64, device="cpu" if ctx.is_dealer else ctx.device)
+        return cls(ctx, zero, bits, zero.clone())
+
+    def where(self, condition: torch.Tensor, other: "Masked") -> "Masked":
+        """``self`` where the public ``condition`` holds, else ``other`` (local: masks follow)."""
+        self._check(other)
+        condition = condition.to(self.data.device)
+        share = (None if self.share is None or other.share is None
+                 else torch.where(condition, self.share, other.share))
+        return self._like(torch.where(condition, self.data, other.data), share)
+
+    def put(self, index: torch.Tensor, values: "Masked") -> "Masked":
+        """A copy with the flat positions ``index`` (public) replaced by ``values`` (local)."""
+        self._check(values)
+        index = index.to(self.data.device)
+        data = self.data.clone().reshape(-1)
+        data[index] = values.data.reshape(-1)
+        share = None
+        if self.share is not None and values.share is not None:
+            share = self.share.expand(self.shape).clone().reshape(-1)
+            share[index] = values.share.reshape(-1)
+            share = share.view(self.shape)
+        return self._like(data.view(self.shape), share)
+
+    def segment_sum(self, segment: torch.Tensor, count: int) -> "Masked":
+        """Sums of the entries of a flat ``x`` by their public ``segment`` ids (``count`` segments)."""
+        segment = segment.to(self.data.device)
+        data = torch.zeros(count, dtype=torch.int64, device=self.data.device).index_add_(0, segment, self.data)
+        share = None
+        if self.share is not None:
+            share = torch.zeros(count, dtype=torch.int64, device=self.data.device).index_add_(
+                0, segment, self.share.expand(self.shape).contiguous())
+        return self._like(data, share)
 
     def to_shares(self) -> "Shares":
         """Additive shares of ``x``: server b holds ``b x^ - r_b`` (local)."""

@@ -70,14 +70,17 @@ def attention(ctx: FSS, q: Masked, k: Masked, v: Masked, keep: torch.Tensor, sca
         k = k.apply(lambda t: t.repeat_interleave(groups, 1))
         v = v.apply(lambda t: t.repeat_interleave(groups, 1))
     log2 = math.log2(1 / scaling)
+    kt = k.apply(lambda t: t.transpose(-1, -2).contiguous())
     if log2.is_integer():  # a power of two: folded into the truncation
-        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), ctx.matmul), f + int(log2)
+        scores, shift = ctx.product(q, kt, ctx.matmul), f + int(log2)
     else:
-        q = q.mul_public(round(scaling * (1 << f)))
-        scores, shift = ctx.product(q, k.apply(lambda t: t.transpose(-1, -2).contiguous()), ctx.matmul), 2 * f
-    (scores,) = ctx.reveal(scores)
-    scores = opened(ctx, ctx.truncate(scores, shift))
-    probs = nl.softmax(ctx, scores, keep.bool())
+        scores, shift = ctx.product(q.mul_public(round(scaling * (1 << f))), kt, ctx.matmul), 2 * f
+    # only the kept scores (the causal triangle, the unpadded keys) are opened and go on
+    rows = keep.bool().expand(scores.shape).reshape(-1, scores.shape[-1])
+    index = rows.reshape(-1).nonzero().squeeze(1)
+    (kept,) = ctx.reveal(scores.apply(lambda t: t.reshape(-1)[index]))
+    kept = opened(ctx, ctx.truncate(kept, shift))
+    probs = Masked.zeros(ctx, scores.shape, kept.bits).put(index, nl.softmax_kept(ctx, kept, rows))
     (context,) = ctx.reveal(ctx.product(probs, v, ctx.matmul))
     return opened(ctx, ctx.truncate(context, f))
 

@@ -90,21 +90,32 @@ def activation(ctx: FSS, x: Masked, name: str) -> Shares:
     return relu - correction
 
 
-def maximum(ctx: FSS, x: Masked) -> Masked:
-    """Row maximum over the last dimension by a tournament: per level one DReLU of ``a - b``
-    (opened masked, round 1) and ``b + d (a - b)`` by a mux (opened, round 2); ``ceil(log2 L)``
-    levels. Output shape ``(..., 1)``."""
+def maximum(ctx: FSS, x: Masked, valid: torch.Tensor) -> Masked:
+    """Row maximum of ``x`` ``(R, W)`` over its ``valid`` (public bool) entries, by a tournament.
+
+    Per level, pairs of valid entries take one DReLU of ``a - b`` (opened masked, round 1) and
+    ``b + d (a - b)`` by a mux (opened, round 2); a pair with one invalid side passes the valid
+    one on locally (the mask is public, so is the choice), so a causal row costs its own length,
+    not the padded width. ``ceil(log2 W)`` levels at most; a level with no pair to compare costs
+    no round. Output ``(R, 1)`` (a row with no valid entry: meaningless, never used).
+    """
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
-        a = x.apply(lambda t: t[..., :half])
-        b = x.apply(lambda t: t[..., half:2 * half])
-        diff = a - b
-        (d,) = ctx.reveal(ctx.sign_bit(diff))
-        (best,) = ctx.reveal(ctx.mux([d], diff, [(0, 0), (1, 0)], x.bits) + b)
+        a, b = x.apply(lambda t: t[:, :half].contiguous()), x.apply(lambda t: t[:, half:2 * half].contiguous())
+        va, vb = valid[:, :half], valid[:, half:2 * half]
+        best = a.where(va | ~vb, b)
+        pairs = (va & vb).reshape(-1).nonzero().squeeze(1)
+        if pairs.numel():
+            a_sel, b_sel = (v.apply(lambda t: t.reshape(-1)[pairs]) for v in (a, b))
+            diff = a_sel - b_sel
+            (d,) = ctx.reveal(ctx.sign_bit(diff))
+            (winner,) = ctx.reveal(ctx.mux([d], diff, [(0, 0), (1, 0)], x.bits) + b_sel)
+            best = best.put(pairs, winner)
+        merged = va | vb
         if x.shape[-1] % 2:
-            rest = x.apply(lambda t: t[..., 2 * half:])
-            best = _cat(ctx, [best, rest])
-        x = best
+            best = _cat(ctx, [best, x.apply(lambda t: t[:, 2 * half:].contiguous())])
+            merged = torch.cat([merged, valid[:, 2 * half:]], dim=-1)
+        x, valid = best, merged
     return x
 
 
@@ -130,35 +141,48 @@ def _inverse_table(length: int, f: int):
 
 
 def softmax(ctx: FSS, x: Masked, keep: torch.Tensor | None = None) -> Masked:
-    """Softmax over the last dimension (Sigma, section 4.3). ``keep``: public bool mask (causal,
-    padding), broadcast to ``x``; dropped positions get weight exactly 0.
+    """Softmax over the last dimension of ``x`` with a public bool mask ``keep`` (causal, padding;
+    broadcast to ``x``): dropped positions get weight exactly 0 and cost nothing
+    (:func:`softmax_kept` on the kept entries only)."""
+    keep = torch.ones(x.shape, dtype=torch.bool) if keep is None else keep.expand(x.shape).bool()
+    rows = keep.reshape(-1, x.shape[-1])
+    index = rows.reshape(-1).nonzero().squeeze(1)
+    p = softmax_kept(ctx, x.apply(lambda t: t.reshape(-1)[index]), rows)
+    return Masked.zeros(ctx, x.shape, x.bits).put(index, p)
 
-    ``t = max - x >= 0`` (rows of dropped positions see a public ``-2^(n-3)``), clipped below
-    ``2^16 - 2^8`` (``t < 16``, where ``e^-t < 2^-12``); ``e^-t`` is the product of two lookups
-    on the high byte and on the signed low part (the masked low byte read on 9 bits, which
-    absorbs the high byte's carry exactly), multiplied in the lookups' round
-    (:meth:`~.core.FSS.lookup_product`). The row sum (``>= 1``) enters a lookup of its inverse
-    with 6 fractional bits (``2^(ceil(log2 L) + 7)`` entries), and ``p = e / sum``.
-    Rounds: ``2 ceil(log2 L)`` for the maximum, then 8.
+
+def softmax_kept(ctx: FSS, s: Masked, keep: torch.Tensor) -> Masked:
+    """Softmax of the rows of a public pattern ``keep`` ``(R, W)`` whose kept entries, in row-major
+    order, are ``s`` ``(K,)`` (Sigma, section 4.3; causal models compute the lower triangle only).
+
+    ``t = max - s >= 0`` per row (:func:`maximum`), clipped below ``2^16 - 2^8`` (``t < 16``,
+    where ``e^-t < 2^-12``); ``e^-t`` is the product of two lookups on the high byte and on the
+    signed low part (the masked low byte read on 9 bits, which absorbs the high byte's carry
+    exactly), multiplied in the lookups' round (:meth:`~.core.FSS.lookup_product`). The row sum
+    (``>= 1``) enters a lookup of its inverse with 6 fractional bits
+    (``2^(ceil(log2 W) + 7)`` entries), and ``p = e / sum``. Rounds: ``2 ceil(log2 W)`` for the
+    maximum at most, then 8. Returns ``p`` ``(K,)``.
     """
-    n, f = x.bits, ctx.params.frac_bits
-    if keep is not None:
-        x = x.fill_public(keep, -(1 << (n - 3)))
-    t = maximum(ctx, x) - x
-    width = 2 * EXP_HALF_BITS
-    limit = (1 << width) - (1 << EXP_HALF_BITS) - 1
+    n, f = s.bits, ctx.params.frac_bits
+    rows, width = keep.shape
+    row_of = keep.nonzero()[:, 0]
+    laid = Masked.zeros(ctx, (rows * width,), n).put(keep.reshape(-1).nonzero().squeeze(1), s)
+    top = maximum(ctx, laid.apply(lambda t: t.view(rows, width)), keep)
+    t = top.apply(lambda v: v.reshape(-1)[row_of]) - s
+    width_t = 2 * EXP_HALF_BITS
+    limit = (1 << width_t) - (1 << EXP_HALF_BITS) - 1
     (inside,) = ctx.reveal(*ctx.less_than(t, [(0, limit)]))
-    (clipped,) = ctx.reveal(ctx.mux([inside], t.reduce(width), [(0, limit), (1, 0)], width))
+    (clipped,) = ctx.reveal(ctx.mux([inside], t.reduce(width_t), [(0, limit), (1, 0)], width_t))
     high = clipped.shift_down(EXP_HALF_BITS)
     low = Masked(ctx, clipped.data & ((1 << EXP_HALF_BITS) - 1), EXP_HALF_BITS + 1)
     high_table, low_table = _exp_tables(f)
     (e,) = ctx.reveal(ctx.lookup_product((high, high_table), (low, low_table), n))  # 2f fractional bits
-    total = e.apply(lambda v: v.sum(dim=-1, keepdim=True))
-    bits, inverse_table = _inverse_table(x.shape[-1], f)
+    total = e.segment_sum(row_of, rows)
+    bits, inverse_table = _inverse_table(width, f)
     index = total.shift_down(2 * f - INVERSE_FRAC).reduce(bits)
     (inverse,) = ctx.lookup([(index, inverse_table)], n)
     (inverse,) = ctx.reveal(inverse)
-    (p,) = ctx.reveal(ctx.product(e, inverse.apply(lambda v: v.expand(e.shape).contiguous())))  # 3f bits
+    (p,) = ctx.reveal(ctx.product(e, inverse.apply(lambda v: v[row_of])))  # 3f fractional bits
     (p,) = ctx.reveal(ctx.truncate(p, 2 * f))
     return p
 
