@@ -184,8 +184,8 @@ def test_fss_parties_started_by_command_and_the_pipeline(tmp_path):
     user.mkdir()
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO_MODEL / name, user / name)
-    tokenizer = AutoTokenizer.from_pretrained(user)
-    ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    tokenizer = AutoTokenizer.from_pretrained(user)  # the prompt's greedy margins are all >= 0.47: no near-tie
+    ids = tokenizer("The weather today is", return_tensors="pt").input_ids
     plain = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
     expected = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
@@ -207,7 +207,7 @@ def test_fss_parties_started_by_command_and_the_pipeline(tmp_path):
                 proc.kill()
     generator = pipeline("secure-text-generation", model=str(DEMO_MODEL), protocol="fss")
     try:
-        text = generator("It is a truth universally acknowledged", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+        text = generator("The weather today is", max_new_tokens=6, do_sample=False)[0]["generated_text"]
         assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
     finally:
         generator.model.engine.close()
