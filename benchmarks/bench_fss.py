@@ -86,7 +86,7 @@ def main():
         (out,), report = run_model_local(program_for(config, family), weights, ids, public, config.vocab_size,
                                          params, key_dir=key_dir)
     wall = time.perf_counter() - start
-    vocab, width = config.vocab_size, config.hidden_size if family == "bert" else config.n_embd
+    vocab = config.vocab_size
     servers = []
     for role in (0, 1):
         total, inputs = report["traffic"][role], report["inputs_traffic"][role]

@@ -43,10 +43,6 @@ SERVER0, SERVER1, DEALER = 0, 1, 2
 _BATCHED_POINTS = 1 << 16  # comparisons evaluate all their points in one pass up to this many
 
 
-def ring_mask(bits: int) -> int:
-    return -1 if bits >= 64 else (1 << bits) - 1
-
-
 def wrap(v: torch.Tensor, bits: int) -> torch.Tensor:
     """Canonical representative in ``[0, 2^bits)`` (int64 two's complement for 64 bits)."""
     return v if bits >= 64 else v & ((1 << bits) - 1)
@@ -128,10 +124,6 @@ class Masked:
         """``c * x`` for a public integer tensor ``c`` (broadcast): value and mask scale together."""
         value = torch.as_tensor(value, dtype=torch.int64, device=self.data.device)
         return self._like(self.data * value, None if self.share is None else self.share * value)
-
-    def matmul_public(self, weight: torch.Tensor) -> "Masked":
-        """``x @ W`` for a public integer matrix (linear, so local)."""
-        return self._like(self.data @ weight, None if self.share is None else self.share @ weight)
 
     def apply(self, fn) -> "Masked":
         """A data movement (reshape, transpose, index, cat of one tensor) applied to value and mask."""
@@ -228,18 +220,6 @@ class Shares:
 
     def __neg__(self) -> "Shares":
         return self._like(-self.data)
-
-    def add_public(self, value) -> "Shares":
-        """``x + c``: server 0 adds ``c``."""
-        value = torch.as_tensor(value, dtype=torch.int64)
-        if self.ctx.is_dealer:
-            return self._like(self.data + value.to("meta"))
-        value = value.to(self.data.device)
-        return self._like(self.data + (value if self.ctx.role == SERVER0 else torch.zeros_like(value)))
-
-    def mul_public(self, value) -> "Shares":
-        value = torch.as_tensor(value, dtype=torch.int64, device=self.data.device)
-        return self._like(self.data * (value.to("meta") if self.ctx.is_dealer else value))
 
     def apply(self, fn) -> "Shares":
         return self._like(fn(self.data))

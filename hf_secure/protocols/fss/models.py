@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import InvalidInputError, UnsupportedModelError
+from ...errors import UnsupportedModelError
 from ..mpc.bert import BertProgram
-from ..mpc.decoder import attention_keep
+from ..mpc.decoder import attention_keep, cached_layers
 from ..mpc.gpt2 import GPT2Program
 from ..mpc.llama import LlamaProgram
 from ..mpc.approximations import Approximations
@@ -167,16 +167,7 @@ class FSSDecoder:
 
     def forward(self, ctx: FSS, w: dict, inputs: list[Masked], public: dict, state: dict) -> list[Shares]:
         lay = self.layout
-        caches = state.setdefault("caches", {})
-        for cache_id in public["drop"].tolist():
-            caches.pop(cache_id, None)
-        cache_id, past = int(public["cache"].item()), int(public["past_length"].item())
-        cached = caches.get(cache_id) if past else None
-        if past:
-            length = cached[0][0].shape[2] if cached else 0
-            if past > length:
-                raise InvalidInputError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
-            cached = [(k.apply(lambda t: t[:, :, :past]), v.apply(lambda t: t[:, :, :past])) for k, v in cached]
+        caches, cache_id, past, cached = cached_layers(state, public, lambda x, n: x.apply(lambda t: t[:, :, :n]))
         (onehot,) = inputs
         self.check_length(past + onehot.shape[1])
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])

@@ -25,7 +25,6 @@ Per query:
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import tempfile

@@ -41,6 +41,24 @@ ARGMAX_COMPARISON = (20, 8)
 ARGMAX_LIMIT = 1000.0
 
 
+def cached_layers(state: dict, public: dict, crop):
+    """The query's cache bookkeeping, shared by the decoders of every protocol: drop the caches
+    ``public["drop"]`` names, then ``(caches, cache id, past length, per-layer (keys, values) cut
+    to the past by ``crop(tensor, past)``, or None)``. Raises InvalidInputError for a past longer
+    than the cache."""
+    caches = state.setdefault("caches", {})
+    for cache_id in public["drop"].tolist():
+        caches.pop(cache_id, None)
+    cache_id, past = int(public["cache"].item()), int(public["past_length"].item())
+    cached = caches.get(cache_id) if past else None
+    if past:
+        length = cached[0][0].shape[2] if cached else 0
+        if past > length:
+            raise InvalidInputError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
+        cached = [(crop(k, past), crop(v, past)) for k, v in cached]
+    return caches, cache_id, past, cached
+
+
 def attention_keep(attention_mask: torch.Tensor, past: int, new: int) -> torch.Tensor:
     """Public 0/1 mask ``(batch, 1, new, past + new)``: causal and padding."""
     total = attention_mask.shape[-1]
@@ -93,16 +111,7 @@ class DecoderProgram:
         """One query: one-hot rows ``[b, new, vocab]`` and the public fields of the module docstring
         to the logits ``[b, kept, vocab]`` (or with ``token_only`` the token ids ``[b, kept]``, fixed
         point). Raises InvalidInputError for a cache or mask that does not fit."""
-        caches = state.setdefault("caches", {})
-        for cache_id in public["drop"].tolist():
-            caches.pop(cache_id, None)
-        cache_id, past = int(public["cache"].item()), int(public["past_length"].item())
-        cached = caches.get(cache_id) if past else None
-        if past:
-            length = cached[0][0].shape[2] if cached else 0
-            if past > length:
-                raise InvalidInputError(f"cache {cache_id} holds {length} tokens, asked to continue from {past}")
-            cached = [(k.narrow(2, past), v.narrow(2, past)) for k, v in cached]
+        caches, cache_id, past, cached = cached_layers(state, public, lambda t, n: t.narrow(2, n))
         (onehot,) = inputs
         self.check_length(past + onehot.shape[1])
         keep = attention_keep(public["attention_mask"], past, onehot.shape[1])
