@@ -162,21 +162,22 @@ def gen(alpha: torch.Tensor, bits: int, root_seeds: tuple[torch.Tensor, torch.Te
 
 def _walk(key: DPFKey, x: torch.Tensor, backend: str | None, siblings: bool):
     """Follow the path of ``x``: the leaf's seed and control bit, and (if ``siblings``) the XOR of
-    the right siblings' control bits where the path goes left."""
+    the right siblings' control bits where the path goes left. Per level only the chosen child is
+    corrected and cleared (the sibling's control bit is all the comparison needs of it)."""
     seed = key.seed
     t = torch.full((len(key),), key.party, dtype=torch.int64, device=seed.device)
     acc = torch.zeros_like(t)
+    cw_t = key.cw_t.long()
     for level in range(key.depth):
         bit = (x >> (key.bits - 1 - level)) & 1
-        sl, tl, sr, tr = _expand(seed, backend)
-        cw = key.cw_seed[level] * t.unsqueeze(-1)
-        sl, sr = sl ^ cw, sr ^ cw
-        tl = tl ^ (t & key.cw_t[level, :, 0].long())
-        tr = tr ^ (t & key.cw_t[level, :, 1].long())
+        right = bit.bool()
+        left_child, right_child = aes.mmo(seed, "L", backend), aes.mmo(seed, "R", backend)
+        tr = (right_child[:, 0] & 1) ^ (t & cw_t[level, :, 1])
         if siblings:
             acc ^= tr & (bit ^ 1)
-        right = bit.bool()
-        seed = torch.where(right.unsqueeze(-1), sr, sl)
+        tl = (left_child[:, 0] & 1) ^ (t & cw_t[level, :, 0])
+        seed = torch.where(right.unsqueeze(-1), right_child, left_child) ^ (key.cw_seed[level] * t.unsqueeze(-1))
+        seed[:, 0] &= ~1
         t = torch.where(right, tr, tl)
     return seed, t, acc
 

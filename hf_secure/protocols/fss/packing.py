@@ -2,33 +2,27 @@
 
 A 50-bit ring element costs 50 bits on the wire, a masked bit costs one bit (64 per word), as in
 Sigma's bit-packed reconstruction. Value ``i`` occupies bits ``[i w, (i + 1) w)`` of the word
-stream (little-endian), so it touches word ``i w // 64`` and possibly the next one; bits of
-different values never overlap, which lets packing add contributions instead of OR-ing them.
-Packing is exact and checked by tests on every width 1-64.
+stream (little-endian). Values go in groups of 64, which fill exactly ``w`` words, so value ``j``
+of every group sits at the same word and bit offset: packing is 64 vector steps over the groups
+(values of a group never overlap, so OR-ing them in is exact). Checked on every width 1-64.
 """
 
 from __future__ import annotations
 
 import torch
 
+GROUP = 64
+
 
 def packed_words(count: int, width: int) -> int:
     return (count * width + 63) // 64
 
 
-def _layout(count: int, width: int, device):
-    start = torch.arange(count, dtype=torch.int64, device=device) * width
-    return start >> 6, start & 63
-
-
-def _low_mask(bits: torch.Tensor) -> torch.Tensor:
-    """``2^bits - 1`` for bits in 0..64 (int64, all ones for 64)."""
-    ones = torch.full_like(bits, -1)
-    return torch.where(bits >= 64, ones, (torch.ones_like(bits) << bits.clamp(max=63)) - 1)
-
-
-def _shift_right_logical(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (x >> shift) & _low_mask(64 - shift)
+def _slots(width: int):
+    """For each position ``j`` of a group: (word, bit offset, whether it spills into the next word)."""
+    for j in range(GROUP):
+        bit = j * width
+        yield j, bit >> 6, bit & 63, (bit & 63) + width > 64
 
 
 def pack(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -36,15 +30,19 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
     if not 1 <= width <= 64:
         raise ValueError(f"pack width must be 1..64, got {width}")
     flat = values.reshape(-1)
+    count = flat.numel()
     if width == 64:
         return flat.clone()
-    flat = flat & ((1 << width) - 1)
-    word, offset = _layout(flat.numel(), width, flat.device)
-    out = torch.zeros(packed_words(flat.numel(), width) + 1, dtype=torch.int64, device=flat.device)
-    out.index_add_(0, word, flat << offset)
-    spill = offset + width > 64  # the value's high bits continue in the next word
-    out.index_add_(0, word[spill] + 1, flat[spill] >> (64 - offset[spill]))
-    return out[:-1]
+    groups = (count + GROUP - 1) // GROUP
+    v = torch.zeros(groups * GROUP, dtype=torch.int64, device=flat.device)
+    v[:count] = flat & ((1 << width) - 1)
+    v = v.view(groups, GROUP)
+    out = torch.zeros(groups, width, dtype=torch.int64, device=flat.device)
+    for j, word, offset, spill in _slots(width):  # a group's last value ends its last word: no spill out
+        out[:, word] |= v[:, j] << offset
+        if spill:
+            out[:, word + 1] |= v[:, j] >> (64 - offset)
+    return out.reshape(-1)[: packed_words(count, width)].clone()
 
 
 def unpack(words: torch.Tensor, width: int, shape) -> torch.Tensor:
@@ -57,8 +55,17 @@ def unpack(words: torch.Tensor, width: int, shape) -> torch.Tensor:
         raise ValueError(f"{words.numel()} words cannot hold {count} values of {width} bits")
     if width == 64:
         return words.clone().view(shape)
-    word, offset = _layout(count, width, words.device)
-    padded = torch.cat((words, words.new_zeros(1)))
-    low = _shift_right_logical(padded[word], offset)
-    high = torch.where(offset + width > 64, padded[word + 1] << (64 - offset).clamp(max=63), torch.zeros_like(low))
-    return ((low | high) & ((1 << width) - 1)).view(shape)
+    groups = (count + GROUP - 1) // GROUP
+    padded = torch.zeros(groups * width, dtype=torch.int64, device=words.device)
+    padded[: words.numel()] = words
+    padded = padded.view(groups, width)
+    out = torch.empty(groups, GROUP, dtype=torch.int64, device=words.device)
+    mask = (1 << width) - 1
+    for j, word, offset, spill in _slots(width):
+        low = padded[:, word] >> offset
+        if offset:
+            low = low & ((1 << (64 - offset)) - 1)  # logical shift
+        if spill:
+            low = low | (padded[:, word + 1] << (64 - offset))
+        out[:, j] = low & mask
+    return out.reshape(-1)[:count].view(shape)
