@@ -36,13 +36,13 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
     groups = (count + GROUP - 1) // GROUP
     v = torch.zeros(groups * GROUP, dtype=torch.int64, device=flat.device)
     v[:count] = flat & ((1 << width) - 1)
-    v = v.view(groups, GROUP)
-    out = torch.zeros(groups, width, dtype=torch.int64, device=flat.device)
+    v = v.view(groups, GROUP).T.contiguous()  # (position in group, group): contiguous rows
+    out = torch.zeros(width, groups, dtype=torch.int64, device=flat.device)
     for j, word, offset, spill in _slots(width):  # a group's last value ends its last word: no spill out
-        out[:, word] |= v[:, j] << offset
+        out[word] |= v[j] << offset
         if spill:
-            out[:, word + 1] |= v[:, j] >> (64 - offset)
-    return out.reshape(-1)[: packed_words(count, width)].clone()
+            out[word + 1] |= v[j] >> (64 - offset)
+    return out.T.reshape(-1)[: packed_words(count, width)].clone()
 
 
 def unpack(words: torch.Tensor, width: int, shape) -> torch.Tensor:
@@ -58,14 +58,14 @@ def unpack(words: torch.Tensor, width: int, shape) -> torch.Tensor:
     groups = (count + GROUP - 1) // GROUP
     padded = torch.zeros(groups * width, dtype=torch.int64, device=words.device)
     padded[: words.numel()] = words
-    padded = padded.view(groups, width)
-    out = torch.empty(groups, GROUP, dtype=torch.int64, device=words.device)
+    padded = padded.view(groups, width).T.contiguous()
+    out = torch.empty(GROUP, groups, dtype=torch.int64, device=words.device)
     mask = (1 << width) - 1
     for j, word, offset, spill in _slots(width):
-        low = padded[:, word] >> offset
+        low = padded[word] >> offset
         if offset:
-            low = low & ((1 << (64 - offset)) - 1)  # logical shift
+            low &= (1 << (64 - offset)) - 1  # logical shift
         if spill:
-            low = low | (padded[:, word + 1] << (64 - offset))
-        out[:, j] = low & mask
-    return out.reshape(-1)[:count].view(shape)
+            low |= padded[word + 1] << (64 - offset)
+        out[j] = low & mask
+    return out.T.reshape(-1)[:count].view(shape)
