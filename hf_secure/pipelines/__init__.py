@@ -17,12 +17,15 @@ servers compute on the GPU).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from transformers import FeatureExtractionPipeline, GenerationConfig, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..engines import protocol_engine
-from ..errors import NotConvertedError, UnknownOptionError
+from ..errors import UnknownOptionError
 from ..modeling import SecureModel, SecureModelForCausalLM
+from ..server.runtime import read_section
 
 
 class _SecurePipelineMixin:
@@ -44,9 +47,8 @@ class _SecurePipelineMixin:
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
         recorded = self.model.section["protocol"]
-        if self.model.section.get("plain") and protocol != "fss":
-            raise NotConvertedError(f"{self.model.folder} is a plain transformers checkpoint: pass protocol='fss' to run "
-                                    "it as it is, or convert it for 'permute' or 'mpc' (see `hf-secure convert --help`)")
+        if self.model.section.get("plain") and protocol != "fss":  # says how to convert it, or to pass fss
+            read_section(SimpleNamespace(), str(self.model.folder), protocol)
         if protocol is not None:
             protocol_engine(protocol)  # an unknown name: UnknownOptionError listing the registered ones
         if protocol is not None and protocol != recorded:

@@ -61,7 +61,8 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
         wanted = [commands[protocol]] if protocol in commands else list(commands.values())
         raise NotConvertedError(
             f"{source} is a plain transformers checkpoint, not converted for hf_secure (its config.json has no "
-            f"'hf_secure' section). Convert it first: {' or '.join(f'`{c}`' for c in wanted)}, then load CONVERTED."
+            f"'hf_secure' section). Convert it first: {' or '.join(f'`{c}`' for c in wanted)}, then load CONVERTED; "
+            "or run it as it is with protocol='fss'."
         )
     if not isinstance(section, dict) or "protocol" not in section:
         raise TamperedCheckpointError(f"the 'hf_secure' section of {source}'s config.json is malformed")
