@@ -97,6 +97,8 @@ def _party(args) -> None:
     if role != Role.OWNER and not args.allow_weights:
         refuse_weights(folder)
     if args.protocol == "fss":  # an unmodified checkpoint; servers get their device and key folder
+        if role not in (Role.SERVER0, Role.SERVER1) and (args.device is not None or args.key_dir is not None):
+            raise UnknownOptionError("--device and --key-dir are options of the fss servers")
         from .protocols.fss.client import plain_weights, server_device
         from .protocols.fss.core import Params
         from .protocols.fss.models import program_for

@@ -109,13 +109,15 @@ def _refuse_nothing(config) -> None:
 def _refuse_gpt2(config) -> None:
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
         raise UnsupportedModelError("GPT-2 variants with layer-scaled or upcast attention are not supported")
+    if not getattr(config, "scale_attn_weights", True):
+        raise UnsupportedModelError("GPT-2 without the 1/sqrt(head_dim) attention scaling is not supported")
 
 
 def _refuse_llama_like(config) -> None:
     if config.hidden_act != "silu" and not config.hidden_act.startswith("hf_secure_"):
         raise UnsupportedModelError(f"{config.model_type} with activation {config.hidden_act!r} (only SiLU is supported)")
     if getattr(config, "mlp_bias", False):
-        raise UnsupportedModelError(f"{config.model_type} MLP biases are not supported by the mpc protocol")
+        raise UnsupportedModelError(f"{config.model_type} MLP biases are not supported by the mpc and fss protocols")
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ def test_session_two_queries_then_a_server_dies(tmp_path):
         for server in ("server0", "server1"):  # one ledger entry per query
             assert (tmp_path / "keys" / server / "used-keys").read_text().count("\n") == 2
         assert not list((tmp_path / "keys").glob("*/key-*.bin"))  # used keys are deleted
+        assert (tmp_path / "keys" / "server0").stat().st_mode & 0o777 == 0o700
         os.kill(secure.engine.session._group.procs[Role.SERVER1].pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(PartyFailedError):
@@ -213,3 +214,19 @@ def test_fss_parties_started_by_command_and_the_pipeline(tmp_path):
         generator.model.engine.close()
     with pytest.raises(NotConvertedError, match="protocol='fss'"):
         pipeline("secure-text-generation", model=str(DEMO_MODEL))
+
+
+def test_unsupported_variants_and_options_are_refused(tmp_path):
+    from hf_secure.errors import UnknownOptionError, UnsupportedModelError
+
+    model = make_tiny("gpt2", tmp_path / "gpt2")
+    for field in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        config = model.config.__class__(**{**model.config.to_dict(), field: True})
+        with pytest.raises(UnsupportedModelError):
+            program_for(config, "gpt2")
+    with pytest.raises(UnsupportedModelError):
+        program_for(model.config.__class__(**{**model.config.to_dict(), "scale_attn_weights": False}), "gpt2")
+    for options in ({"device": "gpu"}, {"reveal": "token"}, {"rendezvous": "tcp://127.0.0.1:1", "key_dir": "x"},
+                    {"key_dir": str(tmp_path / "gpt2" / "config.json")}):
+        with pytest.raises(UnknownOptionError):
+            SecureModelForCausalLM.from_pretrained(tmp_path / "gpt2", protocol="fss", **options)

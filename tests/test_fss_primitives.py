@@ -159,3 +159,16 @@ def test_limb_matmul_is_exact_on_every_fss_ring():
     for shape_a, shape_b in (((3, 7, 300), (3, 300, 5)), ((16, 3072), (3072, 8))):
         a, b = PRG.fresh().ring(shape_a), PRG.fresh().ring(shape_b)
         assert torch.equal(limb_matmul(a, b) & mask, torch.matmul(a, b) & mask)
+
+
+def test_key_file_is_private_and_a_flipped_bit_is_caught(tmp_path):
+    path = tmp_path / "key.bin"
+    writer = KeyWriter(path, {"key_id": "k2", "party": 0})
+    writer.put(torch.arange(1000))
+    writer.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # inside the record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptKeyError, match="digest"):
+        KeyReader(path).take((1000,))

@@ -9,8 +9,9 @@ other roles join with ``hf-secure party --protocol fss``.
 
 Options: ``rendezvous``, ``party_key`` (as for mpc), ``device`` ("cpu" or "cuda": where the
 servers compute; "cuda" falls back to the CPU, with a warning, on a machine without a GPU) and
-``key_dir`` (where the servers keep the dealer's keys until used; default a private temporary
-folder per server).
+``key_dir`` (where the servers keep the dealer's keys until used, in private subfolders per
+server; default a private temporary folder per server). With a rendezvous each server sets
+these itself (``hf-secure party --device --key-dir``). Queries wait at least 300 s, as mpc's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -88,6 +90,11 @@ class FSSEngine(MPCEngine):
             raise UnknownOptionError(f"this {spec.name} checkpoint runs as {wanted} with protocol='fss'")
         if rendezvous is None and party_key is not None:
             raise UnknownOptionError("party_key needs a rendezvous (parties on several machines)")
+        if rendezvous is not None and (device is not None or key_dir is not None):
+            raise UnknownOptionError("with a rendezvous each server sets its own device and key folder "
+                                     "(`hf-secure party --protocol fss --device ... --key-dir ...`)")
+        if key_dir is not None and Path(key_dir).exists() and not Path(key_dir).is_dir():
+            raise UnknownOptionError(f"key_dir {key_dir} exists and is not a folder")
         engine = FSSCausalEngine if causal else FSSBertEngine
         return engine(folder, config, max(timeout, 300.0), rendezvous, party_key, device, key_dir)
 

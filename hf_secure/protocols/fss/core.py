@@ -576,8 +576,7 @@ class FSS:
         return Shares(self, wrap(out, bits), bits)
 
 
-def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Tensor, k: int,
-                           chunk: int = 1 << 14) -> torch.Tensor:
+def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:
     """``sum_i bits[n, i] * table[(x[n] - i) mod 2^k]`` for each row ``n`` (int64, wrapping).
 
     Small tables (at most 512 entries, ``max |T| 2^k < 2^24``) go through a float matmul with
@@ -585,6 +584,7 @@ def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Ten
     2^24, so float32 is exact (float64 on CUDA, whatever its TF32 setting). Others gather.
     """
     size = 1 << k
+    chunk = max(1, (1 << 22) // size)  # rows per step: temporaries of 2^22 elements (32 MiB each)
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     i = torch.arange(size, device=x.device)
     if size <= 512 and int(table.abs().max()) * size < (1 << 24):

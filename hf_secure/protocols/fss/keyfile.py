@@ -8,13 +8,14 @@ File layout (little-endian)::
 
     b"HFSFSSK1" | u32 header length | header (JSON) | records... | end record
 
-    record: u8 dtype code | u8 ndim | ndim x u64 dims | raw tensor bytes
+    record: u8 dtype code | u8 ndim | ndim x u64 dims | raw tensor bytes | 16-byte BLAKE2b digest
     end:    u8 255        | u64 number of records
 
 The header names what the key is for (``key_id``, ``party``, ``program``: the model and its
 shapes, sequence length and step, ring and fixed-point parameters); a server refuses a key whose
 header does not match the query it is about to run (:class:`~hf_secure.errors.KeyMismatchError`),
-a file that ends before its end record (:class:`~hf_secure.errors.CorruptKeyError`), a record
+a file that ends before its end record or a record whose digest does not match its bytes (a
+flipped bit would otherwise give garbage silently: :class:`~hf_secure.errors.CorruptKeyError`), a record
 whose shape or dtype differs from what the program reads (the key was made for another program),
 and a key whose ``key_id`` is already in its ledger of used keys
 (:class:`~hf_secure.errors.KeyReuseError`): a one-time key used twice would let the two parties'
@@ -25,6 +26,7 @@ Nothing here is pickle: dtypes are a fixed table, shapes plain integers.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -39,6 +41,13 @@ MAGIC = b"HFSFSSK1"
 _DTYPES = [torch.int64, torch.uint8, torch.int32]
 _END = 255
 _MAX_DIMS = 8
+_DIGEST = 16
+
+
+def _digest(head: bytes, data: bytes) -> bytes:
+    digest = hashlib.blake2b(head, digest_size=_DIGEST)
+    digest.update(data)
+    return digest.digest()
 
 
 class KeyWriter:
@@ -46,7 +55,10 @@ class KeyWriter:
 
     def __init__(self, path: str | os.PathLike | None, header: dict):
         self.path = Path(path) if path is not None else None
-        self._file = open(self.path, "wb") if self.path is not None else io.BytesIO()
+        if self.path is not None:
+            self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        else:
+            self._file = io.BytesIO()
         blob = json.dumps(header, sort_keys=True).encode()
         self._file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
         self.records = 0
@@ -58,9 +70,9 @@ class KeyWriter:
             raise ValueError(f"key records are {_DTYPES} tensors of at most {_MAX_DIMS} dims, got {tensor.dtype}")
         head = struct.pack("<BB", _DTYPES.index(tensor.dtype), tensor.dim()) + struct.pack(f"<{tensor.dim()}Q", *tensor.shape)
         data = tensor.numpy().tobytes()
-        self._file.write(head + data)
+        self._file.write(head + data + _digest(head, data))
         self.records += 1
-        self.nbytes += len(head) + len(data)
+        self.nbytes += len(head) + len(data) + _DIGEST
 
     def close(self) -> bytes | None:
         """End the key; returns its bytes when it lives in memory."""
@@ -126,8 +138,11 @@ class KeyReader:
         n = torch.empty(0, dtype=dtype).element_size()
         for d in dims:
             n *= d
+        data = self._read(n)
+        if self._read(_DIGEST) != _digest(struct.pack("<BB", code, ndim) + struct.pack(f"<{ndim}Q", *dims), data):
+            raise CorruptKeyError(f"FSS key {self.header.get('key_id')}: record {self.records} is corrupt (digest)")
         self.records += 1
-        return torch.frombuffer(bytearray(self._read(n)), dtype=dtype).view(dims) if n else torch.empty(dims, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).view(dims) if n else torch.empty(dims, dtype=dtype)
 
     def finish(self) -> None:
         """Check that the whole key was read, close it and delete its file."""

@@ -243,7 +243,11 @@ def _rope(ctx: FSS, x: Masked, cos: torch.Tensor, sin: torch.Tensor) -> Masked:
 
 
 def program_for(config, family: str):
-    """The fss program of a plain transformers config of ``family`` (bert, gpt2, llama, mistral, qwen2)."""
+    """The fss program of a plain transformers config of ``family`` (bert, gpt2, llama, mistral, qwen2).
+    Raises UnsupportedModelError for the variants the family's spec refuses."""
+    from ...families import family as family_spec
+
+    family_spec(family).refuse(config)
     if family == "bert":
         return FSSBert.from_config(config)
     return FSSDecoder.from_config(config, family)

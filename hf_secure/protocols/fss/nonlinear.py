@@ -196,7 +196,9 @@ def _rsqrt_table(f: int, dim: int, eps: float):
     index = torch.arange(1 << (EXPONENT_BITS + MANTISSA_BITS))
     e, m = (index >> MANTISSA_BITS).double(), (index & ((1 << MANTISSA_BITS) - 1)).double()
     s = torch.pow(2.0, e) * (1 + (m + 0.5) / (1 << MANTISSA_BITS)) / (1 << f)
-    s = torch.where(e == 0, torch.ones_like(s) / (1 << f), s)
+    # e = 0 (s < 2) holds the value at s = 1; s = 0 lands at index -2^7 (e = 63, unreachable by
+    # any other s since exponents stop at n - 6), which holds the same
+    s = torch.where((e == 0) | (e == (1 << EXPONENT_BITS) - 1), torch.ones_like(s) / (1 << f), s)
     return _fixed(1 / torch.sqrt(s / dim + eps), 2 * f)
 
 

@@ -65,14 +65,19 @@ class _StreamWriter:
         self.channel.send(torch.tensor([_END]), self.party)
 
 
-def _receive_key(channel: Channel, path: Path) -> int:
-    """A server's end: write the dealer's records to ``path`` as they arrive; returns their bytes."""
+def _receive_key(channel: Channel, key_dir: Path) -> tuple[Path, str, int]:
+    """A server's end: write the dealer's records, as they arrive, to a file named by the key's
+    random id (sessions may share a key folder); returns (path, key id, bytes)."""
     header = channel.recv_json(DEALER)
+    received = str(header.get("key_id", ""))
+    if not received.isalnum():
+        raise PartyFailedError(f"the dealer's key header has no usable key id: {received!r}")
+    path = key_dir / f"key-{received}.bin"
     writer = KeyWriter(path, header)
     while int(channel.recv(DEALER, shape=(1,)).item()) == _RECORD:
         writer.put(channel.recv(DEALER))
     writer.close()
-    return writer.nbytes
+    return path, received, writer.nbytes
 
 
 def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -112,12 +117,15 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
 
     options = private or {}
     device = options.get("device", "cpu")
-    if options.get("key_dir"):  # one folder per party: servers on one machine must not share a ledger
-        key_dir = Path(options["key_dir"]) / role.name.lower()
-    else:
-        key_dir = Path(tempfile.mkdtemp(prefix=f"hf-secure-fss-{role.name.lower()}-"))
-    key_dir.mkdir(parents=True, exist_ok=True)
-    ledger = key_dir / "used-keys"
+    key_dir = ledger = None
+    if role != Role.DEALER:
+        if options.get("key_dir"):  # a private folder per server: whoever reads both servers' keys reads everything
+            key_dir = Path(options["key_dir"]) / role.name.lower()
+            key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            key_dir.chmod(0o700)
+        else:
+            key_dir = Path(tempfile.mkdtemp(prefix=f"hf-secure-fss-{role.name.lower()}-"))
+        ledger = key_dir / "used-keys"
     with channel.scope("setup"):
         manifest = channel.recv_json(_OWNER)
         names = list(manifest)
@@ -157,7 +165,7 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
             with channel.scope("report"):
                 channel.send_json(report, _CLIENT)
     finally:
-        if not options.get("key_dir"):
+        if key_dir is not None and not options.get("key_dir"):
             shutil.rmtree(key_dir, ignore_errors=True)
 
 
@@ -181,12 +189,12 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
                 w.close()
         return {"key_bytes": [w.nbytes for w in writers], "offline_seconds": time.perf_counter() - start}
     inputs = [channel.recv(_CLIENT, dtype=torch.int64) for _ in range(n_inputs)]
-    path = key_dir / f"key-{number}.bin"
     with channel.scope("offline"):
-        key_bytes = _receive_key(channel, path)
+        path, received_id, key_bytes = _receive_key(channel, key_dir)
         channel.exchange(torch.zeros(1, dtype=torch.int64), 1 - int(role))  # both hold their keys
     start = time.perf_counter()
-    reader = KeyReader(path, expect={"party": int(role), "params": params.as_dict(), "query": number}, ledger=ledger)
+    reader = KeyReader(path, expect={"key_id": received_id, "party": int(role), "params": params.as_dict(), "query": number},
+                       ledger=ledger)
     try:
         ctx = FSS(int(role), bytes.fromhex(reader.header["seed"]), reader, channel, params, device)
         with channel.scope("online"):

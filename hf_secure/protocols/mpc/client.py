@@ -141,7 +141,7 @@ class MPCEngine(SecureEngine):
     @staticmethod
     def _ids_only(input_ids, inputs_embeds) -> torch.Tensor:
         if inputs_embeds is not None or input_ids is None:
-            raise InvalidInputError("the mpc protocol takes input_ids (shared as one-hot rows)")
+            raise InvalidInputError("the mpc and fss protocols take input_ids (shared as one-hot rows)")
         return input_ids
 
     def report(self) -> dict | None:

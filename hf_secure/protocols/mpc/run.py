@@ -316,7 +316,7 @@ class MPCSession:
     def run(self, inputs: list[torch.Tensor], public: dict[str, torch.Tensor] | None = None):
         """One query: returns (decoded outputs, {role name: report of this query})."""
         if self.closed:
-            raise PartyFailedError("this MPC session is closed")
+            raise PartyFailedError("this session is closed (a party failed or it was closed)")
         self._conn.send(("forward", inputs, public or {}))
         status, payload = self._await_answer()
         if status == "refused":
