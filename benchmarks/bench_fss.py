@@ -36,6 +36,14 @@ from hf_secure.protocols.fss.models import program_for
 GIB = 1 << 30
 
 
+def report(result: dict, out: str | None) -> None:
+    """Print ``result`` and, with ``out``, write it there as JSON."""
+    print(json.dumps(result, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build(name: str, layers: int | None):
     torch.manual_seed(0)
     if name == "bert-base":
@@ -112,10 +120,7 @@ def main():
         "machine": "2 CPU cores, 24 GiB (all three parties in one process)",
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 def run_processes(args) -> None:
@@ -141,10 +146,7 @@ def run_processes(args) -> None:
               "per_party": per_party, "online_bytes_both": online["bytes_sent"] + online["bytes_received"],
               "rounds": online["rounds"], "machine": "2 CPU cores, 24 GiB, one process per party",
               "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # crypten's wheel ships a top-level "benchmarks"
-from bench_mpc import run_ours  # noqa: E402
+from bench_fss import report  # noqa: E402
+from bench_mpc import bert_size_arguments, run_ours  # noqa: E402
 from crypten_bert import random_bert, run_crypten_bert  # noqa: E402
 
 from hf_secure.protocols.fss.local import run_model_local  # noqa: E402
@@ -63,12 +64,7 @@ def project(result: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=3072)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = bert_size_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--skip-crypten", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -96,10 +92,7 @@ def main() -> None:
                "networks": {k: {"bits_per_s": b, "rtt_s": r} for k, (b, r) in NETWORKS.items()},
                "results": results, "ratios_to_fss": ratios, "wall_seconds": time.perf_counter() - start,
                "machine": "2 CPU cores, 24 GiB", "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

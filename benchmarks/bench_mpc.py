@@ -68,13 +68,15 @@ def minilm_input(seq: int):
     return AutoModel.from_pretrained(folder).eval(), ids
 
 
+def bert_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--layers, --hidden, --heads, --intermediate, --seq: BERT-base at 128 tokens by default."""
+    for name, default in (("layers", 12), ("hidden", 768), ("heads", 12), ("intermediate", 3072), ("seq", 128)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=3072)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = bert_size_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--model", choices=("random", "minilm"), default="random")
     parser.add_argument("--skip-crypten", action="store_true")
     args = parser.parse_args()
