@@ -93,7 +93,8 @@ def _party(args) -> None:
     config = AutoConfig.from_pretrained(folder)
     section = read_section(config, args.model, args.protocol)
     if section["protocol"] != args.protocol:
-        raise UnknownOptionError(f"{folder} is a {section['protocol']} checkpoint, not {args.protocol}")
+        how = {"mpc": "hf-secure convert approximate", "fss": "an unmodified checkpoint"}[args.protocol]
+        raise UnknownOptionError(f"{folder} is a {section['protocol']} checkpoint, not {args.protocol} ({how})")
     if role != Role.OWNER and not args.allow_weights:
         refuse_weights(folder)
     if args.protocol == "fss":  # an unmodified checkpoint; servers get their device and key folder
