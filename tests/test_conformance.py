@@ -7,7 +7,8 @@ protocol's way and must:
 * agree with its plaintext reference on the same input (permute: the original model, to fp32
   rounding; mpc: the approximated plaintext model, to the approximations' fixed-point error;
   fss: the original model, to its tables' and fixed point's error);
-* for causal families, generate greedily the same tokens as the reference;
+* for causal families, generate greedily the same tokens as the reference (a protocol with a
+  fixed-point error may take the other branch of a tie closer than its tolerance, nowhere else);
 * refuse bad input with a clear error: an unknown option, token ids outside the vocabulary, and
   a missing or foreign key where the protocol has keys.
 
@@ -71,8 +72,14 @@ def test_protocol_and_family_agree_with_plaintext_and_refuse_bad_input(tmp_path,
         assert (getattr(got, out) - getattr(expected, out))[valid].abs().max() < TOLERANCE[protocol]
         if spec.causal:
             prompt = ids[:1]
-            assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False),
-                               plain.generate(prompt, max_new_tokens=4, do_sample=False))
+            got_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+            want_tokens = plain.generate(prompt, max_new_tokens=4, do_sample=False)
+            if not torch.equal(got_tokens, want_tokens):
+                # allowed only where the plaintext choice is a tie closer than the protocol's error
+                first = int((got_tokens[0] != want_tokens[0]).nonzero()[0])
+                with torch.no_grad():
+                    top = plain(want_tokens[:, :first]).logits[0, -1].topk(2).values
+                assert top[0] - top[1] < 2 * TOLERANCE[protocol], (got_tokens, want_tokens)
         with pytest.raises(InvalidInputError, match="input_ids"):
             model(torch.tensor([[1, len(tokenizer)]]))
     finally:
