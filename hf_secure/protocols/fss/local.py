@@ -15,6 +15,7 @@ import torch
 from ...accounting import Traffic
 from ...errors import PartyFailedError
 from ..mpc.prg import PRG
+from ..mpc.ring import encode
 from .core import DEALER, FSS, KeySink, Params, Shares, new_seeds, key_id, wrap
 from .keyfile import KeyReader, KeyWriter
 
@@ -138,9 +139,9 @@ def run_model_local(program, weights: dict[str, torch.Tensor], input_ids: torch.
     both servers' program state, kept across calls (KV caches). Returns ``(float outputs, report)``."""
     derived, _ = program.derive(weights)
     names = sorted(derived)
-    encode = lambda t: torch.round(t.double() * (1 << params.frac_bits)).long()  # noqa: E731
-    first = encode(input_ids) if input_ids.is_floating_point() else torch.nn.functional.one_hot(input_ids, vocab_size).long()
-    inputs = [first] + [encode(derived[n]) for n in names]
+    f = params.frac_bits
+    first = encode(input_ids, f) if input_ids.is_floating_point() else torch.nn.functional.one_hot(input_ids, vocab_size).long()
+    inputs = [first] + [encode(derived[n], f) for n in names]
     states = {}
     if state is not None:
         states = {DEALER: state[0], 0: state[1], 1: state[2]}

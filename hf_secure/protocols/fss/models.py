@@ -28,12 +28,9 @@ from ..mpc.decoder import attention_keep, cached_layers
 from ..mpc.gpt2 import GPT2Program
 from ..mpc.llama import LlamaProgram
 from ..mpc.approximations import Approximations
+from ..mpc.ring import encode
 from .core import FSS, Masked, Shares
 from . import nonlinear as nl
-
-
-def encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    return torch.round(x.double() * (1 << frac_bits)).long()
 
 
 def linear(ctx: FSS, x: Masked, weight: Masked, bias: Masked | None = None) -> Shares:

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..mpc.ring import encode
 from .core import FSS, Masked, Shares, signed
 
 GELU_CLIP_BITS = 8   # |x| < 4 at 6 fractional bits: 256 entries (Sigma)
@@ -29,15 +30,11 @@ MANTISSA_BITS = 7    # LayerNorm/RMSNorm: rsqrt table on (exponent, 7-bit mantis
 EXPONENT_BITS = 6
 
 
-def _fixed(values: torch.Tensor, frac: int) -> torch.Tensor:
-    return torch.round(values.double() * (1 << frac)).long()
-
-
 def _relu_minus(fn, clip_bits: int, frac: int) -> torch.Tensor:
     """Table of ``relu(a) - fn(a)`` at ``a = i / 2^6``, i < 2^clip_bits (an even correction for
     GeLU and SiLU: ``fn(x) = relu(x) - T(|x|)``)."""
     a = torch.arange(1 << clip_bits, dtype=torch.float64) / (1 << TABLE_FRAC)
-    return _fixed(torch.relu(a) - fn(a), frac)
+    return encode(torch.relu(a) - fn(a), frac)
 
 
 def _gelu(a):
@@ -128,16 +125,16 @@ def _exp_tables(f: int):
     """nExp halves: ``e^(-256 h / 2^12)`` for the high byte ``h`` and ``e^(-v / 2^12)`` for the
     signed low part ``v`` in ``(-256, 256)`` (9-bit ring), both at ``f`` fractional bits."""
     h = torch.arange(1 << EXP_HALF_BITS, dtype=torch.float64)
-    high = _fixed(torch.exp(-h * (1 << EXP_HALF_BITS) / (1 << 12)), f)
+    high = encode(torch.exp(-h * (1 << EXP_HALF_BITS) / (1 << 12)), f)
     v = signed(torch.arange(1 << (EXP_HALF_BITS + 1)), EXP_HALF_BITS + 1).double()
-    low = _fixed(torch.exp(-v / (1 << 12)), f)
+    low = encode(torch.exp(-v / (1 << 12)), f)
     return high, low
 
 
 def _inverse_table(length: int, f: int):
     bits = max(length - 1, 1).bit_length() + INVERSE_FRAC + 1
     i = torch.arange(1 << bits, dtype=torch.float64).clamp(min=1 << INVERSE_FRAC)  # a row sum is >= 1
-    return bits, _fixed((1 << INVERSE_FRAC) / i, f)  # the index rounds stochastically: i is the centre
+    return bits, encode((1 << INVERSE_FRAC) / i, f)  # the index rounds stochastically: i is the centre
 
 
 def softmax(ctx: FSS, x: Masked, keep: torch.Tensor | None = None) -> Masked:
@@ -199,7 +196,7 @@ def _rsqrt_table(f: int, dim: int, eps: float):
     # e = 0 (s < 2) holds the value at s = 1; s = 0 lands at index -2^7 (e = 63, unreachable by
     # any other s since exponents stop at n - 6), which holds the same
     s = torch.where((e == 0) | (e == (1 << EXPONENT_BITS) - 1), torch.ones_like(s) / (1 << f), s)
-    return _fixed(1 / torch.sqrt(s / dim + eps), 2 * f)
+    return encode(1 / torch.sqrt(s / dim + eps), 2 * f)
 
 
 def normalize(ctx: FSS, x: Masked, weight: Masked, bias: Masked | None, eps: float, centered: bool) -> Shares:

@@ -36,6 +36,7 @@ import torch
 from ...errors import PartyFailedError
 from ...runtime import Channel, Role
 from ..mpc.prg import PRG
+from ..mpc.ring import encode
 from ..mpc.run import _FORWARD, _STOP, MPCSession, _client_loop, _recv_public
 from .core import DEALER, FSS, SERVER0, SERVER1, KeySink, Masked, Params, Shares, key_id, new_seeds, wrap
 from .keyfile import KeyReader, KeyWriter
@@ -80,10 +81,6 @@ def _receive_key(channel: Channel, key_dir: Path) -> tuple[Path, str, int]:
     return path, received, writer.nbytes
 
 
-def _encode(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    return torch.round(x.double() * (1 << frac_bits)).long()
-
-
 def _rebind(ctx: FSS, obj):
     """The weights' masked values attached to this query's context (the one that reads its key)."""
     if isinstance(obj, Masked):
@@ -108,7 +105,7 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
             for party in (*_SERVERS, DEALER):
                 channel.send_json(manifest, party)
             for name in manifest:
-                w = _encode(derived[name], params.frac_bits)
+                w = encode(derived[name], params.frac_bits)
                 w0 = PRG.fresh().ring(w.shape)
                 channel.send(w0, SERVER0)
                 channel.send(w - w0, SERVER1)
