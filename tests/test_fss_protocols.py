@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from hf_secure.errors import ProgramError
+from hf_secure.errors import OutOfRangeError, ProgramError
 from hf_secure.protocols.fss import nonlinear as nl
-from hf_secure.protocols.fss.core import Params
 from hf_secure.protocols.fss.local import run_local
 
 F = 12
@@ -37,9 +36,12 @@ def test_product_and_truncation():
     out, _ = run_local(lambda c, i: [c.product(i[0], i[1], torch.matmul), c.product(i[0], i[0])], [x, w])
     assert torch.equal(out[0], x @ w) and torch.equal(out[1], x * x)
     big = torch.cat([torch.randint(-(1 << 47), 1 << 47, (2000,)), torch.tensor([0, -1, 1, (1 << 47) - 1, -(1 << 47)])])
-    for shift in (1, 12, 24):
-        (t,), _ = run_local(lambda c, i: [c.truncate(i[0], shift)], [big])
-        assert set((t - (big >> shift)).unique().tolist()) <= {0, 1}
+    every = torch.arange(-(1 << 10), 1 << 10)  # every low pattern of every shift below, both signs
+    for shift in (1, 7, 8, 12, 24):
+        for x in (big, every):
+            (t,), report = run_local(lambda c, i: [c.truncate(i[0], shift)], [x])
+            assert torch.equal(t, x >> shift), shift  # exact floor, not floor or one more
+            assert report["traffic"][0]["rounds"] == 3  # input, the borrow bits, test opening
 
 
 @pytest.mark.parametrize("bits", [8, 9])
@@ -101,7 +103,7 @@ def test_softmax_causal_padding_and_extremes():
     ref = torch.softmax(s.double().masked_fill(~keep, -math.inf), -1)
     assert (dec(got) - ref).abs().max() < 0.02  # the inverse table's 6-bit grid (Sigma's)
     assert torch.all(got[..., ~keep] == 0)  # dropped positions get exactly 0
-    assert report["traffic"][0]["rounds"] == 2 + 2 * 4 + 8
+    assert report["traffic"][0]["rounds"] == 2 + 2 * 4 + 9
 
 
 @pytest.mark.parametrize("centered", [True, False])
@@ -121,3 +123,24 @@ def test_normalize_against_torch(centered):
     assert err[[0, 1, 3, 4, 5]].max() < 0.03  # 7-bit mantissa of the rsqrt table
     if centered:
         assert err[2].max() < 0.01  # a constant row normalises to the bias
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_normalize_refuses_out_of_range_rows(centered):
+    """The norms' assumed ranges (fss.ranges) are checked: refused with a count, not garbage."""
+    g, b = torch.ones(16), torch.zeros(16)
+
+    def norm(h):
+        return run_local(lambda c, i: [nl.normalize(c, i[0], i[1], i[2] if centered else None, 1e-5, centered)],
+                         [enc(h), enc(g), enc(b)])
+
+    ok = torch.zeros(3, 16)
+    ok[:, 0], ok[1, 0], ok[2, 1:] = 4000.0, -4000.0, 0.5  # elements < 4080, rows' sums of squares < 2^24
+    norm(ok)
+    big = ok.clone()
+    big[0, 3], big[2, 5], big[2, 6] = 4200.0, -5000.0, 1e6  # three elements beyond 4096, one far beyond
+    with pytest.raises(OutOfRangeError, match="norm input: 3 values"):
+        norm(big)
+    wide = torch.full((2, 16), 1100.0) * torch.tensor([1.0, -1.0] * 8)  # elements in range, sum of squares 1.9e7 > 2^24
+    with pytest.raises(OutOfRangeError, match="norm sum of squares: 2 values"):
+        norm(wide)

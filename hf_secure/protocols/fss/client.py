@@ -30,8 +30,9 @@ from ..mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine, load_weights
 from .models import program_for
 from .run import FSSSession
 
-# Per query, beyond what is public by design: a truncation never fails (faithful truncation with
-# the mask's top bit, core.FSS.truncate), and no opening leaks (every mask is fresh and uniform).
+# Per query, beyond what is public by design: a truncation never fails (exact, with the mask's
+# top bit and a comparison on the low bits, core.FSS.truncate), and no opening leaks (every mask
+# is fresh and uniform).
 QUERY_BOUNDS = {"truncation_failure": 0.0, "opening_leak": 0.0}
 DEVICES = ("cpu", "cuda")
 

@@ -295,6 +295,7 @@ class FSS:
     backend: str | None = None  # AES backend (None: by device, see .aes)
     limb_products: bool = False  # matmuls by float64 limbs (always on CUDA; on CPU to test that path)
     counter: int = 0
+    range_checks: list = field(default_factory=list)  # (kind, XOR shares of out-of-range bits): .ranges
 
     @property
     def is_dealer(self) -> bool:
@@ -411,27 +412,39 @@ class FSS:
         return Shares(self, wrap(z, x.bits), x.bits)
 
     def truncate(self, x: Masked, shift: int) -> Shares:
-        """Shares of ``floor(x / 2^shift)`` or one more, for ``|x| < 2^(n-2)``: local.
+        """Shares of ``floor(x / 2^shift)`` (exact) for ``|x| < 2^(n-2)``: one round of 1-bit openings.
 
         With ``x' = x + 2^(n-2)`` (in ``[0, 2^(n-1))``) and ``x'^ = x' + r``:
         ``x' = x'^ - r + 2^n w`` where the wrap ``w = msb(r) (1 - msb(x'^))`` (a value below
         ``2^(n-1)`` wraps exactly when the mask's top bit is set and the sum's is not), so
-        ``floor(x' / 2^s) = (x'^ >> s) - (r >> s) - c + 2^(n-s) w`` with ``c`` the carry of the
-        low bits, which is dropped: the result is ``floor`` plus 1 with probability equal to the
-        dropped fraction (stochastic rounding, unbiased, at most one unit in the last place). The
-        dealer shares ``r >> s`` and ``msb(r)``; there is no comparison key.
+        ``floor(x' / 2^s) = (x'^ >> s) - (r >> s) - c + 2^(n-s) w`` with the borrow of the low
+        bits ``c = [x'^ mod 2^s < r mod 2^s]`` (Sigma's exact truncation: a comparison on the low
+        ``s`` bits). ``c``'s XOR shares come from a DPF key at ``r mod 2^s`` evaluated at the
+        public ``x'^ mod 2^s`` (:func:`.dpf.eval_greater`); the servers open ``c^ = c xor m``
+        (1 bit each) and hold ``c = c^ + m - 2 c^ m`` from the dealer's shares of ``m``. The
+        dealer also shares ``r >> s`` and ``msb(r)``. Key per element: an ``s``-bit DPF key and
+        three ring elements.
         """
         n = x.bits
+        low = (1 << shift) - 1
+        count = x.data.numel()
         if self.is_dealer:
             self.correlated(_logical_shift(x.data, shift, n), x.shape, n)
             self.correlated(msb(x.data, n), x.shape, n)
+            self.dpf_keys((x.data & low).reshape(-1), shift, count)
+            (borrow,) = self.reveal(Shares(self, _meta(x.shape), 1))
+            self.correlated(borrow.data, x.shape, n)
             return Shares(self, _meta(x.shape), n)
         high = self.correlated(None, x.shape, n)
         top = self.correlated(None, x.shape, n)
+        key = self.dpf_keys(None, shift, count)
         shifted = wrap(x.data + (1 << (n - 2)), n)
-        t = (1 - msb(shifted, n)) * top * (1 << (n - shift)) - high
+        below = dpf.eval_greater(key, (shifted & low).reshape(-1), self.backend).view(x.shape)
+        (borrow,) = self.reveal(Shares(self, below, 1))
+        m = self.correlated(None, x.shape, n)
+        t = (1 - msb(shifted, n)) * top * (1 << (n - shift)) - high - (1 - 2 * borrow.data) * m
         if self.role == SERVER0:
-            t = t + _logical_shift(shifted, shift, n) - (1 << (n - 2 - shift))
+            t = t + _logical_shift(shifted, shift, n) - (1 << (n - 2 - shift)) - borrow.data
         return Shares(self, wrap(t, n), n)
 
     # -- comparisons, selection and lookup tables --------------------------------------------

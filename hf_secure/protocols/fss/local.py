@@ -15,9 +15,11 @@ import torch
 from ...accounting import Traffic
 from ...errors import PartyFailedError
 from ..mpc.prg import PRG
+from ..mpc.ranges import refusal
 from ..mpc.ring import encode
 from .core import DEALER, FSS, KeySink, Params, Shares, new_seeds, key_id, wrap
 from .keyfile import KeyReader, KeyWriter
+from .ranges import verify_ranges
 
 
 class LocalLink:
@@ -89,7 +91,9 @@ def _deal(program, inputs, params, input_bits, key_dir):
     dealer = FSS(DEALER, seeds, KeySink(writers), params=params)
     dealt = [dealer.reveal(Shares(dealer, torch.empty(x.shape, dtype=torch.int64, device="meta"), b))[0]
              for x, b in zip(inputs, input_bits)]
-    for out in program(dealer, dealt):
+    outputs = program(dealer, dealt)
+    verify_ranges(dealer)
+    for out in outputs:
         dealer.open(out)
     keys = [w.close() for w in writers]
     return (paths if key_dir is not None else keys), [w.nbytes for w in writers], time.perf_counter() - start
@@ -113,7 +117,10 @@ def _serve(program, keys, split, params, input_bits, settings: dict):
                 masked.append(m)
             inputs_traffic[role] = link.stats[role].snapshot()
             outputs = program(ctx, masked)
+            out_of_range = verify_ranges(ctx)
             seconds[role] = time.perf_counter() - begin
+            if out_of_range:
+                raise refusal(out_of_range)
             results[role] = [ctx.open(out).cpu() for out in outputs]
             reader.finish()
         except BaseException as err:  # noqa: BLE001 - reported to the caller below

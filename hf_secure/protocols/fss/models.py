@@ -10,9 +10,10 @@ tables), softmax and the norms are exact up to their tables (:mod:`.nonlinear`):
 
 Every function runs on the servers (masked values) and on the dealer (masks) alike.
 
-Round structure per layer (BERT): a linear layer is a product opened, truncated and opened (2
-rounds); attention adds the scores (2), softmax (``2 log2 L + 9``), the context (2); a norm 11,
-the activation 3 and its opening.
+Round structure per layer (BERT): a linear layer is a product opened, truncated (its borrow
+bits opened) and opened (3 rounds); attention adds the scores (3), softmax (``2 log2 L + 10``),
+the context (3); a norm 14, the activation 3 and its opening. Each query ends with the range
+checks' 2 rounds (:mod:`.ranges`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from . import nonlinear as nl
 
 
 def linear(ctx: FSS, x: Masked, weight: Masked, bias: Masked | None = None) -> Shares:
-    """``x @ W (+ b)`` with ``f`` fractional bits: the product opened (round 1), truncated and
-    returned as shares (the caller adds a residual, then opens: round 2)."""
+    """``x @ W (+ b)`` with ``f`` fractional bits: the product opened (round 1), truncated (round
+    2) and returned as shares (the caller adds a residual, then opens: round 3)."""
     (z,) = ctx.reveal(ctx.product(x, weight, ctx.matmul))
     out = ctx.truncate(z, ctx.params.frac_bits)
     return out if bias is None else out + bias

@@ -5,11 +5,12 @@ ring ``Z_2^n``) and returns :class:`~.core.Shares` with ``f`` fractional bits, w
 opens (:meth:`~.core.FSS.reveal`) when the next step needs a masked value. Round counts are for
 the servers; the dealer runs the same code on masks.
 
-Ranges are covered, not assumed: comparisons run on every bit the value can occupy on its ring
-(no value of the ring is misclassified), inputs beyond a table's domain are clipped to its
-edge, and a table entry outside the function's useful range holds the function's limit. The
-remaining error sources are the fixed-point resolution (``2^-f``, the tables' 6-7 bit input
-grids) and faithful truncation (one unit in the last place).
+Ranges are covered or checked, not assumed: comparisons run on every bit the value can occupy
+on its ring (no value of the ring is misclassified), inputs beyond a table's domain are clipped
+to its edge, a table entry outside the function's useful range holds the function's limit, and
+the norms' inputs are checked per query (:mod:`.ranges`). The remaining error sources are the
+fixed-point resolution (``2^-f``, the tables' 6-7 bit input grids, whose indexes are cut by
+local truncate-reduce: one unit of the grid at most) and exact truncation (``floor``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import torch
 
 from ..mpc.ring import encode
+from . import ranges
 from .core import FSS, Masked, Shares, signed
 
 GELU_CLIP_BITS = 8   # |x| < 4 at 6 fractional bits: 256 entries (Sigma)
@@ -158,7 +160,7 @@ def softmax_kept(ctx: FSS, s: Masked, keep: torch.Tensor) -> Masked:
     exactly), multiplied in the lookups' round (:meth:`~.core.FSS.lookup_product`). The row sum
     (``>= 1``) enters a lookup of its inverse with 6 fractional bits
     (``2^(ceil(log2 W) + 7)`` entries), and ``p = e / sum``. Rounds: ``2 ceil(log2 W)`` for the
-    maximum at most, then 8. Returns ``p`` ``(K,)``.
+    maximum at most, then 9. Returns ``p`` ``(K,)``.
     """
     n, f = s.bits, ctx.params.frac_bits
     rows, width = keep.shape
@@ -202,25 +204,29 @@ def _rsqrt_table(f: int, dim: int, eps: float):
 def normalize(ctx: FSS, x: Masked, weight: Masked, bias: Masked | None, eps: float, centered: bool) -> Shares:
     """LayerNorm (``centered``) or RMSNorm over the last dimension (Sigma, section 4.4).
 
-    The mean uses a 24-bit reciprocal of the width (one truncation, opened: 1 round). The sum of
-    squares ``s`` (opened, truncated to ``f`` fractional bits and opened: 2 rounds) is located between powers of two by
-    one DPF key evaluated at every ``2^i``; the one-hot exponent is opened masked (1 round) and a
-    mux per exponent assembles the float-like index ``e 2^7 + m`` (opened: 1 round), looked up
-    in the rsqrt table (1 round). Then ``(x - mean) * rsqrt`` and ``* weight`` (+ ``bias``), two
-    products each truncated: 4 rounds.
+    The input's range (``|x| < 4096``) is checked per element and the row's sum of squares
+    (``< 2^24``) per row (:mod:`.ranges`: refused, not garbage). The mean uses a 24-bit
+    reciprocal of the width (one rounded truncation, opened: 2 rounds). The sum of squares ``s``
+    (opened, truncated to ``f`` fractional bits and opened: 3 rounds) is located between powers
+    of two by one DPF key evaluated at every ``2^i``; the one-hot exponent is opened masked (1
+    round) and a mux per exponent assembles the float-like index ``e 2^7 + m`` (opened: 1
+    round), looked up in the rsqrt table (1 round). Then ``(x - mean) * rsqrt`` and ``* weight``
+    (+ ``bias``), two products each truncated: 5 rounds, then the caller's opening.
     """
     n, f = x.bits, ctx.params.frac_bits
     dim = x.shape[-1]
+    ranges.check_norm_input(ctx, x)
     if centered:
         inverse_dim = round((1 << 24) / dim)
         total = x.apply(lambda v: v.sum(dim=-1, keepdim=True)).mul_public(inverse_dim)
-        (mean,) = ctx.reveal(ctx.truncate(total, 24))
+        (mean,) = ctx.reveal(ctx.truncate(total.add_public(1 << 23), 24))  # rounded: a constant row centres to 0
         x = x - mean.apply(lambda v: v.expand(x.shape).contiguous())
     (squares,) = ctx.reveal(ctx.product(x, x).apply(lambda v: v.sum(dim=-1, keepdim=True)))
     (s,) = ctx.reveal(ctx.truncate(squares, f))  # f fractional bits: exponents up to n - 6 keep 13-bit leads
     index_bits = EXPONENT_BITS + MANTISSA_BITS
     top = min(n - index_bits + MANTISSA_BITS, (1 << EXPONENT_BITS) - 1)
     below = ctx.less_than(s, [(0, 1 << i) for i in range(1, top + 1)])  # [s < 2^i], i = 1..top
+    ranges.check_below(ctx, "norm sum of squares", below[n - 2 - f - 1])  # [s < 2^(n-2-f)]: the truncation's bound
     onehot = [below[0]] + [below[i] - below[i - 1] for i in range(1, top)]  # XOR: [2^i <= s < 2^(i+1)]
     onehot = ctx.reveal(*onehot)
     index = None

@@ -37,9 +37,10 @@ from ...errors import PartyFailedError
 from ...runtime import Channel, Role
 from ..mpc.prg import PRG
 from ..mpc.ring import encode
-from ..mpc.run import _FORWARD, _STOP, MPCSession, _client_loop, _recv_public
+from ..mpc.run import _FORWARD, _REFUSED, _STOP, MPCSession, _client_loop, _recv_public
 from .core import DEALER, FSS, SERVER0, SERVER1, KeySink, Masked, Params, Shares, key_id, new_seeds, wrap
 from .keyfile import KeyReader, KeyWriter
+from .ranges import verify_ranges
 
 _SERVERS = (SERVER0, SERVER1)
 _CLIENT, _OWNER = int(Role.CLIENT), int(Role.OWNER)
@@ -179,6 +180,7 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
             inputs = ctx.reveal(*[Shares(ctx, torch.empty(s, dtype=torch.int64, device="meta"), params.ring_bits)
                                   for s in shapes])
             outputs = program.forward(ctx, _rebind(ctx, weights), inputs, public, state)
+            verify_ranges(ctx)
             for out in outputs:  # the servers' output shares: nothing dealt, kept in step
                 if isinstance(out, Masked):
                     out.to_shares()
@@ -197,14 +199,19 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
         with channel.scope("online"):
             masked = ctx.reveal(*[Shares(ctx, wrap(x.to(device), params.ring_bits), params.ring_bits) for x in inputs])
             outputs = program.forward(ctx, _rebind(ctx, weights), masked, public, state)
+            with channel.scope("ranges"):
+                out_of_range = verify_ranges(ctx)
             shares = [out.to_shares() if isinstance(out, Masked) else out for out in outputs]
         reader.finish()
     finally:
         reader.close()
-    if role == SERVER0:
-        channel.send(torch.tensor([len(shares)]), _CLIENT)
-    for out in shares:
-        channel.send(out.data.cpu(), _CLIENT)
+    if role == SERVER0:  # a refused query sends the client what left its range, not outputs
+        channel.send(torch.tensor([_REFUSED if out_of_range else len(shares)]), _CLIENT)
+        if out_of_range:
+            channel.send_json(out_of_range, _CLIENT)
+    if not out_of_range:
+        for out in shares:
+            channel.send(out.data.cpu(), _CLIENT)
     return {"key_bytes": key_bytes, "online_seconds": time.perf_counter() - start}
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import OutOfRangeError
 from .comparison import msb
 from .core import MPC, Shared
 
@@ -90,3 +91,12 @@ def verify_ranges(mpc: MPC) -> dict[str, int]:
         return {}
     out = [round(v / mpc.scale) for v in opened.tolist()]
     return {kind: n for kind, n in zip(kinds, out) if n}
+
+
+def refusal(out_of_range: dict[str, int]) -> OutOfRangeError:
+    """The client's error for a refused query: ``{kind: values out of range}`` as the servers opened them."""
+    return OutOfRangeError(
+        "the servers refused the query: values left the ranges the fixed-point approximations cover ("
+        + "; ".join(f"{kind}: {n} values" for kind, n in out_of_range.items())
+        + "). See docs/threat-model.md, 'Ranges'. The session stays usable."
+    )

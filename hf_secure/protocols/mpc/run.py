@@ -35,12 +35,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ...errors import OutOfRangeError, PartyFailedError, ProgramError, UnknownOptionError
+from ...errors import PartyFailedError, ProgramError, UnknownOptionError
 from ...progress import progress
 from ...runtime import PIPE, Channel, PartyGroup, Role
 from .core import DEALER, MPC, SERVER0, SERVER1, Shared
 from .layers import SharedWeight, prepare_weights
-from .ranges import verify_ranges
+from .ranges import refusal, verify_ranges
 from .ring import DEFAULT_FRAC_BITS, decode, encode, share
 
 _SERVERS = (SERVER0, SERVER1)
@@ -321,11 +321,7 @@ class MPCSession:
         status, payload = self._await_answer()
         if status == "refused":
             out_of_range, _ = payload
-            raise OutOfRangeError(
-                "the servers refused the query: values left the ranges the fixed-point approximations cover ("
-                + "; ".join(f"{kind}: {n} values" for kind, n in out_of_range.items())
-                + "). See docs/threat-model.md, 'Ranges'. The session stays usable."
-            )
+            raise refusal(out_of_range)
         if status != "ok":
             cause = self._group.root_cause()
             self.close()
