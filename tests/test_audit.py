@@ -5,7 +5,8 @@ requests are refused.
   a residual view once the key is recovered from the weights;
 * a permuted view of the demo GPT-2 (real trained weights, shipped with the package) gives most
   of the prompt back by sorted-L1 vocabulary matching, and the weights give the key back;
-* each mpc server's view (input shares, opened values, output shares) stays at chance;
+* each mpc server's view (input shares, opened values, output shares) stays at chance, and so does
+  each fss server's (input shares, masked values it opened);
 * unknown protocols, a checkpoint of another protocol, a permute audit without its key or without
   the original weights: clear errors.
 """
@@ -24,7 +25,7 @@ from hf_secure.audit.probe import Probe, Site, sites_of
 from hf_secure.cli import main
 from hf_secure.convert import convert_approximate, convert_permute
 from hf_secure.demo import DEMO_MODEL
-from hf_secure.errors import MissingKeyError, UnknownOptionError
+from hf_secure.errors import MissingKeyError, NotConvertedError, UnknownOptionError
 from hf_secure.protocols.mpc.run import FunctionProgram, MPCSession
 
 from .conftest import make_tiny, minilm_folder
@@ -191,6 +192,26 @@ def test_embedding_noise_is_the_client_s_and_bounded(demo_permuted):
     assert not torch.allclose(quiet, noisy)
     generator = pipeline("secure-text-generation", model=str(demo_permuted / "internal"), key=key, embedding_noise=0.5)
     assert generator.model.engine.client.embedding_noise == 0.5  # the pipeline binds it, never drops it
+
+
+def test_fss_servers_views_stay_at_chance(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    make_tiny("gpt2", tmp_path / "plain", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "plain")
+    with pytest.raises(NotConvertedError, match="protocol='fss'"):
+        audit(tmp_path / "plain")  # a plain checkpoint: which protocol is not guessed
+    with pytest.raises(UnknownOptionError, match="embedding_noise"):
+        audit(tmp_path / "plain", protocol="fss", embedding_noise=0.1)
+    report = audit(tmp_path / "plain", protocol="fss", texts=["a private note about my health"], layers=["0", "1"])
+    assert report.settings["protocol"] == "fss"
+    views = {(r["party"], r["view"]) for r in report.rows}
+    for party in ("server0", "server1"):
+        assert {(party, "input share (one-hot rows)"), (party, "opened value (hidden width)")} <= views
+    hits = sum(r["tokens_pct"] * r["tokens"] / 100 for r in report.rows)
+    tokens = sum(r["tokens"] for r in report.rows)
+    assert tokens >= 40
+    assert hits <= 2, f"{hits} of {tokens} tokens recovered from masked views"  # chance 1/2048 per token
+    assert report.quality["top1_agreement"] >= 0.9  # fixed point against float: a near tie may flip
 
 
 def test_record_views_needs_every_party_here():

@@ -13,6 +13,10 @@ mpc
     each server's input shares, every value it opens and its share of every layer's output
     (``record_views``, :meth:`hf_secure.protocols.mpc.core.MPC.see`); the dealer sees public fields
     and shapes only.
+fss
+    each server's input shares and every masked value ``x + r`` it opens
+    (:meth:`hf_secure.protocols.fss.core.FSS.see`); the dealer sees public fields and shapes only
+    (its keys are made before the input exists).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..server.runtime import read_section
 from .attacks import Search, VocabularyMatcher, position_wise, recover_permutations
 from .probe import KINDS, Probe, Site, sites_of
 
-AUDITED = ("permute", "mpc")  # protocols whose parties' views the audit knows how to record
+AUDITED = ("permute", "mpc", "fss")  # protocols whose parties' views the audit knows how to record
 DEFAULT_LAYERS = ("0", "1", "mid", "last")
 DEFAULT_TEXTS = (
     "The patient was admitted with chest pain and shortness of breath.",
@@ -176,7 +180,7 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         embedding_noise: permute, client-held embeddings: the noise defence's standard deviation.
         shortlist: candidates per position in the joint search (bidirectional models, deep sites).
         sweeps: sweeps of the joint search.
-        opened_per_layer: mpc: how many of a block's opened values of hidden width are attacked,
+        opened_per_layer: mpc, fss: how many of a block's opened values of hidden width are attacked,
             evenly spaced (2: the first and the last; all are uniformly masked).
 
     Returns an :class:`AuditReport`. Raises UnknownOptionError for a protocol not audited here or
@@ -220,13 +224,15 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
                                  f"{', '.join(f'{n} {getattr(config, n)}' for n in shape)})")
     public = (AutoModelForCausalLM if spec.causal else AutoModel).from_pretrained(public_src, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder if _has_tokenizer(folder) else public_src)
-    if proto == "mpc" and tuple(views) != KINDS:
-        raise UnknownOptionError("views choose the permute server's activations; an mpc server's views are all read")
+    if proto != "permute" and tuple(views) != KINDS:
+        raise UnknownOptionError(f"views choose the permute server's activations; an {proto} server's views are all read")
     if proto == "permute" and opened_per_layer != 2:
         raise UnknownOptionError("opened_per_layer is an option of the mpc audit")
     options = {"key": key, "embedding_noise": embedding_noise}  # the engine refuses what its protocol lacks
-    if proto == "mpc":
+    if proto != "permute":
         options["record_views"] = True
+    if proto == "fss":
+        options["protocol"] = "fss"  # fss runs the checkpoint as it is
     secure = (SecureModelForCausalLM if spec.causal else SecureModel).from_pretrained(folder, **options)
     settings = {"protocol": proto, "variant": _variant(section, embedding_noise), "family": spec.name,
                 "checkpoint": str(folder), "original": str(public_src), "layers": residual_layers,
@@ -235,7 +241,7 @@ def audit(folder: str, *, original: str | None = None, protocol: str | None = No
         if secure.engine.vocab_size != public.get_input_embeddings().weight.shape[0]:
             raise UnknownOptionError(f"{public_src} has another vocabulary than {folder}: not its original")
         auditor = _PermuteAudit(secure, public, spec, section, residual_layers, tuple(views)) \
-            if proto == "permute" else _MPCAudit(secure, public, spec, residual_layers, opened_per_layer)
+            if proto == "permute" else _SharesAudit(secure, public, spec, residual_layers, opened_per_layer)
         auditor.matcher = VocabularyMatcher(public, spec.name, spec.causal)
         auditor.shortlist, auditor.sweeps = shortlist, sweeps
         report = AuditReport(settings, keys=auditor.keys())
@@ -443,12 +449,15 @@ class _PermuteAudit(_Audit):
         return entries
 
 
-class _MPCAudit(_Audit):
-    """Each mpc server: its input shares, the values it opens, its shares of each layer's output."""
+class _SharesAudit(_Audit):
+    """Each mpc or fss server: its input shares, the values it opens (mpc: shares opened; fss:
+    masked values ``x + r``), and (mpc) its shares of each layer's output."""
 
     def __init__(self, secure, public, spec, residual_layers, opened_per_layer: int):
         super().__init__(secure, public, spec, residual_layers)
         self.opened_per_layer = opened_per_layer
+        params = getattr(secure.engine, "params", None)  # fss: its ring and fixed point; mpc: 64 bits
+        self.ring_bits, self.frac_bits = (params.ring_bits, params.frac_bits) if params else (64, DEFAULT_FRAC_BITS)
         self.recorded: list[tuple[str, str, torch.Tensor]] = []
         secure.engine.observe(lambda party, what, tensor: self.recorded.append((party, what, tensor)))
 
@@ -458,9 +467,16 @@ class _MPCAudit(_Audit):
             output = self.forward(ids)
         return output, list(self.recorded)
 
+    def fixed_point(self, ring: torch.Tensor) -> torch.Tensor:
+        """int64 ring elements (a share or an opened value) read as the protocol's signed fixed point, float32."""
+        if self.ring_bits < 64:
+            ring = torch.where(ring >= (1 << (self.ring_bits - 1)), ring - (1 << self.ring_bits), ring)
+        return (ring.double() / (1 << self.frac_bits)).float()
+
     def views(self, recorded: list, seq: int) -> list[_Entry]:
         """The attacked views: each server's input share (one-hot rows), its share of each layer's
         output, and the first and last opened values of hidden width per layer, all read as fixed point."""
+        fixed_point = self.fixed_point
         hidden = self.public.config.hidden_size
         blocks = {min(layer, self.public.config.num_hidden_layers - 1) for layer in self.residual_layers}
         entries, opened = [], defaultdict(list)
@@ -470,12 +486,12 @@ class _MPCAudit(_Audit):
             scope, kind = what.split("/", 1)
             if kind == "input share":
                 entries.append(_Entry(party, "input share (one-hot rows)", 0, "largest decoded entry per row",
-                                      direct=(_fixed_point(tensor).reshape(seq, -1).argmax(-1), "direct")))
+                                      direct=(fixed_point(tensor).reshape(seq, -1).argmax(-1), "direct")))
             elif scope.startswith("layer.") and tensor.numel() == seq * hidden:
                 layer = int(scope.split(".")[1])
                 if kind == "output share" and layer + 1 in self.residual_layers:
                     entries.append(_Entry(party, "share of the layer output", layer + 1, "vocabulary matching, L1",
-                                          Search(Site("residual", layer + 1), _fixed_point(tensor).reshape(seq, hidden),
+                                          Search(Site("residual", layer + 1), fixed_point(tensor).reshape(seq, hidden),
                                                  False)))
                 elif kind == "opened" and layer in blocks:  # compared with the block's input
                     opened[(party, layer)].append(tensor)
@@ -483,11 +499,8 @@ class _MPCAudit(_Audit):
             picks = torch.linspace(0, len(values) - 1, min(self.opened_per_layer, len(values))).round().long()
             for pick in picks.tolist():  # evenly spaced: 2 is the first and the last
                 entries.append(_Entry(party, "opened value (hidden width)", layer, "vocabulary matching, L1",
-                                      Search(Site("residual", layer), _fixed_point(values[pick]).reshape(seq, hidden),
+                                      Search(Site("residual", layer), fixed_point(values[pick]).reshape(seq, hidden),
                                              False)))
         return entries
 
 
-def _fixed_point(ring: torch.Tensor) -> torch.Tensor:
-    """int64 ring elements (a share or an opened value) read as the protocol's fixed point, float32."""
-    return (ring.double() / (1 << DEFAULT_FRAC_BITS)).float()

@@ -27,6 +27,7 @@ from ...accounting import Traffic
 from ...errors import UnknownOptionError
 from ...families import family_of
 from ..mpc.client import MPCBertEngine, MPCCausalEngine, MPCEngine, load_weights
+from .core import Params
 from .models import program_for
 from .run import FSSSession
 
@@ -62,21 +63,25 @@ def server_device(device: str | None) -> str:
 
 
 class FSSEngine(MPCEngine):
-    """A running fss session (:class:`.run.FSSSession`) and its accounting; queries, reports and
-    KV-cache handles work as for :class:`~..mpc.client.MPCEngine`."""
+    """A running fss session (:class:`.run.FSSSession`) and its accounting; queries, reports,
+    KV-cache handles and ``record_views`` (``hf-secure audit``: each server's input shares and
+    every masked value it opened, named ``"{scope}/{kind}"``) work as for
+    :class:`~..mpc.client.MPCEngine`. ``params``: the ring and fixed point of every query."""
 
     name = "fss"
-    options = ("rendezvous", "party_key", "device", "key_dir")
+    options = ("rendezvous", "party_key", "device", "key_dir", "record_views")
 
     def __init__(self, folder: str, config, timeout: float = 300.0, rendezvous: str | None = None,
-                 party_key: str | None = None, device: str | None = None, key_dir: str | None = None):
+                 party_key: str | None = None, device: str | None = None, key_dir: str | None = None,
+                 record_views: bool = False):
         self.vocab_size = config.vocab_size
         spec = family_of(config)
         self.program = program_for(config, spec.name)
+        self.params = Params()
         weights = plain_weights(folder, spec.name) if rendezvous is None else None
         options = {"device": server_device(device), "key_dir": key_dir}
-        self.session = FSSSession(self.program, weights, timeout_s=timeout, rendezvous=rendezvous,
-                                  party_key=party_key, server_options=options)
+        self.session = FSSSession(self.program, weights, self.params, timeout_s=timeout, rendezvous=rendezvous,
+                                  party_key=party_key, server_options=options, record_views=record_views)
         self.stats = Traffic()
         self.last_report: dict | None = None
         self._finalizer = weakref.finalize(self, self.session.close)
@@ -84,7 +89,7 @@ class FSSEngine(MPCEngine):
     @classmethod
     def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float,
                 rendezvous: str | None = None, party_key: str | None = None, device: str | None = None,
-                key_dir: str | None = None) -> "FSSEngine":
+                key_dir: str | None = None, record_views: bool | None = None) -> "FSSEngine":
         spec = family_of(config)
         if causal != spec.causal:
             wanted = "SecureModelForCausalLM" if spec.causal else "SecureModel"
@@ -96,8 +101,10 @@ class FSSEngine(MPCEngine):
                                      "(`hf-secure party --protocol fss --device ... --key-dir ...`)")
         if key_dir is not None and Path(key_dir).exists() and not Path(key_dir).is_dir():
             raise UnknownOptionError(f"key_dir {key_dir} exists and is not a folder")
+        if record_views is not None and not isinstance(record_views, bool):
+            raise UnknownOptionError(f"record_views must be True or False, got {record_views!r}")
         engine = FSSCausalEngine if causal else FSSBertEngine
-        return engine(folder, config, max(timeout, 300.0), rendezvous, party_key, device, key_dir)
+        return engine(folder, config, max(timeout, 300.0), rendezvous, party_key, device, key_dir, record_views is True)
 
     def run(self, input_ids, public, token_types=None):
         out = super().run(input_ids, public, token_types)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -296,6 +297,8 @@ class FSS:
     limb_products: bool = False  # matmuls by float64 limbs (always on CUDA; on CPU to test that path)
     counter: int = 0
     range_checks: list = field(default_factory=list)  # (kind, XOR shares of out-of-range bits): .ranges
+    view: list | None = None  # audit mode: (scope, kind, tensor) this server saw online (see)
+    where: str = ""  # the program's current scope (a layer), named in the view
 
     @property
     def is_dealer(self) -> bool:
@@ -304,6 +307,21 @@ class FSS:
     @property
     def peer(self) -> int:
         return 1 - self.role
+
+    def see(self, kind: str, value: torch.Tensor) -> None:
+        """In audit mode (``view`` a list), keep ``value`` -- an input share or a masked value this
+        server opened -- with the current scope, as part of this server's view."""
+        if self.view is not None and not self.is_dealer:
+            self.view.append((self.where or "online", kind, value.cpu().clone()))
+
+    @contextmanager
+    def scope(self, name: str):
+        """Name what the program does inside (``"layer.3"``) in the audit's view."""
+        outer, self.where = self.where, name
+        try:
+            yield
+        finally:
+            self.where = outer
 
     # -- randomness and keys -------------------------------------------------------------
     def _draw(self, party: int, shape, bits: int) -> torch.Tensor:
@@ -379,7 +397,10 @@ class FSS:
             return [Masked(self, m, x.bits, _zeros(m.shape)) for m, x in zip(masks, xs)]
         mine = [wrap(x.data + m, x.bits) for x, m in zip(xs, masks)]
         theirs = self.exchange(mine, [x.bits for x in xs])
-        return [Masked(self, wrap(a + b, x.bits), x.bits, m) for a, b, x, m in zip(mine, theirs, xs, masks)]
+        out = [Masked(self, wrap(a + b, x.bits), x.bits, m) for a, b, x, m in zip(mine, theirs, xs, masks)]
+        for x in out:
+            self.see("opened", x.data)
+        return out
 
     def open(self, x: "Shares | Masked") -> torch.Tensor | None:
         """The plain value of ``x`` on both servers (signed, one round); None on the dealer. For

@@ -118,17 +118,23 @@ class FSSBert:
             h = opened(ctx, nl.normalize(ctx, opened(ctx, h), w["emb_ln.w"], w["emb_ln.b"], lay.eps, True))
         width = h.shape[-1]
         for i in range(lay.num_layers):
-            qkv = opened(ctx, linear(ctx, h, w[f"{i}.qkv"], w[f"{i}.qkv.b"]))
-            q, k, v = (split_heads(qkv.apply(lambda t, j=j: t[..., j * width:(j + 1) * width]), lay.num_heads)
-                       for j in range(3))
-            context = merge_heads(attention(ctx, q, k, v, keep, (width // lay.num_heads) ** -0.5))
-            h = opened(ctx, linear(ctx, context, w[f"{i}.o"], w[f"{i}.o.b"]) + h)
-            h = opened(ctx, nl.normalize(ctx, h, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], lay.eps, True))
-            inner = opened(ctx, linear(ctx, h, w[f"{i}.ffn1"], w[f"{i}.ffn1.b"]))
-            inner = opened(ctx, nl.activation(ctx, inner, self.activation))
-            h = opened(ctx, linear(ctx, inner, w[f"{i}.ffn2"], w[f"{i}.ffn2.b"]) + h)
-            h = opened(ctx, nl.normalize(ctx, h, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], lay.eps, True))
+            with ctx.scope(f"layer.{i}"):
+                h = self._layer(ctx, w, i, h, keep, width)
         return [h.to_shares()]
+
+    def _layer(self, ctx: FSS, w: dict, i: int, h: Masked, keep, width: int) -> Masked:
+        lay = self.layout
+        qkv = opened(ctx, linear(ctx, h, w[f"{i}.qkv"], w[f"{i}.qkv.b"]))
+        q, k, v = (split_heads(qkv.apply(lambda t, j=j: t[..., j * width:(j + 1) * width]), lay.num_heads)
+                   for j in range(3))
+        context = merge_heads(attention(ctx, q, k, v, keep, (width // lay.num_heads) ** -0.5))
+        h = opened(ctx, linear(ctx, context, w[f"{i}.o"], w[f"{i}.o.b"]) + h)
+        h = opened(ctx, nl.normalize(ctx, h, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], lay.eps, True))
+        inner = opened(ctx, linear(ctx, h, w[f"{i}.ffn1"], w[f"{i}.ffn1.b"]))
+        inner = opened(ctx, nl.activation(ctx, inner, self.activation))
+        h = opened(ctx, linear(ctx, inner, w[f"{i}.ffn2"], w[f"{i}.ffn2.b"]) + h)
+        h = opened(ctx, nl.normalize(ctx, h, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], lay.eps, True))
+        return h
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,8 @@ class FSSDecoder:
         h = opened(ctx, h)
         layers = []
         for i in range(lay.num_layers):
-            h, kv = self._layer(ctx, w, i, h, keep, public, cached[i] if cached else None)
+            with ctx.scope(f"layer.{i}"):
+                h, kv = self._layer(ctx, w, i, h, keep, public, cached[i] if cached else None)
             layers.append(kv)
         caches[cache_id] = layers
         n = int(public["logits_to_keep"].item())

@@ -156,18 +156,24 @@ def session_party(role: Role, channel: Channel, program, private, params: Params
             channel.stats.clear()
             queries += 1
             public = _recv_public(channel, n_public)
-            report = _query(role, channel, program, params, weights, state, public, n_inputs, key_dir, ledger,
-                            device, queries)
+            report, view = _query(role, channel, program, params, weights, state, public, n_inputs, key_dir, ledger,
+                                  device, queries, record_views)
             report["stats"] = channel.summary()
             report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             with channel.scope("report"):
                 channel.send_json(report, _CLIENT)
+                if view is not None:  # hf-secure audit: what this server saw
+                    channel.send_json([[where, kind] for where, kind, _ in view], _CLIENT)
+                    for _, _, value in view:
+                        channel.send(value, _CLIENT)
     finally:
         if key_dir is not None and not options.get("key_dir"):
             shutil.rmtree(key_dir, ignore_errors=True)
 
 
-def _query(role, channel, program, params, weights, state, public, n_inputs, key_dir, ledger, device, number):
+def _query(role, channel, program, params, weights, state, public, n_inputs, key_dir, ledger, device, number,
+           record_views):
+    """One query on this party: ``(report, view)``, the view (a server's, with ``record_views``) or None."""
     start = time.perf_counter()
     if role == Role.DEALER:
         shapes = [tuple(channel.recv(_CLIENT, dtype=torch.int64).tolist()) for _ in range(n_inputs)]
@@ -186,7 +192,7 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
                     out.to_shares()
             for w in writers:
                 w.close()
-        return {"key_bytes": [w.nbytes for w in writers], "offline_seconds": time.perf_counter() - start}
+        return {"key_bytes": [w.nbytes for w in writers], "offline_seconds": time.perf_counter() - start}, None
     inputs = [channel.recv(_CLIENT, dtype=torch.int64) for _ in range(n_inputs)]
     with channel.scope("offline"):
         path, received_id, key_bytes = _receive_key(channel, key_dir)
@@ -196,6 +202,10 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
                        ledger=ledger)
     try:
         ctx = FSS(int(role), bytes.fromhex(reader.header["seed"]), reader, channel, params, device)
+        if record_views:
+            ctx.view = []
+            for x in inputs:
+                ctx.see("input share", x)
         with channel.scope("online"):
             masked = ctx.reveal(*[Shares(ctx, wrap(x.to(device), params.ring_bits), params.ring_bits) for x in inputs])
             outputs = program.forward(ctx, _rebind(ctx, weights), masked, public, state)
@@ -212,7 +222,7 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
     if not out_of_range:
         for out in shares:
             channel.send(out.data.cpu(), _CLIENT)
-    return {"key_bytes": key_bytes, "online_seconds": time.perf_counter() - start}
+    return {"key_bytes": key_bytes, "online_seconds": time.perf_counter() - start}, ctx.view
 
 
 class FSSSession(MPCSession):
@@ -227,6 +237,7 @@ class FSSSession(MPCSession):
     description = "fss session setup"
 
     def __init__(self, program, weights, params: Params = Params(), timeout_s: float = 300.0, threads: int = 1,
-                 rendezvous: str | None = None, party_key: str | None = None, server_options: dict | None = None):
+                 rendezvous: str | None = None, party_key: str | None = None, server_options: dict | None = None,
+                 record_views: bool = False):
         self.party_private = server_options
-        super().__init__(program, weights, params, timeout_s, threads, rendezvous, party_key)
+        super().__init__(program, weights, params, timeout_s, threads, rendezvous, party_key, record_views)
