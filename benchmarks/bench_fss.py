@@ -91,20 +91,20 @@ def main():
     params = Params(ring_bits=args.ring_bits)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.key_dir) as key_dir:
-        (out,), report = run_model_local(program_for(config, family), weights, ids, public, config.vocab_size,
+        (out,), run_report = run_model_local(program_for(config, family), weights, ids, public, config.vocab_size,
                                          params, key_dir=key_dir)
     wall = time.perf_counter() - start
     vocab = config.vocab_size
     servers = []
     for role in (0, 1):
-        total, inputs = report["traffic"][role], report["inputs_traffic"][role]
+        total, inputs = run_report["traffic"][role], run_report["inputs_traffic"][role]
         embedding_bytes = (ids.numel() * vocab * params.ring_bits + 63) // 64 * 8
         servers.append({
             "sent_bytes_online": total["bytes_sent"] - inputs["bytes_sent"],
             "sent_bytes_embedding_input": embedding_bytes,
             "rounds_online": total["rounds"] - inputs["rounds"],
-            "key_bytes": report["key_bytes"][role],
-            "online_seconds": report["online_seconds"][role],
+            "key_bytes": run_report["key_bytes"][role],
+            "online_seconds": run_report["online_seconds"][role],
         })
     err = (out - reference.double()).abs()
     result = {
@@ -114,7 +114,7 @@ def main():
         "online_gib_per_server": servers[0]["sent_bytes_online"] / GIB,
         "rounds": servers[0]["rounds_online"],
         "key_gib_per_server": max(s["key_bytes"] for s in servers) / GIB,
-        "dealer_seconds": report["dealer_seconds"], "wall_seconds": wall,
+        "dealer_seconds": run_report["dealer_seconds"], "wall_seconds": wall,
         "peak_rss_gib_all_parties": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
         "max_abs_error_vs_plaintext": err.max().item(),
         "machine": "2 CPU cores, 24 GiB (all three parties in one process)",
@@ -137,11 +137,11 @@ def run_processes(args) -> None:
     with FSSSession(program, weights, Params(ring_bits=args.ring_bits), timeout_s=7200,
                     server_options={"key_dir": args.key_dir}) as session:
         setup = time.perf_counter() - start
-        _, report = session.run([torch.nn.functional.one_hot(ids, config.vocab_size)], public)
+        _, run_report = session.run([torch.nn.functional.one_hot(ids, config.vocab_size)], public)
     per_party = {role: {"peak_rss_gib": r["peak_rss_mb"] / 1024,
                         **{k: r[k] for k in ("online_seconds", "offline_seconds", "key_bytes") if k in r}}
-                 for role, r in report.items() if isinstance(r, dict) and "peak_rss_mb" in r}
-    online = report["SERVER0"]["stats"]["online"]
+                 for role, r in run_report.items() if isinstance(r, dict) and "peak_rss_mb" in r}
+    online = run_report["SERVER0"]["stats"]["online"]
     result = {"model": args.model, "seq": args.seq, "processes": True, "setup_seconds": setup,
               "per_party": per_party, "online_bytes_both": online["bytes_sent"] + online["bytes_received"],
               "rounds": online["rounds"], "machine": "2 CPU cores, 24 GiB, one process per party",

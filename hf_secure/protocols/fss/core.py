@@ -38,7 +38,7 @@ import torch
 from ...errors import ProgramError
 from ..mpc.prg import PRG
 from . import dpf
-from .packing import pack, unpack
+from .packing import pack, packed_words, unpack
 
 SERVER0, SERVER1, DEALER = 0, 1, 2
 _BATCHED_POINTS = 1 << 16  # comparisons evaluate all their points in one pass up to this many
@@ -337,7 +337,8 @@ class FSS:
         return self._draw(self.role, shape, bits)
 
     def correlated(self, value: torch.Tensor | None, shape, bits: int) -> torch.Tensor | None:
-        """Additive shares of a dealer value: the dealer passes ``value`` (returns None), a server gets its share."""
+        """Additive shares of a dealer value: the dealer passes ``value`` (returns None), a server gets
+        its share. The stored correction is bit-packed at the ring's width (:mod:`.packing`)."""
         self.counter += 1
         explicit = self.counter % 2  # the server whose key stores the correction
         implicit = 1 - explicit
@@ -345,11 +346,14 @@ class FSS:
         if self.is_dealer:
             if tuple(value.shape) != shape:
                 raise ProgramError(f"dealer value of shape {tuple(value.shape)} for a {shape} correlation")
-            self.keys.put(explicit, wrap(value - self._draw(implicit, shape, bits), bits))
+            self.keys.put(explicit, pack(wrap(value - self._draw(implicit, shape, bits), bits), bits))
             return None
         if self.role == implicit:
             return self._draw(implicit, shape, bits)
-        return self.keys.take(shape).to(self.device)
+        count = 1
+        for d in shape:
+            count *= d
+        return unpack(self.keys.take((packed_words(count, bits),)).to(self.device), bits, shape)
 
     def dpf_keys(self, alpha: torch.Tensor | None, bits: int, count: int) -> dpf.DPFKey | tuple:
         """DPF keys for ``count`` points of a ``bits``-bit domain: the dealer passes ``alpha``."""
