@@ -59,11 +59,23 @@ ACTIVATIONS = {  # transformers' ACT2FN names -> (function, clip bits)
 }
 
 
+def operand_bits(ctx: FSS, frac: int) -> int:
+    """The ring width that holds, signed and with one bit to spare, any value a truncation can
+    output correctly, read with ``frac`` fractional bits: a truncation is exact for products below
+    ``2^(n-2)`` at ``2f`` fractional bits (:meth:`~.core.FSS.truncate`), i.e. below
+    ``2^(n-2-2f)`` in real units, so ``n - 2f + frac`` bits (32 for GeLU's 6-bit grid, 38 at
+    ``f`` bits on Sigma's 50-bit ring). Comparisons on a linear layer's output (GeLU/SiLU, the
+    softmax's scores, with one more bit for their differences) run on this width, as Sigma's
+    (GeLU on 33 bits, the maximum on 40): shorter DPF walks and keys, and no new assumption."""
+    return ctx.params.ring_bits - 2 * ctx.params.frac_bits + frac
+
+
 def activation(ctx: FSS, x: Masked, name: str) -> Shares:
     """``fn(x) = relu(x) - T(clip(|x|))`` for GeLU/SiLU (Sigma, section 4.2): 3 rounds, then the
     caller's opening.
 
-    1. ``y = floor(x / 2^(f-6))`` (local truncate-reduce; ``y`` may be one more), then one DPF
+    1. ``y = floor(x / 2^(f-6))`` (local truncate-reduce; ``y`` may be one more) on
+       :func:`operand_bits` (32 at ``n = 50``: ``x`` is a linear layer's output), then one DPF
        key at ``y``'s mask gives XOR shares of ``d = [y >= 0]`` and ``c = [|y| < 2^clip]``; both
        bits are opened masked (round 1).
     2. A mux on ``(d, c)`` selects ``y``, ``-y`` or ``2^clip - 1``: the clipped ``|y|`` on the
@@ -74,7 +86,7 @@ def activation(ctx: FSS, x: Masked, name: str) -> Shares:
         raise ValueError(f"no FSS protocol for the activation {name!r}; known: {sorted(ACTIVATIONS)}")
     fn, clip_bits = ACTIVATIONS[name]
     f = ctx.params.frac_bits
-    y = x.shift_down(f - TABLE_FRAC)
+    y = x.shift_down(f - TABLE_FRAC).reduce(operand_bits(ctx, TABLE_FRAC))
     k = y.bits
     edge = (1 << clip_bits) - 1
     # d = [y < 2^(k-1)] (y >= 0); c = [-edge <= y <= edge] = [(y + edge) mod 2^k < 2 edge + 1]
@@ -92,6 +104,8 @@ def activation(ctx: FSS, x: Masked, name: str) -> Shares:
 def maximum(ctx: FSS, x: Masked, valid: torch.Tensor) -> Masked:
     """Row maximum of ``x`` ``(R, W)`` over its ``valid`` (public bool) entries, by a tournament.
 
+    ``x`` holds a linear layer's outputs (the attention scores), so the DReLU of a difference runs
+    on :func:`operand_bits` + 1 bits (39 at ``n = 50``).
     Per level, pairs of valid entries take one DReLU of ``a - b`` (opened masked, round 1) and
     ``b + d (a - b)`` by a mux (opened, round 2); a pair with one invalid side passes the valid
     one on locally (the mask is public, so is the choice), so a causal row costs its own length,
@@ -107,7 +121,7 @@ def maximum(ctx: FSS, x: Masked, valid: torch.Tensor) -> Masked:
         if pairs.numel():
             a_sel, b_sel = (v.apply(lambda t: t.reshape(-1)[pairs]) for v in (a, b))
             diff = a_sel - b_sel
-            (d,) = ctx.reveal(ctx.sign_bit(diff))
+            (d,) = ctx.reveal(ctx.sign_bit(diff.reduce(operand_bits(ctx, ctx.params.frac_bits) + 1)))
             (winner,) = ctx.reveal(ctx.mux([d], diff, [(0, 0), (1, 0)], x.bits) + b_sel)
             best = best.put(pairs, winner)
         merged = va | vb
@@ -170,7 +184,7 @@ def softmax_kept(ctx: FSS, s: Masked, keep: torch.Tensor) -> Masked:
     t = top.apply(lambda v: v.reshape(-1)[row_of]) - s
     width_t = 2 * EXP_HALF_BITS
     limit = (1 << width_t) - (1 << EXP_HALF_BITS) - 1
-    (inside,) = ctx.reveal(*ctx.less_than(t, [(0, limit)]))
+    (inside,) = ctx.reveal(*ctx.less_than(t.reduce(operand_bits(ctx, f) + 1), [(0, limit)]))
     (clipped,) = ctx.reveal(ctx.mux([inside], t.reduce(width_t), [(0, limit), (1, 0)], width_t))
     high = clipped.shift_down(EXP_HALF_BITS)
     low = Masked(ctx, clipped.data & ((1 << EXP_HALF_BITS) - 1), EXP_HALF_BITS + 1)
