@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hf_secure import SecureModel, SecureModelForCausalLM
-from hf_secure.errors import CorruptKeyError, KeyMismatchError, KeyReuseError, NotConvertedError, PartyFailedError
+from hf_secure.errors import (CorruptKeyError, KeyMismatchError, KeyReuseError, NotConvertedError, OutOfRangeError,
+                              PartyFailedError)
 from hf_secure.protocols.fss import nonlinear as nl
 from hf_secure.protocols.fss.core import DEALER, FSS, KeySink, Masked, Params, Shares, key_id, new_seeds
 from hf_secure.protocols.fss.keyfile import KeyReader, KeyWriter
@@ -121,14 +122,18 @@ def test_plain_checkpoint_needs_protocol_fss(tmp_path):
         SecureModel.from_pretrained(tmp_path / "bert", protocol="mpc")
 
 
-def test_session_two_queries_then_a_server_dies(tmp_path):
-    """Keys are per query (a second query gets fresh ones); killing a server ends the next query
+def test_session_queries_a_refused_query_then_a_server_dies(tmp_path):
+    """Keys are per query (a second query gets fresh ones); a query beyond the norms' range is
+    refused with OutOfRangeError and the session goes on; killing a server ends the next query
     with PartyFailedError within the timeout, not a hang."""
     from hf_secure.runtime import Role
 
     model = make_tiny("bert", tmp_path / "bert")
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[5] = 5000.0  # token 5 leaves the norm's input range
+    model.save_pretrained(tmp_path / "bert")
     secure = SecureModel.from_pretrained(tmp_path / "bert", protocol="fss", key_dir=str(tmp_path / "keys"))
-    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(6, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
     try:
         with torch.no_grad():
             expected = model(ids).last_hidden_state
@@ -137,8 +142,11 @@ def test_session_two_queries_then_a_server_dies(tmp_path):
             assert (got - expected).abs().max() < 0.05
             report = secure.secure_report()
             assert report["SERVER0"]["key_bytes"] > 0 and report["bounds"]["truncation_failure"] == 0.0
+        with pytest.raises(OutOfRangeError, match=r"norm input: \d+ values"):  # at least token 5's row
+            secure(torch.cat([ids[:, :3], torch.tensor([[5]]), ids[:, 4:]], dim=1))
+        assert (secure(ids).last_hidden_state - expected).abs().max() < 0.05  # the session goes on
         for server in ("server0", "server1"):  # one ledger entry per query
-            assert (tmp_path / "keys" / server / "used-keys").read_text().count("\n") == 2
+            assert (tmp_path / "keys" / server / "used-keys").read_text().count("\n") == 4
         assert not list((tmp_path / "keys").glob("*/key-*.bin"))  # used keys are deleted
         assert (tmp_path / "keys" / "server0").stat().st_mode & 0o777 == 0o700
         os.kill(secure.engine.session._group.procs[Role.SERVER1].pid, signal.SIGKILL)

@@ -37,7 +37,7 @@ from ...errors import PartyFailedError
 from ...runtime import Channel, Role
 from ..mpc.prg import PRG
 from ..mpc.ring import encode
-from ..mpc.run import _FORWARD, _REFUSED, _STOP, MPCSession, _client_loop, _recv_public
+from ..mpc.run import _FORWARD, _STOP, MPCSession, answer_client, _client_loop, _recv_public
 from .core import DEALER, FSS, SERVER0, SERVER1, KeySink, Masked, Params, Shares, key_id, new_seeds, wrap
 from .keyfile import KeyReader, KeyWriter
 from .ranges import verify_ranges
@@ -215,13 +215,7 @@ def _query(role, channel, program, params, weights, state, public, n_inputs, key
         reader.finish()
     finally:
         reader.close()
-    if role == SERVER0:  # a refused query sends the client what left its range, not outputs
-        channel.send(torch.tensor([_REFUSED if out_of_range else len(shares)]), _CLIENT)
-        if out_of_range:
-            channel.send_json(out_of_range, _CLIENT)
-    if not out_of_range:
-        for out in shares:
-            channel.send(out.data.cpu(), _CLIENT)
+    answer_client(channel, role, out_of_range, [out.data.cpu() for out in shares])
     return {"key_bytes": key_bytes, "online_seconds": time.perf_counter() - start}, ctx.view
 
 

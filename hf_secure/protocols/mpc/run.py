@@ -178,13 +178,7 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
                 with channel.scope("ranges"):
                     out_of_range = verify_ranges(mpc)
                 mpc.finish()
-                if role == SERVER0:  # a refused query sends the client what left its range, not outputs
-                    channel.send(torch.tensor([_REFUSED if out_of_range else len(outputs)]), _CLIENT)
-                    if out_of_range:
-                        channel.send_json(out_of_range, _CLIENT)
-                if not out_of_range:
-                    for out in outputs:
-                        channel.send(out.share, _CLIENT)
+                answer_client(channel, role, out_of_range, [out.share for out in outputs])
             report = {"online_seconds": time.perf_counter() - start}
         report["stats"] = channel.summary()
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -194,6 +188,18 @@ def session_party(role: Role, channel: Channel, program: Program, private, frac_
                 channel.send_json([[where, kind] for where, kind, _ in mpc.view], _CLIENT)
                 for _, _, value in mpc.view:
                     channel.send(value, _CLIENT)
+
+
+def answer_client(channel: Channel, role: Role, out_of_range: dict, shares: list[torch.Tensor]) -> None:
+    """A server's answer to a query: its output shares, or (server 0, for a query refused by the
+    range checks) what left its range instead of any output."""
+    if role == SERVER0:
+        channel.send(torch.tensor([_REFUSED if out_of_range else len(shares)]), _CLIENT)
+        if out_of_range:
+            channel.send_json(out_of_range, _CLIENT)
+    if not out_of_range:
+        for tensor in shares:
+            channel.send(tensor, _CLIENT)
 
 
 def _shapes_only(obj):
