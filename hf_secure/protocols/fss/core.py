@@ -617,9 +617,10 @@ class FSS:
 def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:
     """``sum_i bits[n, i] * table[(x[n] - i) mod 2^k]`` for each row ``n`` (int64, wrapping).
 
-    Small tables (at most 512 entries, ``max |T| 2^k < 2^24``) go through a float matmul with
-    the table's circulant ``C[x, i] = T[(x - i) mod 2^k]``: every partial sum is an integer below
-    2^24, so float32 is exact (float64 on CUDA, whatever its TF32 setting). Others gather.
+    Small tables (at most 512 entries, ``max |T| 2^k < 2^24``) take each row's rotation from the
+    table's circulant ``C[x, i] = T[(x - i) mod 2^k]`` and sum in floating point: every partial
+    sum is an integer below 2^24, so float32 is exact (float64 on CUDA, whatever its TF32
+    setting). Others gather the table itself, in int64.
     """
     size = 1 << k
     chunk = max(1, (1 << 22) // size)  # rows per step: temporaries of 2^22 elements (32 MiB each)
@@ -627,11 +628,11 @@ def _rotated_inner_product(bits: torch.Tensor, x: torch.Tensor, table: torch.Ten
     i = torch.arange(size, device=x.device)
     if size <= 512 and int(table.abs().max()) * size < (1 << 24):
         dtype = torch.float32 if x.device.type == "cpu" else torch.float64
-        circulant = table[(i.unsqueeze(1) - i) & (size - 1)].to(dtype).T.contiguous()  # (i, x)
+        circulant = table[(i.unsqueeze(1) - i) & (size - 1)].to(dtype)  # row x: the table rotated by x
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            every = bits[rows].to(dtype) @ circulant  # the inner product for every possible x
-            out[rows] = every.gather(1, x[rows].unsqueeze(1)).squeeze(1).round().long()
+            rotated = circulant.index_select(0, x[rows])
+            out[rows] = (bits[rows].to(dtype) * rotated).sum(dim=1).round().long()
         return out
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
