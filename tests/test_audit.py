@@ -211,7 +211,8 @@ def test_fss_servers_views_stay_at_chance(tmp_path):
     tokens = sum(r["tokens"] for r in report.rows)
     assert tokens >= 40
     assert hits <= 2, f"{hits} of {tokens} tokens recovered from masked views"  # chance 1/2048 per token
-    assert report.quality["top1_agreement"] >= 0.9  # fixed point against float: a near tie may flip
+    # fixed point against float: logits close (a greedy near tie of a random tiny model may flip)
+    assert report.quality["max_abs_error"] < 0.25
 
 
 def test_record_views_needs_every_party_here():
