@@ -133,6 +133,10 @@ def test_key_file_roundtrip_and_reuse(tmp_path):
 
 def test_key_file_faults(tmp_path):
     data = _key_bytes([torch.arange(10)])
+    seeded = _key_bytes([torch.arange(10)], {"key_id": "k1", "party": 0, "seed": "00" * 16})
+    at = seeded.index(b'"seed": "') + len(b'"seed": "')
+    with pytest.raises(CorruptKeyError, match="header"):  # still valid hex: only the CRC sees it
+        KeyReader(seeded[:at] + b"1" + seeded[at + 1:])
     with pytest.raises(CorruptKeyError):
         KeyReader(data[:-20]).take((10,))  # truncated
     with pytest.raises(CorruptKeyError):

@@ -42,6 +42,9 @@ def test_product_and_truncation():
             (t,), report = run_local(lambda c, i: [c.truncate(i[0], shift)], [x])
             assert torch.equal(t, x >> shift), shift  # exact floor, not floor or one more
             assert report["traffic"][0]["rounds"] == 3  # input, the borrow bits, test opening
+    for shift in (0, 48):  # beyond what the wrap and the borrow cover on a 50-bit ring
+        with pytest.raises(ProgramError, match="shifts by 1 to 47"):
+            run_local(lambda c, i: [c.truncate(i[0], shift)], [big])
 
 
 @pytest.mark.parametrize("bits", [8, 9])

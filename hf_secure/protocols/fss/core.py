@@ -451,6 +451,8 @@ class FSS:
         three ring elements.
         """
         n = x.bits
+        if not 1 <= shift <= n - 3:
+            raise ProgramError(f"a truncation of a {n}-bit value shifts by 1 to {n - 3} bits, not {shift}")
         low = (1 << shift) - 1
         count = x.data.numel()
         if self.is_dealer:

@@ -6,7 +6,7 @@ server reads it back in the same order, layer by layer, during the online phase.
 
 File layout (little-endian)::
 
-    b"HFSFSSK1" | u32 header length | header (JSON) | records... | end record
+    b"HFSFSSK1" | u32 header length | header (JSON) | u32 CRC-32 of the header | records... | end record
 
     record: u8 dtype code | u8 ndim | ndim x u64 dims | raw tensor bytes | u32 CRC-32
             (of the record's head and bytes: it catches corruption, every burst of up to 32 bits
@@ -60,9 +60,9 @@ class KeyWriter:
         else:
             self._file = io.BytesIO()
         blob = json.dumps(header, sort_keys=True).encode()
-        self._file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+        self._file.write(MAGIC + struct.pack("<I", len(blob)) + blob + _digest(b"", blob))
         self.records = 0
-        self.nbytes = len(MAGIC) + 4 + len(blob)
+        self.nbytes = len(MAGIC) + 4 + len(blob) + _DIGEST
 
     def put(self, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -102,8 +102,11 @@ class KeyReader:
         if magic != MAGIC:
             raise CorruptKeyError(f"{self.path or 'key'} is not an hf_secure FSS key")
         (length,) = struct.unpack("<I", self._read(4))
+        blob = self._read(length)
+        if self._read(_DIGEST) != _digest(b"", blob):  # the header holds the server's seed
+            raise CorruptKeyError(f"{self.path or 'key'}: the header is corrupt (CRC)")
         try:
-            self.header = json.loads(self._read(length))
+            self.header = json.loads(blob)
         except ValueError as err:
             raise CorruptKeyError(f"{self.path or 'key'}: unreadable header") from err
         for field, value in (expect or {}).items():
@@ -134,7 +137,7 @@ class KeyReader:
         if dims != tuple(shape) or _DTYPES[code] != dtype:
             raise KeyMismatchError(
                 f"FSS key {self.header.get('key_id')} record {self.records} is {_DTYPES[code]} {dims}, the program "
-                f"reads {dtype} {tuple(shape)} (a key for another model or sequence length?)")
+                f"reads {dtype} {tuple(shape)} (a key for another model or sequence length, or a damaged file?)")
         out = torch.empty(dims, dtype=dtype)
         data = out.numpy().reshape(-1).view("uint8")  # read straight into the tensor: no copies
         if self._file.readinto(data) != data.nbytes:
