@@ -36,6 +36,7 @@ from ..families import family
 from ..hub import resolve_folder
 from ..modeling import SecureModel, SecureModelForCausalLM
 from ..progress import progress
+from ..protocols.fss.core import signed
 from ..protocols.mpc.ring import DEFAULT_FRAC_BITS
 from ..protocols.permute.client import gather_last, inverse
 from ..server.runtime import read_section
@@ -469,9 +470,7 @@ class _SharesAudit(_Audit):
 
     def fixed_point(self, ring: torch.Tensor) -> torch.Tensor:
         """int64 ring elements (a share or an opened value) read as the protocol's signed fixed point, float32."""
-        if self.ring_bits < 64:
-            ring = torch.where(ring >= (1 << (self.ring_bits - 1)), ring - (1 << self.ring_bits), ring)
-        return (ring.double() / (1 << self.frac_bits)).float()
+        return (signed(ring, self.ring_bits).double() / (1 << self.frac_bits)).float()
 
     def views(self, recorded: list, seq: int) -> list[_Entry]:
         """The attacked views: each server's input share (one-hot rows), its share of each layer's

@@ -29,6 +29,7 @@ learns nothing else about the input or the weights (see docs/threat-model.md, fs
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -350,10 +351,7 @@ class FSS:
             return None
         if self.role == implicit:
             return self._draw(implicit, shape, bits)
-        count = 1
-        for d in shape:
-            count *= d
-        return unpack(self.keys.take((packed_words(count, bits),)).to(self.device), bits, shape)
+        return unpack(self.keys.take((packed_words(math.prod(shape), bits),)).to(self.device), bits, shape)
 
     def dpf_keys(self, alpha: torch.Tensor | None, bits: int, count: int) -> dpf.DPFKey | tuple:
         """DPF keys for ``count`` points of a ``bits``-bit domain: the dealer passes ``alpha``."""
@@ -446,7 +444,7 @@ class FSS:
         bits ``c = [x'^ mod 2^s < r mod 2^s]`` (Sigma's exact truncation: a comparison on the low
         ``s`` bits). ``c``'s XOR shares come from a DPF key at ``r mod 2^s`` evaluated at the
         public ``x'^ mod 2^s`` (:func:`.dpf.eval_greater`); the servers open ``c^ = c xor m``
-        (1 bit each) and hold ``c = c^ + m - 2 c^ m`` from the dealer's shares of ``m``. The
+        (1 bit each) and hold ``c`` on the ring (:meth:`bits_to_ring`). The
         dealer also shares ``r >> s`` and ``msb(r)``. Key per element: an ``s``-bit DPF key and
         three ring elements.
         """
@@ -459,20 +457,33 @@ class FSS:
             self.correlated(_logical_shift(x.data, shift, n), x.shape, n)
             self.correlated(msb(x.data, n), x.shape, n)
             self.dpf_keys((x.data & low).reshape(-1), shift, count)
-            (borrow,) = self.reveal(Shares(self, _meta(x.shape), 1))
-            self.correlated(borrow.data, x.shape, n)
+            self.bits_to_ring(Shares(self, _meta(x.shape), 1), n)
             return Shares(self, _meta(x.shape), n)
         high = self.correlated(None, x.shape, n)
         top = self.correlated(None, x.shape, n)
         key = self.dpf_keys(None, shift, count)
         shifted = wrap(x.data + (1 << (n - 2)), n)
         below = dpf.eval_greater(key, (shifted & low).reshape(-1), self.backend).view(x.shape)
-        (borrow,) = self.reveal(Shares(self, below, 1))
-        m = self.correlated(None, x.shape, n)
-        t = (1 - msb(shifted, n)) * top * (1 << (n - shift)) - high - (1 - 2 * borrow.data) * m
+        borrow = self.bits_to_ring(Shares(self, below, 1), n)
+        t = (1 - msb(shifted, n)) * top * (1 << (n - shift)) - high - borrow.data
         if self.role == SERVER0:
-            t = t + _logical_shift(shifted, shift, n) - (1 << (n - 2 - shift)) - borrow.data
+            t = t + _logical_shift(shifted, shift, n) - (1 << (n - 2 - shift))
         return Shares(self, wrap(t, n), n)
+
+    def bits_to_ring(self, bits: Shares, ring_bits: int) -> Shares:
+        """Additive shares on ``Z_2^ring_bits`` of XOR-shared bits ``b``: one round of 1-bit openings.
+
+        The servers open ``b^ = b xor m`` under a fresh mask bit ``m``; then ``b = b^ + m - 2 b^ m``
+        is local from the dealer's shares of ``m`` on the ring. Key: one ring element per bit.
+        """
+        (masked,) = self.reveal(bits)
+        if self.is_dealer:
+            self.correlated(masked.data, bits.shape, ring_bits)
+            return Shares(self, _meta(bits.shape), ring_bits)
+        m = self.correlated(None, bits.shape, ring_bits)
+        b = masked.data
+        out = (1 - 2 * b) * m + (b if self.role == SERVER0 else 0)
+        return Shares(self, wrap(out, ring_bits), ring_bits)
 
     # -- comparisons, selection and lookup tables --------------------------------------------
     def less_than(self, x: Masked, tests: list[tuple[int, int]]) -> list[Shares]:

@@ -84,15 +84,12 @@ def verify_ranges(ctx: FSS) -> dict[str, int]:
     kind_of = torch.cat([torch.full((n,), kinds.index(kind)) for (kind, _), n in zip(checks, sizes)])
     total = sum(sizes)
     if ctx.is_dealer:
-        (opened,) = ctx.reveal(Shares(ctx, _meta((total,)), 1))
-        ctx.correlated(opened.data, (total,), COUNT_BITS)
+        ctx.bits_to_ring(Shares(ctx, _meta((total,)), 1), COUNT_BITS)
         ctx.open(Shares(ctx, _meta((len(kinds),)), COUNT_BITS))
         return {}
     flat = torch.cat([bits.data.reshape(-1) for _, bits in checks])
-    (opened,) = ctx.reveal(Shares(ctx, flat, 1))  # o xor m
-    m = ctx.correlated(None, (total,), COUNT_BITS)
-    b = opened.data
-    outside = (1 - 2 * b) * m + (b if ctx.role == SERVER0 else 0)  # o = b + m - 2 b m
-    counts = torch.zeros(len(kinds), dtype=torch.int64, device=b.device).index_add_(0, kind_of.to(b.device), outside)
+    outside = ctx.bits_to_ring(Shares(ctx, flat, 1), COUNT_BITS).data
+    counts = torch.zeros(len(kinds), dtype=torch.int64, device=outside.device).index_add_(
+        0, kind_of.to(outside.device), outside)
     opened_counts = ctx.open(Shares(ctx, wrap(counts, COUNT_BITS), COUNT_BITS))
     return {kind: int(n) for kind, n in zip(kinds, opened_counts.tolist()) if n}
