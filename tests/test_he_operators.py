@@ -7,8 +7,6 @@ the operators' stated errors plus CKKS noise (about 1e-6 here).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

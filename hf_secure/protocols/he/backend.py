@@ -39,6 +39,7 @@ import numpy as np
 from tenseal import sealapi as seal
 
 from ...errors import CorruptKeyError, KeyMismatchError, MissingKeyError, ProgramError, UnknownOptionError
+from .rns import plaintext_from_coefficients
 
 MAGIC = b"HFSCKKS1"
 _HEADER = struct.Struct("<8s16s16s32sB")  # magic, params fingerprint, key id, sha256(body), kind
@@ -176,6 +177,7 @@ class CKKS:
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
         self.costs = Costs()
+        self._monomials: dict = {}
         self.key_id: bytes | None = None
         self._secret = self._encryptor = self._decryptor = None
         self.relin_keys = self.galois_keys = None
@@ -419,6 +421,50 @@ class CKKS:
         out.scale = target  # exact: (a.scale * target q / a.scale) / q
         self.costs.plain_multiplications += 1
         self.costs.rescales += 1
+        return Ciphertext(self, out)
+
+    def dot_plain(self, cts: list[Ciphertext], vectors, scale: float | None = None) -> Ciphertext:
+        """``sum_i cts[i] * vectors[i]`` (all ``cts`` at one level and scale; ``vectors[i]`` up to
+        ``slots`` reals, an all-zero one skipped), with a single rescale at the end: one level,
+        the result at exactly ``scale`` (default: the inputs')."""
+        level, in_scale = cts[0].level, cts[0].scale
+        if level < 1:
+            raise ProgramError("no level left for a product")
+        if any(ct.level != level or ct.scale != in_scale for ct in cts):
+            raise ProgramError("dot_plain needs its ciphertexts at one level and scale")
+        target = in_scale if scale is None else scale
+        pt_scale = target * self.prime(level) / in_scale
+        out = tmp = None
+        for ct, v in zip(cts, vectors, strict=True):
+            if not np.any(v):
+                continue
+            tmp = tmp or self._new()
+            self.evaluator.multiply_plain(ct.raw, self.encode(v, level, pt_scale), tmp)
+            if out is None:
+                out, tmp = tmp, None
+            else:
+                self.evaluator.add_inplace(out, tmp)
+            self.costs.plain_multiplications += 1
+        if out is None:
+            raise ProgramError("dot_plain of all-zero vectors: the result would be a transparent ciphertext")
+        self.evaluator.rescale_to_next_inplace(out)
+        out.scale = target
+        self.costs.rescales += 1
+        return Ciphertext(self, out)
+
+    def multiply_monomial(self, a: Ciphertext, power: int) -> Ciphertext:
+        """``a * X^power`` (``power`` in ``[-N, N)``, ``X^-k = -X^(N-k)``) on the plaintext
+        polynomial: exact, no level."""
+        n = self.params.poly_degree
+        if not -n <= power < n:
+            raise ProgramError(f"monomial power {power} outside [-{n}, {n})")
+        key = (a.level, power)
+        if key not in self._monomials:
+            coeffs = [0] * n
+            coeffs[power % n] = 1 if power >= 0 else -1
+            self._monomials[key] = plaintext_from_coefficients(self.context, coeffs, self.parms_id(a.level), 1.0)
+        out = self._new()
+        self.evaluator.multiply_plain(a.raw, self._monomials[key], out)
         return Ciphertext(self, out)
 
     def multiply(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:

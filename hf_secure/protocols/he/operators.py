@@ -56,6 +56,15 @@ def ensure(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
     return refresh(x, need + floor)
 
 
+def fit(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
+    """``x`` with exactly ``need`` levels to spend (refreshed if it has fewer, moved down if it has
+    more: products and rotations cost about the square of the primes left, so an operator of known
+    depth runs at the lowest level that suffices)."""
+    x = ensure(x, need, refresh)
+    floor = refresh.level if refresh is not None else 0
+    return x.ctx.to_level(x, need + floor) if x.level > need + floor else x
+
+
 def spendable(ctx: CKKS, refresh: Refresh | None) -> int:
     """Levels a fresh ciphertext can spend before its refresh."""
     return ctx.params.levels - (refresh.level if refresh is not None else 0)
@@ -175,7 +184,7 @@ def activation(ctx: CKKS, x: Ciphertext, name: str = "gelu", bound: float = 8.0,
     series in ``x^2`` reaches ``tolerance`` (GELU on [-8, 8]: degree 16 for 1e-4). Outside the
     bound the series diverges. Depth ``3 + ceil(log2 degree)``."""
     coeffs = [c / 2 for c in activation_series(name, float(bound), float(tolerance))]
-    x = ensure(x, 3 + math.ceil(math.log2(len(coeffs) - 1)), refresh)
+    x = fit(x, 3 + math.ceil(math.log2(len(coeffs) - 1)), refresh)
     half_g = chebyshev(ctx, ctx.square(x), coeffs, 0.0, bound * bound)
     return half_g + ctx.multiply_plain(ctx.to_level(x, half_g.level + 1), 0.5, scale=half_g.scale)
 
@@ -203,7 +212,7 @@ def sign(ctx: CKKS, x: Ciphertext, refresh: Refresh | None = None, compositions=
     """``sgn(x)`` (+-1) for ``x`` in ``[-1, 1]`` by composite odd polynomials (NEXUS: ``g4 g4 f4
     f4``, depth 16, 20 products). Within ``2^-10`` of +-1 for ``|x| >= 0.02`` (tests); values
     in between below that; ``|x| > 1`` diverges (callers normalise)."""
-    x = ensure(x, min(4 * len(compositions), spendable(ctx, refresh) // 4 * 4), refresh)
+    x = fit(x, min(4 * len(compositions), spendable(ctx, refresh) // 4 * 4), refresh)
     for c in compositions:
         x = odd9(ctx, x, c, refresh)
     return x
@@ -297,7 +306,7 @@ def exp_negative(ctx: CKKS, x: Ciphertext, bound: float, tolerance: float = 1e-4
     ``1e-4`` with ``r = 4``, one level less). Depth ``3 + r`` (:func:`exp_plan`)."""
     r = exp_plan(float(bound), float(tolerance))
     taylor = {0: 1.0, 1: 1 / 2**r, 2: 1 / (2 * 4**r), 3: 1 / (6 * 8**r)}
-    y = polynomial(ctx, ensure(x, min(3 + r, spendable(ctx, refresh)), refresh), taylor, refresh)
+    y = polynomial(ctx, fit(x, min(3 + r, spendable(ctx, refresh)), refresh), taylor, refresh)
     for _ in range(r):
         y = _square(ctx, y, refresh)
     return y
@@ -401,21 +410,47 @@ def softmax(ctx: CKKS, x: Ciphertext, count: int, stride: int, bound: float,
     return _mul(ctx, e, inv, refresh)
 
 
-def layer_norm(ctx: CKKS, x: Ciphertext, count: int, stride: int, gamma, beta, eps: float,
-               var_low: float, var_high: float, refresh: Refresh | None = None,
-               center: bool = True) -> Ciphertext:
-    """LayerNorm over each vector of ``count`` values: ``(x - mean) / sqrt(var + eps) gamma + beta``
-    (``center=False``: RMSNorm, ``x / sqrt(mean x^2 + eps) gamma``, ``beta`` None). ``gamma`` and
-    ``beta``: plaintexts over the slots (each slot its feature's). ``var + eps`` must lie in
-    ``[var_low, var_high]``. Depth 3 + the inverse square root's + 1."""
+def layer_norm(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int, gamma, beta, eps: float,
+               var_low: float, var_high: float, refresh: Refresh | None = None, center: bool = True,
+               size: int | None = None) -> Ciphertext | list[Ciphertext]:
+    """LayerNorm of each vector: ``(x - mean) / sqrt(var + eps) gamma + beta`` (``center=False``:
+    RMSNorm, ``x / sqrt(mean x^2 + eps) gamma``, ``beta`` None). A vector is ``count`` values
+    ``stride`` apart in each ciphertext of ``x`` (a list: the vector spans them all, e.g. a
+    token's features over several ciphertexts); ``size`` is its number of real entries (default
+    all; the rest must be 0, and ``gamma``/``beta`` 0 there keep them 0). ``gamma``, ``beta``:
+    plaintext vectors over the slots, one per ciphertext. ``var + eps`` (the mean square for
+    RMSNorm) must lie in ``[var_low, var_high]``. The variance is ``E[x^2] - E[x]^2`` (depth 2,
+    folded at the lowest level: with a refresh, it is refreshed for the inverse square root),
+    then the inverse square root, then 2."""
+    single = isinstance(x, Ciphertext)
+    xs = [x] if single else list(x)
+    gammas = [gamma] if single else list(gamma)
+    betas = [beta] if single else list(beta) if beta is not None else [None] * len(xs)
+    size = size or count * len(xs)
+    # the folds (2 log2 count rotations) run two levels above the floor, where rotations are
+    # cheap; the variance is then refreshed to the depth of the inverse square root
+    xs = [fit(c, 2 if refresh is not None else c.level, refresh) for c in xs]
+    squares = [ctx.square(c) for c in xs]
+    mean_square = ctx.multiply_plain(quick_sum(ctx, _sum(squares), count, stride), 1 / size)
+    var = mean_square + eps
+    mean = None
     if center:
-        x = ensure(x, 3, refresh)
-        x = x - ctx.multiply_plain(quick_sum(ctx, x, count, stride), 1 / count)
-    x = ensure(x, 2, refresh)
-    var = ctx.multiply_plain(quick_sum(ctx, ctx.square(x), count, stride), 1 / count) + eps
+        mean = ctx.multiply_plain(quick_sum(ctx, _sum(xs), count, stride), 1 / size)
+        var = var - ctx.square(mean)
     inv = inverse_sqrt(ctx, var, var_low, var_high, refresh=refresh)
-    y = _times(ctx, _mul(ctx, x, inv, refresh), gamma, refresh)
-    return y + beta if beta is not None else y
+    out = []
+    for c, g, b in zip(xs, gammas, betas, strict=True):
+        centered = c - mean if center else c
+        y = _times(ctx, _mul(ctx, centered, inv, refresh), g, refresh)
+        out.append(y + b if b is not None else y)
+    return out[0] if single else out
+
+
+def _sum(cts: list[Ciphertext]) -> Ciphertext:
+    total = cts[0]
+    for c in cts[1:]:
+        total = total + c
+    return total
 
 
 def _log2(count: int) -> int:
