@@ -290,9 +290,10 @@ class CKKS:
 
     # -- client: encrypt, decrypt ---------------------------------------------------------------
     def encode(self, values, level: int, scale: float) -> "seal.Plaintext":
-        """``values`` (up to ``slots`` reals, or one scalar for every slot) as a plaintext at
-        ``level`` and ``scale``; ProgramError if a value times the scale does not fit the level's
-        modulus or the plaintext would round to zero (SEAL would make a transparent ciphertext)."""
+        """``values`` (up to ``slots`` reals or complex numbers, or one real for every slot) as a
+        plaintext at ``level`` and ``scale``; ProgramError if a value times the scale does not fit
+        the level's modulus or the plaintext would round to zero (SEAL would make a transparent
+        ciphertext)."""
         pt = seal.Plaintext()
         if np.ndim(values) == 0:
             v = float(values)
@@ -300,7 +301,8 @@ class CKKS:
                 raise ProgramError(f"constant {v} at scale {scale:.3g} rounds to zero")
             self.encoder.encode(v, self.parms_id(level), scale, pt)
             return pt
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        v = np.asarray(values).reshape(-1)
+        v = v.astype(np.complex128 if np.iscomplexobj(v) else np.float64, copy=False)
         if v.size > self.params.slots:
             raise ProgramError(f"{v.size} values do not fit {self.params.slots} slots")
         if not np.isfinite(v).all():

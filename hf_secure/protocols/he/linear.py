@@ -130,3 +130,59 @@ def matmul_expanded(ctx: CKKS, rows: list[Ciphertext], w: np.ndarray, m: int) ->
 def unpack_rows(values: list[np.ndarray], p: int, m: int) -> np.ndarray:
     """The client's view of :func:`matmul_expanded`'s decrypted outputs: ``W X`` as ``p x m``."""
     return np.concatenate([v.reshape(-1, m) for v in values])[:p]
+
+
+class SlotLinear:
+    """``y = x W + b`` on slot-packed activations (:class:`.layout.Layout`), by expansion.
+
+    The expansion of a slot-packed ciphertext (``log2 per_ct`` rounds of Subs) gives ``per_ct``
+    ciphertexts ``E_k`` that are constant on each token's orbit of slots: ``E_k(t) = zeta^(-e_t k)
+    sum_j omega^(-a_tj k) x[t, j]``, a DFT of the token's features (``omega = exp(2 pi i / per_ct)``,
+    ``zeta = exp(i pi / N)``, ``e_t = 3^t mod 2N``, ``a_tj = 3^t alpha_j mod per_ct`` with
+    ``alpha_j`` fixed by feature ``j``'s slot). So ``x[t] W`` is ``sum_k P_k(t) E_k(t)`` for
+    plaintexts ``P_k(t, g) = zeta^(e_t k) V[3^t k mod per_ct, g] / per_ct`` with ``V = Omega W``,
+    ``Omega[k, j] = omega^(alpha_j k)``: one plaintext product per ``(input ciphertext, k, output
+    ciphertext)``, ``width_in * width_out / per_ct`` in all, as many as slot products can be. One
+    level. ``weight``: ``[width_in, width_out]`` (transformers' Linear weight transposed).
+    """
+
+    def __init__(self, ctx: CKKS, weight: np.ndarray, bias: np.ndarray | None, layout_in, layout_out):
+        if layout_in.tokens != layout_out.tokens or weight.shape != (layout_in.width, layout_out.width):
+            raise ProgramError(f"weight {weight.shape} does not map {layout_in} to {layout_out}")
+        self.ctx, self.layout_in, self.layout_out = ctx, layout_in, layout_out
+        n, f = ctx.params.poly_degree, layout_in.per_ct
+        exponents = np.array([pow(3, int(o), 2 * n) for o in layout_in.feature_offsets()], dtype=np.int64)
+        alpha = ((exponents - 1) % (2 * n)) // (2 * n // f)
+        k = np.arange(f)
+        omega = np.exp(2j * np.pi * (np.outer(k, alpha) % f) / f)
+        padded = np.zeros((layout_in.count * f, layout_out.count * layout_out.per_ct))
+        padded[:weight.shape[0], :weight.shape[1]] = weight
+        self.v = [omega @ padded[c * f:(c + 1) * f] for c in range(layout_in.count)]  # [f, out] each
+        tokens = np.arange(layout_in.tokens)
+        e_t = np.array([pow(3, int(t), 2 * n) for t in tokens], dtype=np.int64)
+        self.phase = np.exp(1j * np.pi * ((np.outer(e_t, k) % (2 * n)) / n))  # [tokens, k]
+        self.index = np.outer(np.array([pow(3, int(t), f) for t in tokens]), k) % f  # [tokens, k]
+        self.bias = None if bias is None else layout_out.per_feature(np.asarray(bias, dtype=np.float64))
+        self._slots = layout_out.feature_offsets()[None, :] + tokens[:, None]  # [tokens, out per ct]
+
+    def _vector(self, c: int, k: int, out: int) -> np.ndarray:
+        f_out = self.layout_out.per_ct
+        block = self.v[c][self.index[:, k], out * f_out:(out + 1) * f_out]  # [tokens, f_out]
+        vec = np.zeros(self.ctx.params.slots, dtype=np.complex128)
+        vec[self._slots] = block * self.phase[:, k:k + 1] / self.layout_in.per_ct
+        return vec
+
+    def expand(self, cts: list[Ciphertext]) -> list[list[Ciphertext]]:
+        """Each input ciphertext expanded (all at one level and scale first)."""
+        level = min(ct.level for ct in cts)
+        cts = [self.ctx.to_level(ct, level, cts[0].scale) if ct.level > level else ct for ct in cts]
+        return [expand(self.ctx, ct, self.layout_in.per_ct) for ct in cts]
+
+    def __call__(self, expanded: list[list[Ciphertext]]) -> list[Ciphertext]:
+        flat = [e for part in expanded for e in part]
+        outs = []
+        for out in range(self.layout_out.count):
+            vectors = (self._vector(c, k, out) for c in range(len(expanded)) for k in range(self.layout_in.per_ct))
+            y = self.ctx.dot_plain(flat, vectors)
+            outs.append(y + self.bias[out] if self.bias is not None else y)
+        return outs

@@ -57,12 +57,13 @@ def ensure(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
 
 
 def fit(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
-    """``x`` with exactly ``need`` levels to spend (refreshed if it has fewer, moved down if it has
-    more: products and rotations cost about the square of the primes left, so an operator of known
-    depth runs at the lowest level that suffices)."""
+    """``x`` with exactly ``need`` levels to spend when refreshes are available (refreshed if it has
+    fewer, moved down if it has more: products and rotations cost about the square of the primes
+    left, so an operator of known depth runs at the lowest level that suffices)."""
     x = ensure(x, need, refresh)
-    floor = refresh.level if refresh is not None else 0
-    return x.ctx.to_level(x, need + floor) if x.level > need + floor else x
+    if refresh is None:  # levels given away could not be had back
+        return x
+    return x.ctx.to_level(x, need + refresh.level) if x.level > need + refresh.level else x
 
 
 def spendable(ctx: CKKS, refresh: Refresh | None) -> int:
@@ -392,22 +393,29 @@ def inverse_sqrt(ctx: CKKS, x: Ciphertext, low: float, high: float, tolerance: f
     return _times(ctx, y, 1 / math.sqrt(high), refresh)
 
 
-def softmax(ctx: CKKS, x: Ciphertext, count: int, stride: int, bound: float,
-            refresh: Refresh | None = None, keep: np.ndarray | None = None) -> Ciphertext:
-    """Softmax of each vector of ``count`` scores (``|x| <= bound``): the maximum subtracted
-    (QuickMax), :func:`exp_negative` on ``[-2 bound, 0]``, QuickSum, Goldschmidt's
-    inverse on ``[1, count]`` (the maximum contributes ``exp(0) = 1``). ``keep``: a 0/1 plaintext
-    over the slots (masked scores, e.g. causal or padding, get weight 0: they are set to
-    ``-bound`` before the maximum, so it is taken over the kept ones, and zeroed after exp)."""
-    if keep is not None:
-        keep = np.asarray(keep, dtype=np.float64)
-        x = _times(ctx, x, keep, refresh) + (keep - 1) * bound
-    m = quick_max(ctx, x, count, stride, bound, refresh)
-    e = exp_negative(ctx, x - m, 2 * bound, refresh=refresh)
-    if keep is not None:
-        e = _times(ctx, e, keep, refresh)
-    inv = inverse(ctx, quick_sum(ctx, e, count, stride), 1.0, float(count), refresh=refresh)
-    return _mul(ctx, e, inv, refresh)
+def softmax(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int, bound: float,
+            refresh: Refresh | None = None, keep=None) -> Ciphertext | list[Ciphertext]:
+    """Softmax of each vector of scores (``|x| <= bound``): ``count`` values ``stride`` apart in
+    each ciphertext of ``x`` (a list: the vector spans them all). The maximum is subtracted
+    (elementwise across the ciphertexts, then QuickMax), :func:`exp_negative` on ``[-2 bound,
+    0]``, QuickSum, Goldschmidt's inverse on ``[1, count len(x)]`` (the maximum contributes
+    ``exp(0) = 1``). ``keep``: 0/1 plaintext vectors over the slots, one per ciphertext (masked
+    scores, e.g. causal or padding, get weight 0: set to ``-bound`` before the maximum, so it is
+    taken over the kept ones, and zeroed after exp)."""
+    single = isinstance(x, Ciphertext)
+    xs = [x] if single else list(x)
+    keeps = ([keep] if single else list(keep)) if keep is not None else [None] * len(xs)
+    keeps = [None if k is None else np.asarray(k, dtype=np.float64) for k in keeps]
+    xs = [c if k is None else _times(ctx, c, k, refresh) + (k - 1) * bound for c, k in zip(xs, keeps, strict=True)]
+    m = xs[0]
+    for c in xs[1:]:
+        m = maximum(ctx, m, c, bound, refresh)
+    m = quick_max(ctx, m, count, stride, bound, refresh)
+    es = [exp_negative(ctx, c - m, 2 * bound, refresh=refresh) for c in xs]
+    es = [e if k is None else _times(ctx, e, k, refresh) for e, k in zip(es, keeps)]
+    inv = inverse(ctx, quick_sum(ctx, _sum(es), count, stride), 1.0, float(count * len(es)), refresh=refresh)
+    out = [_mul(ctx, e, inv, refresh) for e in es]
+    return out[0] if single else out
 
 
 def layer_norm(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int, gamma, beta, eps: float,

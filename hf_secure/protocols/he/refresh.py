@@ -15,6 +15,11 @@ learns nothing about it (one round trip, counted):
 3. Server: subtract ``r`` at the top level. The result encrypts ``m + e`` with a fresh
    ciphertext's levels and noise.
 
+The refresh also resets the scale to the nominal ``D`` for free: products of ciphertexts drift
+from it (``s1 s2 / q``), and the client re-encrypts ``round(u D / s)`` while the server subtracts
+``round(r D / s)`` (exact rationals of the two doubles): the difference is ``(m + e) D / s`` up to
+one unit per coefficient, far below the noise.
+
 Security for the client side (semi-honest client, honest-but-curious server): the client sees
 ``u = (m + e) + r`` coefficient by coefficient. With ``|m + e|_inf <= B`` and ``r`` uniform on
 ``[-R, R]``, the statistical distance between ``u`` and ``r`` alone is at most ``N B / R``; the
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from fractions import Fraction
 import time
 from typing import Callable
 
@@ -43,6 +49,7 @@ from .backend import CKKS, Ciphertext
 from .rns import plaintext_coefficients, plaintext_from_coefficients
 
 NOISE_BITS = 30  # a generous bound on the noise of a ciphertext at a refresh (coefficients)
+SCALE_RANGE = 16.0  # a ciphertext's scale may drift to D / 16 .. 16 D before it is refreshed
 
 Client = Callable[[bytes], bytes]
 
@@ -72,7 +79,7 @@ class Refresher:
         self.target = ctx.params.levels if target is None else target
         self.security_bits = security_bits
         self.value_bound = value_bound
-        self.bound, self.range = mask_range(ctx.params, ctx.params.scale * 2, value_bound, security_bits)
+        self.bound, self.range = mask_range(ctx.params, ctx.params.scale * SCALE_RANGE, value_bound, security_bits)
         room = ctx.modulus(level)
         if 2 * (self.range + self.bound) >= room:
             raise ProgramError(
@@ -92,8 +99,8 @@ class Refresher:
             raise ProgramError(f"refresh to level {target}: outside {self.level + 1}..{ctx.params.levels}")
         if ct.level < self.level:
             raise ProgramError(f"a ciphertext at level {ct.level} is below the refresh level {self.level}")
-        if ct.scale > 2 * ctx.params.scale:
-            raise ProgramError(f"refresh of a ciphertext at scale {ct.scale:.3g}: rescale first")
+        if not ctx.params.scale / SCALE_RANGE <= ct.scale <= ctx.params.scale * SCALE_RANGE:
+            raise ProgramError(f"refresh of a ciphertext at scale {ct.scale:.3g}: outside the mask's design")
         start = time.perf_counter()
         low = ctx.to_level(ct, self.level)
         r = self._mask()
@@ -101,23 +108,33 @@ class Refresher:
         request = bytes([target]) + ctx.serialize(masked)
         answer = self.client(request)
         fresh = ctx.deserialize(answer)
-        if fresh.level != target or fresh.scale != low.scale:
+        if fresh.level != target or fresh.scale != ctx.params.scale:
             raise ProgramError(f"the client's refresh came back at level {fresh.level}, scale {fresh.scale:.6g}")
-        out = ctx.sub_plaintext(fresh, plaintext_from_coefficients(ctx.context, r, ctx.parms_id(target), low.scale))
+        unmask = rescaled(r, ctx.params.scale, low.scale)
+        out = ctx.sub_plaintext(fresh, plaintext_from_coefficients(ctx.context, unmask, ctx.parms_id(target),
+                                                                   ctx.params.scale))
         self.traffic.record(len(request), len(answer), time.perf_counter() - start)
         return out
 
 
+def rescaled(coeffs: list[int], scale: float, current: float) -> list[int]:
+    """``round(c scale / current)`` for each integer ``c``, exactly (the doubles as rationals)."""
+    ratio = Fraction(scale) / Fraction(current)
+    num, den = ratio.numerator, ratio.denominator
+    return [(c * num * 2 + den) // (2 * den) for c in coeffs]
+
+
 def answer_refresh(ctx: CKKS, request: bytes) -> bytes:
     """The client's side of a refresh: decrypt the masked ciphertext of ``request`` (its first
-    byte: the level wanted) to its exact integer polynomial and encrypt the same polynomial afresh
-    at that level, seed-compressed."""
+    byte: the level wanted) to its exact integer polynomial and encrypt the same polynomial
+    (brought to the nominal scale, :func:`rescaled`) afresh at that level, seed-compressed."""
     if not request or request[0] > ctx.params.levels:
         raise ProgramError("a refresh request names no level of these parameters")
     target, masked = request[0], ctx.deserialize(request[1:])
-    coeffs = plaintext_coefficients(ctx.context, ctx.decrypt_plaintext(masked))
+    coeffs = rescaled(plaintext_coefficients(ctx.context, ctx.decrypt_plaintext(masked)), ctx.params.scale,
+                      masked.scale)
     try:
-        pt = plaintext_from_coefficients(ctx.context, coeffs, ctx.parms_id(target), masked.scale)
+        pt = plaintext_from_coefficients(ctx.context, coeffs, ctx.parms_id(target), ctx.params.scale)
     except ValueError as err:  # cannot happen for q_target >= q_refresh; kept as a clear error
         raise ProgramError(f"refresh: {err}") from err
     return ctx.encrypt_plaintext(pt)
