@@ -11,6 +11,7 @@ from __future__ import annotations
 from .errors import UnknownOptionError
 from .protocols.engine import SecureEngine
 from .protocols.fss.client import FSSEngine
+from .protocols.he.client import HEEngine
 from .protocols.mpc.client import MPCEngine
 from .protocols.permute.engine import PermuteEngine
 
@@ -18,6 +19,7 @@ PROTOCOLS: dict[str, type[SecureEngine]] = {
     "permute": PermuteEngine,  # STIP, ePrint 2023/1763
     "mpc": MPCEngine,  # SecFormer, arXiv 2401.00793
     "fss": FSSEngine,  # Sigma, PoPETs 2024
+    "he": HEEngine,  # NEXUS, NDSS 2025
 }
 
 

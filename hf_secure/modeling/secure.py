@@ -157,7 +157,8 @@ class SecurePreTrainedModel(PreTrainedModel):
             ca_bundle: PEM file of the certificate authorities to trust for an https server_url.
             protocol: the protocol the checkpoint was converted for (a name in
                 :data:`hf_secure.engines.PROTOCOLS`); None: as recorded in the checkpoint. "fss"
-                also runs a plain (unconverted) checkpoint of a supported family. With "mpc"
+                also runs a plain (unconverted) checkpoint of a supported family, "he" a plain BERT
+                checkpoint (the client's CKKS key: the key store's, or ``key``). With "mpc"
                 every party runs on this machine, unless ``rendezvous`` is given.
             rendezvous: (mpc) "tcp://HOST:PORT" of server 0: only the client runs here, the model
                 owner, both servers and the dealer join with ``hf-secure party``.
@@ -193,7 +194,7 @@ class SecurePreTrainedModel(PreTrainedModel):
                                 cache_dir=cache_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(folder)
         if getattr(config, "hf_secure", None) is None and "_from_pipeline" in kwargs and protocol is None:
-            # a plain checkpoint in a pipeline: runnable with protocol="fss" only, which the pipeline checks
+            # a plain checkpoint in a pipeline: runnable with protocol="fss" or "he", which the pipeline checks
             section = {**read_section(config, str(pretrained_model_name_or_path), "fss"), "plain": True}
         else:
             section = read_section(config, str(pretrained_model_name_or_path), protocol)
@@ -202,7 +203,7 @@ class SecurePreTrainedModel(PreTrainedModel):
         for name, value in section.get("client_config", {}).items():
             setattr(config, name, value)
         if getattr(config, "hf_secure", None) is None:
-            config.hf_secure = section  # a plain checkpoint run as it is (fss)
+            config.hf_secure = section  # a plain checkpoint run as it is (fss, he)
         model = cls(config, folder)
         model._client_dtype = dtype
         if Path(folder, "generation_config.json").is_file():

@@ -12,7 +12,8 @@ party on this machine, or with ``rendezvous="tcp://HOST:PORT"`` only the client 
 started with ``hf-secure party``); ``reveal="token"`` (mpc, text generation) lets the client learn
 only each generated token, not its logits. ``protocol="fss"`` runs a plain transformers checkpoint
 (BERT, GPT-2, Llama-like) through function secret sharing, unmodified (``device="cuda"``: the
-servers compute on the GPU).
+servers compute on the GPU); ``protocol="he"`` runs a plain BERT checkpoint under CKKS
+(``secure-feature-extraction``; the client's secret key in the local key store).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from ..engines import protocol_engine
 from ..errors import UnknownOptionError
 from ..modeling import SecureModel, SecureModelForCausalLM
-from ..server.runtime import read_section
+from ..server.runtime import PLAIN_PROTOCOLS, read_section
 
 
 class _SecurePipelineMixin:
@@ -46,9 +47,11 @@ class _SecurePipelineMixin:
                 **{**defaults.to_diff_dict(), "do_sample": False, "temperature": None})
         super().__init__(*args, **kwargs)
         self.check_model_type(None)
+        if self.model.section.get("plain"):  # a plain checkpoint: fss or he run it as it is
+            if protocol not in PLAIN_PROTOCOLS:  # says how to convert it, or which protocols to pass
+                read_section(SimpleNamespace(), str(self.model.folder), protocol)
+            self.model.section["protocol"] = protocol
         recorded = self.model.section["protocol"]
-        if self.model.section.get("plain") and protocol != "fss":  # says how to convert it, or to pass fss
-            read_section(SimpleNamespace(), str(self.model.folder), protocol)
         if protocol is not None:
             protocol_engine(protocol)  # an unknown name: UnknownOptionError listing the registered ones
         if protocol is not None and protocol != recorded:

@@ -42,6 +42,9 @@ INPUT_NAMES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+PLAIN_PROTOCOLS = ("fss", "he")  # protocols that run an unmodified transformers checkpoint
+
+
 def read_section(config, source: str = "this checkpoint", protocol: str | None = None) -> dict:
     """The ``hf_secure`` section of a converted checkpoint's config.
 
@@ -49,10 +52,10 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
     transformers checkpoint. TamperedCheckpointError when the section is there but malformed.
     """
     section = getattr(config, "hf_secure", None)
-    if section is None and protocol == "fss":  # Sigma's protocol runs unmodified checkpoints
+    if section is None and protocol in PLAIN_PROTOCOLS:  # they run unmodified checkpoints
         from ..families import family_of
 
-        return {"protocol": "fss", "family": family_of(config).name}
+        return {"protocol": protocol, "family": family_of(config).name}
     if section is None:
         commands = {
             "permute": f"hf-secure convert permute {source} --out CONVERTED --key-out client.key.safetensors",
@@ -62,7 +65,7 @@ def read_section(config, source: str = "this checkpoint", protocol: str | None =
         raise NotConvertedError(
             f"{source} is a plain transformers checkpoint, not converted for hf_secure (its config.json has no "
             f"'hf_secure' section). Convert it first: {' or '.join(f'`{c}`' for c in wanted)}, then load CONVERTED; "
-            "or run it as it is with protocol='fss'."
+            "or run it as it is with protocol='fss' or protocol='he'."
         )
     if not isinstance(section, dict) or "protocol" not in section:
         raise TamperedCheckpointError(f"the 'hf_secure' section of {source}'s config.json is malformed")

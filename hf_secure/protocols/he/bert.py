@@ -54,6 +54,16 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def layouts(slots: int, config, block: int) -> tuple[Layout, Layout]:
+    """The hidden and FFN layouts for sequences of ``block`` tokens: as many token positions per
+    ciphertext as the hidden size leaves (several sequences share one), at least ``block``."""
+    group = config.hidden_size // config.num_attention_heads
+    tokens = max(block, slots // next_power_of_two(config.hidden_size))
+    if tokens > slots // group:
+        raise UnsupportedModelError(f"{block} tokens of heads of {group} do not fit {slots} slots")
+    return Layout(slots, tokens, config.hidden_size, group), Layout(slots, tokens, config.intermediate_size, group)
+
+
 class BertProgram:
     """The encoder layers of a BERT checkpoint on one CKKS context.
 
@@ -75,11 +85,8 @@ class BertProgram:
             raise UnsupportedModelError(f"head size {self.group} is not a power of two")
         self.block = next_power_of_two(block)
         slots = ctx.params.slots
-        tokens = max(self.block, slots // next_power_of_two(d))
-        if tokens > slots // self.group:
-            raise UnsupportedModelError(f"{self.block} tokens of heads of {self.group} do not fit {slots} slots")
-        self.layout = Layout(slots, tokens, d, self.group)
-        self.ff_layout = Layout(slots, tokens, config.intermediate_size, self.group)
+        self.layout, self.ff_layout = layouts(slots, config, self.block)
+        tokens = self.layout.tokens
         self.eps = config.layer_norm_eps
         self.layers = [self._layer(weights, f"encoder.layer.{i}.") for i in range(config.num_hidden_layers)]
         lay = self.layout
@@ -105,20 +112,25 @@ class BertProgram:
                     lay.per_feature(w[f"{p}output.LayerNorm.bias"])),
         }
 
-    def galois(self) -> tuple[list[int], list[int]]:
-        """(rotation steps, Galois elements) the server needs: shifts by 1 and ``-block``, folds by
-        ``tokens 2^i``, and the expansions' Subs."""
-        lay = self.layout
-        steps = {1, -self.block} | {lay.tokens << i for i in range(int(math.log2(lay.per_ct)))}
-        elements = set(expansion_elements(self.ctx, lay.per_ct)) | set(expansion_elements(self.ctx, self.ff_layout.per_ct))
+    @staticmethod
+    def keys_needed(ctx: CKKS, config, block: int) -> tuple[list[int], list[int]]:
+        """(rotation steps, Galois elements) the server needs for sequences of ``block``: token
+        shifts by 1 and ``-block``, folds by ``tokens 2^i``, and the expansions' Subs."""
+        block = next_power_of_two(block)
+        lay, ff = layouts(ctx.params.slots, config, block)
+        steps = {1, -block} | {lay.tokens << i for i in range(int(math.log2(lay.per_ct)))}
+        elements = set(expansion_elements(ctx, lay.per_ct)) | set(expansion_elements(ctx, ff.per_ct))
         return sorted(steps), sorted(elements)
 
     # -- one query ------------------------------------------------------------------------------
-    def forward(self, x: list[Ciphertext], valid: np.ndarray, refresh) -> list[Ciphertext]:
+    def forward(self, x: list[Ciphertext], valid: np.ndarray, refresh, on_layer=None) -> list[Ciphertext]:
         """The final hidden states of the embeddings ``x`` (``layout.count`` ciphertexts);
-        ``valid``: ``[tokens]`` 0/1, the real (unpadded) token positions (keys to attend to)."""
+        ``valid``: ``[tokens]`` 0/1, the real (unpadded) token positions (keys to attend to).
+        ``on_layer``: called after each layer (progress)."""
         for layer in self.layers:
             x = self._layer_forward(layer, x, valid, refresh)
+            if on_layer is not None:
+                on_layer()
         return x
 
     def _linear(self, lin: SlotLinear, cts: list[Ciphertext], refresh, after: int = 0) -> list[Ciphertext]:

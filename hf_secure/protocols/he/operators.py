@@ -53,7 +53,7 @@ def ensure(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
         raise ProgramError(f"needs {need} levels, the ciphertext has {x.level} and no refresh is available")
     if need + floor > x.ctx.params.levels:
         raise ProgramError(f"needs {need} levels, more than a fresh ciphertext has ({x.ctx.params.levels - floor})")
-    return refresh(x, need + floor)
+    return refresh(x)
 
 
 def fit(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
