@@ -52,7 +52,8 @@ class SecureEngine(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]]  # the options connect() takes beyond folder/config/causal/dtype/timeout
     vocab_size: int
-    reveal: str = "logits"  # what logits() hands back: "logits", or "token" (a point mass at the token)
+    reveal: str = "logits"
+    creates_keys: bool = False  # the client makes its own key on first use (he); else the owner issues it  # what logits() hands back: "logits", or "token" (a point mass at the token)
 
     @classmethod
     def check_options(cls, options: dict) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ...accounting import Traffic
-from ...errors import CorruptKeyError, UnknownOptionError, UnsupportedModelError
+from ...errors import MissingKeyError, UnknownOptionError, UnsupportedModelError
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
@@ -57,7 +57,7 @@ def load_or_create_key(path: str | os.PathLike | None, params: Params) -> CKKS:
             return ctx
     path = Path(path)
     if not path.is_file():
-        raise CorruptKeyError(f"no he key file at {path}")
+        raise MissingKeyError(f"no he key file at {path} (key=None uses the key store's, made on first use)")
     return CKKS(params, secret_key=path.read_bytes())
 
 
@@ -136,6 +136,7 @@ class HEEngine(SecureEngine):
 
     name = "he"
     options = ("key",)
+    creates_keys = True
 
     def __init__(self, folder: str, config, key=None):
         from transformers import BertModel

@@ -88,8 +88,12 @@ class Refresher:
         self.traffic = Traffic()
 
     def _mask(self) -> list[int]:
+        """``N`` integers uniform on ``[-R, R]`` from the OS's CSPRNG (64 spare bits per draw: the
+        reduction's bias is below ``2^-64``)."""
         span = 2 * self.range + 1
-        return [secrets.randbelow(span) - self.range for _ in range(self.ctx.params.poly_degree)]
+        width = (span.bit_length() + 64 + 7) // 8
+        blob = secrets.token_bytes(width * self.ctx.params.poly_degree)
+        return [int.from_bytes(blob[i:i + width], "little") % span - self.range for i in range(0, len(blob), width)]
 
     def __call__(self, ct: Ciphertext, level: int | None = None) -> Ciphertext:
         """A fresh encryption of ``ct``'s values at ``level`` levels (default :attr:`target`)."""
