@@ -133,14 +133,15 @@ class BertProgram:
                 on_layer()
         return x
 
-    def _linear(self, lin: SlotLinear, cts: list[Ciphertext], refresh, after: int = 0) -> list[Ciphertext]:
-        cts = [op.fit(c, 1 + after, refresh) for c in cts]
+    def _linear(self, lin: SlotLinear, cts: list[Ciphertext], refresh) -> list[Ciphertext]:
+        """The product at the lowest level that takes it (its Subs cost about the square of the
+        primes left; refreshing the outputs costs less)."""
+        cts = [op.fit(c, 1, refresh) for c in cts]
         return lin(lin.expand(cts))
 
     def _layer_forward(self, w: dict, x: list[Ciphertext], valid: np.ndarray, refresh) -> list[Ciphertext]:
         ctx, lay = self.ctx, self.layout
-        x_in = [op.fit(c, 1 + 3, refresh) for c in x]
-        expanded = w["q"].expand(x_in)
+        expanded = w["q"].expand([op.fit(c, 1, refresh) for c in x])
         q, k, v = w["q"](expanded), w["k"](expanded), w["v"](expanded)
         context = [self._attention(qc, kc, vc, valid, refresh) for qc, kc, vc in zip(q, k, v)]
         attn = self._linear(w["o"], context, refresh)

@@ -36,9 +36,10 @@ from .bert import BertProgram, Bounds, next_power_of_two
 from .layout import pad_tokens
 from .refresh import Refresher, answer_refresh
 
-# N = 2^15 with 10 levels: 128-bit by SEAL's check (500 of the 881 bits it allows), Galois keys of
-# ~60 MB (a third of the 19-level chain's); refreshes through the client supply further depth.
-MODEL_PARAMS = Params(2**15, (60,) + (40,) * 10 + (60,), 40)
+# N = 2^15 with 12 levels: 128-bit by SEAL's check (600 of the 881 bits it allows), Galois keys of
+# ~80 MB (half the 19-level chain's); 10 levels between refreshes (the GELU series of BERT's wide
+# activation range is 10 deep), refreshes through the client supply the rest.
+MODEL_PARAMS = Params(2**15, (60,) + (40,) * 12 + (60,), 40)
 
 
 def load_or_create_key(path: str | os.PathLike | None, params: Params) -> CKKS:
@@ -61,7 +62,7 @@ def load_or_create_key(path: str | os.PathLike | None, params: Params) -> CKKS:
     return CKKS(params, secret_key=path.read_bytes())
 
 
-def calibrate(model, input_ids: torch.Tensor, margin: float = 2.0, floor: float = 4.0) -> Bounds:
+def calibrate(model, input_ids: torch.Tensor, margin: float = 1.5, floor: float = 4.0) -> Bounds:
     """The approximations' ranges for a plaintext ``BertModel``, measured on ``input_ids``:
     ``margin`` times the largest score and FFN pre-activation (at least ``floor``), LayerNorm
     variances within ``[min / 8, 8 max]``. The server's model owner states them with the model;
@@ -98,6 +99,25 @@ def calibrate(model, input_ids: torch.Tensor, margin: float = 2.0, floor: float 
             h.remove()
     return Bounds(scores=max(floor, margin * seen["scores"]), activation=max(floor, margin * seen["act"]),
                   variance=(seen["var"][0] / 8, seen["var"][1] * 8))
+
+
+def calibration_ids(folder: str, config) -> torch.Tensor:
+    """Token ids to calibrate on: the checkpoint's tokenizer on the project's calibration text,
+    or random ids where the checkpoint has no tokenizer (random text reaches other ranges than
+    real text: a tokenizer is better)."""
+    from transformers import AutoTokenizer
+
+    from ...convert.approximate import DEFAULT_CALIBRATION
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return torch.randint(0, config.vocab_size, (4, min(64, config.max_position_embeddings)),
+                             generator=torch.Generator().manual_seed(0))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    ids = tokenizer(DEFAULT_CALIBRATION, return_tensors="pt", padding=True)["input_ids"]
+    return ids.clamp(max=config.vocab_size - 1)[:, :config.max_position_embeddings]
 
 
 class HEServer:
@@ -151,9 +171,7 @@ class HEEngine(SecureEngine):
         if missing:
             raise UnsupportedModelError(f"the checkpoint lacks {sorted(missing)[:4]}")
         self.embeddings = plain.embeddings  # the client's part
-        calibration = torch.randint(0, config.vocab_size, (4, min(64, config.max_position_embeddings)),
-                                    generator=torch.Generator().manual_seed(0))
-        self.bounds = calibrate(plain, calibration)
+        self.bounds = calibrate(plain, calibration_ids(folder, config))
         self.server = HEServer(config, {k: v.double().numpy() for k, v in weights.items()}, self.params, self.bounds)
         self.stats = Traffic()
         self._keys_for: set[int] = set()
