@@ -50,3 +50,20 @@ def test_expansion_needs_its_keys_and_a_power_of_two():
         linear.expand(server, ct, 48)
     with pytest.raises(ProgramError):
         linear.pack_rows(client, np.ones((4, 48)))
+
+
+def test_slot_linear_on_the_model_layout():
+    from hf_secure.protocols.he.layout import Layout
+
+    params = Params(2**14, (60,) + (40,) * 4 + (60,), 40)
+    lin, lout = Layout(params.slots, 64, 200, 16), Layout(params.slots, 64, 150, 16)  # 2 ciphertexts each
+    rng = np.random.default_rng(0)
+    x, w, b = rng.normal(size=(64, 200)), rng.normal(size=(200, 150)) * 0.1, rng.normal(size=150)
+    client = CKKS.keygen(params)
+    server = CKKS(params, evaluation_keys=client.evaluation_keys(steps=linear.SlotLinear.steps(lin)))
+    cts = [server.deserialize(client.serialize(client.encrypt(v, level=1))) for v in lin.pack(x)]
+    outs = linear.SlotLinear(server, w, b, lin, lout)(cts)
+    assert all(o.level == 0 for o in outs)
+    got = lout.unpack([client.decrypt(client.deserialize(server.serialize(o))) for o in outs])
+    assert np.abs(got - (x @ w + b)).max() < 1e-4
+    assert server.costs.rotations == 2 * 15 + 2 * 7  # 15 baby steps per input, 7 giant per output (per_ct 128)

@@ -7,7 +7,7 @@ weights and returns the final hidden states encrypted at the lowest level.
 
 Per layer, as transformers' ``BertLayer`` (post-LayerNorm):
 
-* Q, K, V: one expansion of the input, three :class:`.linear.SlotLinear` products.
+* Q, K, V: three :class:`.linear.SlotLinear` products (baby-step giant-step diagonals).
 * Scores: for each key offset ``d`` inside a sequence block (``block`` positions, a power of two;
   several sequences can share a ciphertext, one per block), ``K`` shifted by ``d`` tokens (two
   running rotations, by 1 and by 1 - block, and a 0/1 mask), the product with ``Q``, QuickSum over
@@ -37,7 +37,7 @@ from ...errors import UnsupportedModelError
 from . import operators as op
 from .backend import CKKS, Ciphertext
 from .layout import Layout
-from .linear import SlotLinear, expansion_elements
+from .linear import SlotLinear
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,15 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+MAX_PER_CT = 128  # features per ciphertext at most: the products' rotation keys grow with sqrt of it
+
+
 def layouts(slots: int, config, block: int) -> tuple[Layout, Layout]:
-    """The hidden and FFN layouts for sequences of ``block`` tokens: as many token positions per
-    ciphertext as the hidden size leaves (several sequences share one), at least ``block``."""
+    """The hidden and FFN layouts for sequences of ``block`` tokens: at most :data:`MAX_PER_CT`
+    features per ciphertext, so as many token positions as that leaves (several sequences share
+    one), and at least ``block``."""
     group = config.hidden_size // config.num_attention_heads
-    tokens = max(block, slots // next_power_of_two(config.hidden_size))
+    tokens = max(block, slots // min(next_power_of_two(config.hidden_size), MAX_PER_CT))
     if tokens > slots // group:
         raise UnsupportedModelError(f"{block} tokens of heads of {group} do not fit {slots} slots")
     return Layout(slots, tokens, config.hidden_size, group), Layout(slots, tokens, config.intermediate_size, group)
@@ -115,12 +119,13 @@ class BertProgram:
     @staticmethod
     def keys_needed(ctx: CKKS, config, block: int) -> tuple[list[int], list[int]]:
         """(rotation steps, Galois elements) the server needs for sequences of ``block``: token
-        shifts by 1 and ``-block``, folds by ``tokens 2^i``, and the expansions' Subs."""
+        shifts by 1 and ``-block``, folds by ``tokens 2^i``, and the products' baby and giant
+        steps."""
         block = next_power_of_two(block)
         lay, ff = layouts(ctx.params.slots, config, block)
         steps = {1, -block} | {lay.tokens << i for i in range(int(math.log2(lay.per_ct)))}
-        elements = set(expansion_elements(ctx, lay.per_ct)) | set(expansion_elements(ctx, ff.per_ct))
-        return sorted(steps), sorted(elements)
+        steps |= set(SlotLinear.steps(lay)) | set(SlotLinear.steps(ff))
+        return sorted(steps), []
 
     # -- one query ------------------------------------------------------------------------------
     def forward(self, x: list[Ciphertext], valid: np.ndarray, refresh, on_layer=None) -> list[Ciphertext]:
@@ -134,15 +139,14 @@ class BertProgram:
         return x
 
     def _linear(self, lin: SlotLinear, cts: list[Ciphertext], refresh) -> list[Ciphertext]:
-        """The product at the lowest level that takes it (its Subs cost about the square of the
-        primes left; refreshing the outputs costs less)."""
-        cts = [op.fit(c, 1, refresh) for c in cts]
-        return lin(lin.expand(cts))
+        """The product at the lowest level that takes it (its rotations cost about the square of
+        the primes left; refreshing the outputs costs less)."""
+        return lin([op.fit(c, 1, refresh) for c in cts])
 
     def _layer_forward(self, w: dict, x: list[Ciphertext], valid: np.ndarray, refresh) -> list[Ciphertext]:
         ctx, lay = self.ctx, self.layout
-        expanded = w["q"].expand([op.fit(c, 1, refresh) for c in x])
-        q, k, v = w["q"](expanded), w["k"](expanded), w["v"](expanded)
+        x_low = [op.fit(c, 1, refresh) for c in x]
+        q, k, v = w["q"](x_low), w["k"](x_low), w["v"](x_low)
         context = [self._attention(qc, kc, vc, valid, refresh) for qc, kc, vc in zip(q, k, v)]
         attn = self._linear(w["o"], context, refresh)
         h = op.layer_norm(ctx, [a + r for a, r in zip(attn, x)], lay.per_ct, lay.tokens, *w["ln1"], self.eps,

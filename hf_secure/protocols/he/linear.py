@@ -16,6 +16,10 @@ NEXUS expands all the way to one value per ciphertext (``log2 N`` rounds, 8192 c
 input at ``N = 2^13``); stopping at rows (``log2 R`` rounds) keeps the same products with ``m``
 times fewer Subs. The outputs come at the input's level minus one, the lowest level when the
 input is encrypted at level 1 (the smallest upload).
+
+Inside a model, activations are slot-packed (they come out of the nonlinear operators that way):
+:class:`SlotLinear` multiplies those by baby-step giant-step diagonals, about ``2 sqrt(per_ct)``
+rotations per ciphertext where an expansion would take ``per_ct - 1`` Subs.
 """
 
 from __future__ import annotations
@@ -133,56 +137,75 @@ def unpack_rows(values: list[np.ndarray], p: int, m: int) -> np.ndarray:
 
 
 class SlotLinear:
-    """``y = x W + b`` on slot-packed activations (:class:`.layout.Layout`), by expansion.
+    """``y = x W + b`` on slot-packed activations (:class:`.layout.Layout`): Halevi and Shoup's
+    diagonals with baby and giant steps.
 
-    The expansion of a slot-packed ciphertext (``log2 per_ct`` rounds of Subs) gives ``per_ct``
-    ciphertexts ``E_k`` that are constant on each token's orbit of slots: ``E_k(t) = zeta^(-e_t k)
-    sum_j omega^(-a_tj k) x[t, j]``, a DFT of the token's features (``omega = exp(2 pi i / per_ct)``,
-    ``zeta = exp(i pi / N)``, ``e_t = 3^t mod 2N``, ``a_tj = 3^t alpha_j mod per_ct`` with
-    ``alpha_j`` fixed by feature ``j``'s slot). So ``x[t] W`` is ``sum_k P_k(t) E_k(t)`` for
-    plaintexts ``P_k(t, g) = zeta^(e_t k) V[3^t k mod per_ct, g] / per_ct`` with ``V = Omega W``,
-    ``Omega[k, j] = omega^(alpha_j k)``: one plaintext product per ``(input ciphertext, k, output
-    ciphertext)``, ``width_in * width_out / per_ct`` in all, as many as slot products can be. One
-    level. ``weight``: ``[width_in, width_out]`` (transformers' Linear weight transposed).
+    In a ciphertext of the layout, a rotation by ``L`` (the token positions) moves every token's
+    features one step along a cycle of ``per_ct`` positions (feature ``j`` sits at position
+    ``offset_j / L``), for all tokens at once. So a block of ``W`` is the sum over shifts ``d`` of
+    ``diag_d * rot(x, d L)``; with ``d = g G + b``, ``y_J = sum_g rot(sum_(c, b) rot(diag, -g G L) *
+    rot(x_c, b L), g G L)``: ``G - 1`` baby rotations per input ciphertext (shared by every
+    output), ``per_ct / G - 1`` giant ones per output ciphertext, and one plaintext product per
+    ``(input, output, shift)`` (``width_in * width_out / per_ct`` in all, the least slot products
+    can do). One level. ``weight``: ``[width_in, width_out]`` (transformers' Linear weight
+    transposed). Its rotation steps: :meth:`steps`.
     """
 
     def __init__(self, ctx: CKKS, weight: np.ndarray, bias: np.ndarray | None, layout_in, layout_out):
         if layout_in.tokens != layout_out.tokens or weight.shape != (layout_in.width, layout_out.width):
             raise ProgramError(f"weight {weight.shape} does not map {layout_in} to {layout_out}")
+        if layout_in.per_ct != layout_out.per_ct:
+            raise ProgramError("input and output layouts must hold as many features per ciphertext")
         self.ctx, self.layout_in, self.layout_out = ctx, layout_in, layout_out
-        n, f = ctx.params.poly_degree, layout_in.per_ct
-        exponents = np.array([pow(3, int(o), 2 * n) for o in layout_in.feature_offsets()], dtype=np.int64)
-        alpha = ((exponents - 1) % (2 * n)) // (2 * n // f)
-        k = np.arange(f)
-        omega = np.exp(2j * np.pi * (np.outer(k, alpha) % f) / f)
-        padded = np.zeros((layout_in.count * f, layout_out.count * layout_out.per_ct))
+        f = layout_in.per_ct
+        self.baby = baby_step(f)
+        position_in = layout_in.feature_offsets() // layout_in.tokens  # feature j -> cycle position
+        position_out = layout_out.feature_offsets() // layout_out.tokens
+        padded = np.zeros((layout_in.count * f, layout_out.count * f))
         padded[:weight.shape[0], :weight.shape[1]] = weight
-        self.v = [omega @ padded[c * f:(c + 1) * f] for c in range(layout_in.count)]  # [f, out] each
-        tokens = np.arange(layout_in.tokens)
-        e_t = np.array([pow(3, int(t), 2 * n) for t in tokens], dtype=np.int64)
-        self.phase = np.exp(1j * np.pi * ((np.outer(e_t, k) % (2 * n)) / n))  # [tokens, k]
-        self.index = np.outer(np.array([pow(3, int(t), f) for t in tokens]), k) % f  # [tokens, k]
+        # m[c][J][p, q]: the weight from input position p of ciphertext c to output position q of J
+        self.m = [[np.zeros((f, f)) for _ in range(layout_out.count)] for _ in range(layout_in.count)]
+        for c in range(layout_in.count):
+            for out in range(layout_out.count):
+                block = padded[c * f:(c + 1) * f, out * f:(out + 1) * f]
+                self.m[c][out][np.ix_(position_in, position_out)] = block
         self.bias = None if bias is None else layout_out.per_feature(np.asarray(bias, dtype=np.float64))
-        self._slots = layout_out.feature_offsets()[None, :] + tokens[:, None]  # [tokens, out per ct]
 
-    def _vector(self, c: int, k: int, out: int) -> np.ndarray:
-        f_out = self.layout_out.per_ct
-        block = self.v[c][self.index[:, k], out * f_out:(out + 1) * f_out]  # [tokens, f_out]
-        vec = np.zeros(self.ctx.params.slots, dtype=np.complex128)
-        vec[self._slots] = block * self.phase[:, k:k + 1] / self.layout_in.per_ct
-        return vec
+    @staticmethod
+    def steps(layout) -> list[int]:
+        """The rotation steps of a product on ``layout``: baby ``b L`` and giant ``g G L``."""
+        f, tokens = layout.per_ct, layout.tokens
+        g = baby_step(f)
+        return sorted({b * tokens for b in range(1, g)} | {k * g * tokens for k in range(1, f // g)})
 
-    def expand(self, cts: list[Ciphertext]) -> list[list[Ciphertext]]:
-        """Each input ciphertext expanded (all at one level and scale first)."""
+    def _vector(self, c: int, out: int, giant: int, b: int) -> np.ndarray:
+        f, tokens = self.layout_in.per_ct, self.layout_in.tokens
+        q = np.arange(f)
+        values = self.m[c][out][(q + b) % f, (q - giant * self.baby) % f]
+        return np.repeat(values, tokens)  # slot q L + t
+
+    def __call__(self, cts: list[Ciphertext]) -> list[Ciphertext]:
+        ctx, f, tokens = self.ctx, self.layout_in.per_ct, self.layout_in.tokens
         level = min(ct.level for ct in cts)
-        cts = [self.ctx.to_level(ct, level, cts[0].scale) if ct.level > level else ct for ct in cts]
-        return [expand(self.ctx, ct, self.layout_in.per_ct) for ct in cts]
-
-    def __call__(self, expanded: list[list[Ciphertext]]) -> list[Ciphertext]:
-        flat = [e for part in expanded for e in part]
+        cts = [ctx.to_level(ct, level, cts[0].scale) if ct.level > level else ct for ct in cts]
+        babies = [[ctx.rotate(ct, b * tokens) for b in range(self.baby)] for ct in cts]
+        flat = [r for per in babies for r in per]
         outs = []
         for out in range(self.layout_out.count):
-            vectors = (self._vector(c, k, out) for c in range(len(expanded)) for k in range(self.layout_in.per_ct))
-            y = self.ctx.dot_plain(flat, vectors)
-            outs.append(y + self.bias[out] if self.bias is not None else y)
+            total = None
+            for giant in range(f // self.baby):
+                vectors = [self._vector(c, out, giant, b) for c in range(len(cts)) for b in range(self.baby)]
+                if not any(np.any(v) for v in vectors):
+                    continue
+                inner = ctx.dot_plain(flat, vectors)
+                part = ctx.rotate(inner, giant * self.baby * tokens)
+                total = part if total is None else total + part
+            if total is None:
+                raise ProgramError("an output ciphertext with no weight: the layouts do not match the weight")
+            outs.append(total + self.bias[out] if self.bias is not None else total)
         return outs
+
+
+def baby_step(per_ct: int) -> int:
+    """``G``: the power of two nearest ``sqrt(per_ct)`` from above."""
+    return 1 << ((per_ct.bit_length() - 1 + 1) // 2)
