@@ -198,6 +198,10 @@ def main() -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(name, queue))
         proc.start()
+        while proc.is_alive() and queue.empty():
+            proc.join(timeout=1.0)
+        if queue.empty():
+            raise SystemExit(f"{name} failed (exit code {proc.exitcode})")
         results[name] = queue.get()
         proc.join()
         r, ref = results[name], NEXUS.get(name.split("_n")[0], {})

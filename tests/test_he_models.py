@@ -37,6 +37,13 @@ def test_pipeline_and_key_store(one_layer):
     with torch.no_grad():
         want = model(**tokenizer(text, return_tensors="pt")).last_hidden_state
     assert got.shape == want.shape and (got - want).abs().max() < 1e-3
+    # a batch with a row masked entirely (it attends to all its tokens, as transformers' does)
+    ids = torch.tensor([[5, 9, 11, 3, 7], [8, 2, 6, 4, 1]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    got = extractor.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).last_hidden_state
+    assert (got[0, :3] - want[0, :3]).abs().max() < 1e-3 and (got[1] - want[1]).abs().max() < 1e-3
     stats = extractor.secure_stats
     assert stats["rounds"] > 1 and stats["bytes_sent"] > 0  # a query and its refreshes, each one round
     keys = list(key_store_dir().glob("he-*.key"))
@@ -66,6 +73,11 @@ def test_wrong_missing_and_corrupt_keys(one_layer, tmp_path):
 
 def test_unsupported_and_unknown_options(one_layer, tmp_path):
     _, folder, _ = one_layer
+    for name, config in {"relu": dict(hidden_act="relu"), "head": dict(hidden_size=48, num_attention_heads=4)}.items():
+        BertModel(BertConfig(num_hidden_layers=1, intermediate_size=32, vocab_size=20,
+                             **{"hidden_size": 32, "num_attention_heads": 2, **config})).save_pretrained(tmp_path / name)
+        with pytest.raises(UnsupportedModelError, match="he"):  # at loading, before any key is made
+            SecureModel.from_pretrained(tmp_path / name, protocol="he")
     with pytest.raises(UnknownOptionError, match="server_url"):
         SecureModel.from_pretrained(folder, protocol="he", server_url="http://localhost:1")
     make_tiny("gpt2", tmp_path / "gpt2")

@@ -212,3 +212,24 @@ def test_layer_norm_and_rms_norm(he):
                                     refresher, center=False)).reshape(d, tokens).T
     want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * gamma
     assert np.abs(got - want).max() < 2e-3
+
+
+def test_bad_arguments_fail_closed(he):
+    client, server, refresher = he
+    other = CKKS.keygen(PARAMS)
+    with pytest.raises(ProgramError, match="another CKKS context"):
+        client.encrypt([1.0]) + other.encrypt([2.0])
+    ct = encrypt(he, [1.0])
+    for value in (float("nan"), float("inf"), 1e130):
+        with pytest.raises(ProgramError):
+            server.multiply_plain(ct, value)
+    with pytest.raises(ProgramError, match="all-zero"):
+        server.multiply_plain(ct, np.zeros(8))
+    for options in (dict(security_bits=0), dict(value_bound=float("nan")), dict(value_bound=-1.0), dict(level=99)):
+        with pytest.raises(ProgramError):
+            Refresher(server, lambda request: request, **options)
+    with pytest.raises(ProgramError, match="no key"):
+        op.softmax(server, ct, 8, 1, 1.0, refresher, keep=np.zeros(PARAMS.slots))
+    for bad in (dict(scale_bits=40.5), dict(coeff_bits=(60, "40", 60)), dict(coeff_bits=(30, 40, 40, 60))):
+        with pytest.raises(UnknownOptionError):
+            Params(**bad)

@@ -346,7 +346,8 @@ class SecureModel(SecurePreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        """BERT encoder outputs: ``last_hidden_state`` (batch, sequence, hidden) and ``pooler_output``.
+        """BERT encoder outputs: ``last_hidden_state`` (batch, sequence, hidden) and ``pooler_output``
+        (None under protocols that return the final hidden states only: mpc, fss, he).
 
         Every argument is checked: integer tensors of shape (batch, sequence) for the masks, ids and
         positions; output flags may only be None or False. Raises InvalidInputError,

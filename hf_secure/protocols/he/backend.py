@@ -61,13 +61,21 @@ class Params:
     scale_bits: int = 40
 
     def __post_init__(self):
-        n = self.poly_degree
-        if not isinstance(n, int) or n < 2**12 or n > 2**15 or n & (n - 1):
+        n, bits = self.poly_degree, self.coeff_bits
+        if type(n) is not int or n < 2**12 or n > 2**15 or n & (n - 1):
             raise UnknownOptionError(f"poly_degree must be a power of two in 2^12..2^15, got {n!r}")
-        if len(self.coeff_bits) < 3 or any(not 20 <= b <= 60 for b in self.coeff_bits):
-            raise UnknownOptionError(f"coeff_bits needs at least 3 primes of 20..60 bits, got {self.coeff_bits}")
-        if not 20 <= self.scale_bits < max(self.coeff_bits[1:-1]) + 1:
-            raise UnknownOptionError(f"scale_bits {self.scale_bits} does not fit primes of {self.coeff_bits[1:-1]} bits")
+        if not isinstance(bits, tuple) or len(bits) < 3 or any(type(b) is not int or not 20 <= b <= 60 for b in bits):
+            raise UnknownOptionError(f"coeff_bits needs a tuple of at least 3 primes of 20..60 bits, got {bits!r}")
+        if type(self.scale_bits) is not int or not 20 <= self.scale_bits <= min(bits[1:-1]):
+            raise UnknownOptionError(f"scale_bits {self.scale_bits!r} must be an int of 20 bits up to the "
+                                     f"rescaled primes' {min(bits[1:-1])}")
+        if bits[0] <= self.scale_bits:
+            raise UnknownOptionError(f"the first prime ({bits[0]} bits) must exceed the scale (2^{self.scale_bits}): "
+                                     "it carries the final value")
+        allowed = seal.CoeffModulus.MaxBitCount(n, seal.SEC_LEVEL_TYPE.TC128)
+        if sum(bits) > allowed:
+            raise UnknownOptionError(f"CKKS parameters N={n}, {sum(bits)}-bit modulus are not 128-bit secure "
+                                     f"(the HomomorphicEncryption.org table allows {allowed} bits at N={n})")
 
     @property
     def levels(self) -> int:
@@ -87,9 +95,11 @@ class Params:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
-        if set(d) != {"poly_degree", "coeff_bits", "scale_bits"}:
-            raise UnknownOptionError(f"CKKS parameters need poly_degree, coeff_bits, scale_bits; got {sorted(d)}")
-        return cls(int(d["poly_degree"]), tuple(int(b) for b in d["coeff_bits"]), int(d["scale_bits"]))
+        if not isinstance(d, dict) or set(d) != {"poly_degree", "coeff_bits", "scale_bits"}:
+            raise UnknownOptionError(f"CKKS parameters need poly_degree, coeff_bits, scale_bits; got {d!r}")
+        if not isinstance(d["coeff_bits"], (list, tuple)):
+            raise UnknownOptionError(f"coeff_bits must be a list, got {d['coeff_bits']!r}")
+        return cls(d["poly_degree"], tuple(d["coeff_bits"]), d["scale_bits"])
 
     def fingerprint(self) -> bytes:
         return hashlib.sha256(repr(sorted(self.as_dict().items())).encode()).digest()[:16]
@@ -97,7 +107,10 @@ class Params:
     def seal_context(self) -> "seal.SEALContext":
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(self.poly_degree)
-        parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_degree, list(self.coeff_bits)))
+        try:
+            parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_degree, list(self.coeff_bits)))
+        except RuntimeError as err:  # e.g. not enough primes of a size congruent to 1 mod 2N
+            raise UnknownOptionError(f"coeff_bits {self.coeff_bits} at N={self.poly_degree}: {err}") from err
         context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
         if not context.parameters_set():
             raise UnknownOptionError(
@@ -244,6 +257,8 @@ class CKKS:
         key_id, body = self._unframe(blob, "evaluation_keys")
         if self.key_id is not None and key_id != self.key_id:
             raise KeyMismatchError("these evaluation keys belong to another secret key")
+        if len(body) < 16:
+            raise CorruptKeyError("evaluation keys: the body is too short")
         n_relin, n_galois = struct.unpack_from("<QQ", body)
         if 16 + n_relin + n_galois != len(body):
             raise CorruptKeyError("evaluation keys: the lengths in the header do not match the body")
@@ -297,8 +312,12 @@ class CKKS:
         pt = seal.Plaintext()
         if np.ndim(values) == 0:
             v = float(values)
+            if not math.isfinite(v):
+                raise ProgramError("non-finite constant to encode")
             if v == 0.0 or abs(v) * scale < 0.5:
                 raise ProgramError(f"constant {v} at scale {scale:.3g} rounds to zero")
+            if abs(v) * scale >= 2.0 ** (math.log2(self.modulus(level)) - 2):
+                raise ProgramError(f"constant {v} at scale {scale:.3g} overflows level {level}")
             self.encoder.encode(v, self.parms_id(level), scale, pt)
             return pt
         v = np.asarray(values).reshape(-1)
@@ -366,6 +385,7 @@ class CKKS:
         return a, b
 
     def _combine(self, op, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._check(a, b)
         a, b = self.align(a, b)
         out, kept = self._new(), b.raw.scale
         b.raw.scale = a.raw.scale  # equal up to SCALE_SLACK (see align); restored below
@@ -392,7 +412,7 @@ class CKKS:
 
     def add_plain(self, a: Ciphertext, values) -> Ciphertext:
         """``a + values`` (a scalar or up to ``slots`` reals), no level used."""
-        if np.ndim(values) == 0 and float(values) == 0.0:
+        if not np.any(values):
             return a
         out = self._new()
         self.evaluator.add_plain(a.raw, self.encode(values, a.level, a.scale), out)
@@ -414,6 +434,8 @@ class CKKS:
         at exactly ``scale`` (default: ``a``'s)."""
         if a.level < 1:
             raise ProgramError("no level left for a product")
+        if not np.any(values):  # SEAL would return a transparent ciphertext
+            raise ProgramError("a product with an all-zero plaintext")
         target = a.scale if scale is None else scale
         q = self.prime(a.level)
         pt = self.encode(values, a.level, target * q / a.scale)

@@ -78,15 +78,10 @@ class BertProgram:
     """
 
     def __init__(self, ctx: CKKS, config, weights: dict[str, np.ndarray], block: int, bounds: Bounds = Bounds()):
-        act = getattr(config, "hidden_act", "gelu")
-        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise UnsupportedModelError(f"he BERT supports GELU activations, not {act!r}")
-        self.activation = "gelu" if act == "gelu" else "gelu_tanh"
+        self.check(config)
+        self.activation = "gelu" if config.hidden_act == "gelu" else "gelu_tanh"
         self.ctx, self.config, self.bounds = ctx, config, bounds
-        d, heads = config.hidden_size, config.num_attention_heads
-        self.group = d // heads
-        if self.group & (self.group - 1):
-            raise UnsupportedModelError(f"head size {self.group} is not a power of two")
+        self.group = config.hidden_size // config.num_attention_heads
         self.block = next_power_of_two(block)
         slots = ctx.params.slots
         self.layout, self.ff_layout = layouts(slots, config, self.block)
@@ -115,6 +110,19 @@ class BertProgram:
             "ln2": (lay.per_feature(w[f"{p}output.LayerNorm.weight"]),
                     lay.per_feature(w[f"{p}output.LayerNorm.bias"])),
         }
+
+    @staticmethod
+    def check(config) -> None:
+        """UnsupportedModelError for what the program does not run: activations other than GELU,
+        head sizes that are not powers of two, absolute position embeddings aside (the client
+        embeds)."""
+        act = getattr(config, "hidden_act", "gelu")
+        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise UnsupportedModelError(f"protocol 'he' runs BERT with GELU activations, not {act!r}")
+        group = config.hidden_size // config.num_attention_heads
+        if group & (group - 1) or group * config.num_attention_heads != config.hidden_size:
+            raise UnsupportedModelError(f"protocol 'he' needs a power-of-two head size, not {config.hidden_size}"
+                                        f"/{config.num_attention_heads}")
 
     @staticmethod
     def keys_needed(ctx: CKKS, config, block: int) -> tuple[list[int], list[int]]:

@@ -181,6 +181,7 @@ class HEEngine(SecureEngine):
         spec = family_of(config)
         if spec.name != "bert" or causal:
             raise UnsupportedModelError(f"protocol 'he' runs BERT encoders (SecureModel) so far, not {spec.name}")
+        BertProgram.check(config)
         return cls(folder, config, key)
 
     def _send_keys(self, block: int) -> None:
@@ -217,7 +218,9 @@ class HEEngine(SecureEngine):
             valid = np.zeros(lay.tokens)
             for slot, r in enumerate(rows):
                 x[slot * block:(slot + 1) * block] = pad_tokens(emb[r].double().numpy(), block)
-                valid[slot * block:slot * block + s] = mask[r].numpy()
+                # a row masked entirely attends to all its tokens, as transformers' additive mask does
+                keep = mask[r].numpy() if mask[r].any() else np.ones(s)
+                valid[slot * block:slot * block + s] = keep
             if len(rows) < per_query:  # unused blocks: copies of the first sequence, never attended to
                 x[len(rows) * block:] = np.tile(x[:block], (per_query - len(rows), 1))
             start_time = time.perf_counter()

@@ -407,6 +407,8 @@ def softmax(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int
     xs = [x] if single else list(x)
     keeps = ([keep] if single else list(keep)) if keep is not None else [None] * len(xs)
     keeps = [None if k is None else np.asarray(k, dtype=np.float64) for k in keeps]
+    if any(k is not None and not k.any() for k in keeps):
+        raise ProgramError("a softmax keep mask with no key at all in a ciphertext")
     xs = [c if k is None else _times(ctx, c, k, refresh) + (k - 1) * bound for c, k in zip(xs, keeps, strict=True)]
     m = xs[0]
     for c in xs[1:]:

@@ -26,8 +26,8 @@ Security for the client side (semi-honest client, honest-but-curious server): th
 mask range is ``R = 2^(sigma + log2 N) B``, so one refresh reveals at most ``2^-sigma``
 (``security_bits``, default 40) about the values *and* about the noise (the mask floods it: no
 separate noise flooding is needed). ``B`` follows from the value bound of the refresh
-(``value_bound``: the largest ``|x|`` the model's values reach at a refresh, times the scale, plus
-``2^NOISE_BITS`` for the noise; a slot vector with ``|x| <= X`` at scale ``D`` has coefficients at
+(``value_bound``, default ``2^16``: the largest ``|x|`` the model's values reach at a refresh, times
+the largest scale admitted, plus ``2^NOISE_BITS`` for the noise; a slot vector with ``|x| <= X`` at scale ``D`` has coefficients at
 most ``D X``). Values beyond ``value_bound`` stay correct as long as ``|u| < q / 2`` but hide
 less: the distance grows in proportion. ``R`` must leave room below the refresh level's modulus
 (``2 (R + B) < q``): that is checked when the Refresher is made.
@@ -50,6 +50,7 @@ from .rns import plaintext_coefficients, plaintext_from_coefficients
 
 NOISE_BITS = 30  # a generous bound on the noise of a ciphertext at a refresh (coefficients)
 SCALE_RANGE = 16.0  # a ciphertext's scale may drift to D / 16 .. 16 D before it is refreshed
+MIN_SECURITY_BITS = 32
 
 Client = Callable[[bytes], bytes]
 
@@ -72,8 +73,14 @@ class Refresher:
     this key and parameter set.
     """
 
-    def __init__(self, ctx: CKKS, client: Client, value_bound: float = 2.0**10, security_bits: int = 40,
+    def __init__(self, ctx: CKKS, client: Client, value_bound: float = 2.0**16, security_bits: int = 40,
                  level: int = 2, target: int | None = None):
+        if type(security_bits) is not int or security_bits < MIN_SECURITY_BITS:
+            raise ProgramError(f"security_bits must be an int >= {MIN_SECURITY_BITS}, got {security_bits!r}")
+        if not (isinstance(value_bound, (int, float)) and math.isfinite(value_bound) and value_bound >= 1):
+            raise ProgramError(f"value_bound must be a finite number >= 1, got {value_bound!r}")
+        if type(level) is not int or not 1 <= level < ctx.params.levels:
+            raise ProgramError(f"refresh level {level!r} outside 1..{ctx.params.levels - 1}")
         self.ctx, self.client = ctx, client
         self.level = level
         self.target = ctx.params.levels if target is None else target
