@@ -23,6 +23,7 @@ import platform
 import resource
 import time
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -200,9 +201,10 @@ def main() -> None:
         proc.start()
         while proc.is_alive() and queue.empty():
             proc.join(timeout=1.0)
-        if queue.empty():
-            raise SystemExit(f"{name} failed (exit code {proc.exitcode})")
-        results[name] = queue.get()
+        try:
+            results[name] = queue.get(timeout=10)
+        except Empty:
+            raise SystemExit(f"{name} failed (exit code {proc.exitcode})") from None
         proc.join()
         r, ref = results[name], NEXUS.get(name.split("_n")[0], {})
         ours = r["seconds"] / r["values"] * 1e6

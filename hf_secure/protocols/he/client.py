@@ -218,7 +218,8 @@ class HEEngine(SecureEngine):
             valid = np.zeros(lay.tokens)
             for slot, r in enumerate(rows):
                 x[slot * block:(slot + 1) * block] = pad_tokens(emb[r].double().numpy(), block)
-                # a row masked entirely attends to all its tokens, as transformers' additive mask does
+                # a row masked entirely is padding: it attends to all its tokens (transformers' additive
+                # mask makes that attention uniform instead; neither is meaningful), rather than to none
                 keep = mask[r].numpy() if mask[r].any() else np.ones(s)
                 valid[slot * block:slot * block + s] = keep
             if len(rows) < per_query:  # unused blocks: copies of the first sequence, never attended to
