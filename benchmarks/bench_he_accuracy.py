@@ -24,14 +24,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_fss_accuracy import pooled  # noqa: E402
 from bench_mpc_accuracy import SENTENCES  # noqa: E402
 
 from hf_secure import SecureModel  # noqa: E402
-
-
-def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask[..., None].to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1)
 
 
 def main() -> None:

@@ -104,3 +104,16 @@ class SecureEngine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything the engine holds; safe to call twice."""
+
+
+class EncoderEngine(SecureEngine):
+    """An engine of encoders (BERT): no LM head, no KV cache; the causal-model calls are refused."""
+
+    def logits(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, token_type_ids):
+        raise UnknownOptionError("a BERT encoder has no LM head: use SecureModel")
+
+    def open_session(self) -> str:
+        raise UnknownOptionError("a BERT encoder keeps no KV cache")
+
+    def close_session(self, session_id: str) -> None:
+        raise UnknownOptionError("a BERT encoder keeps no KV cache")

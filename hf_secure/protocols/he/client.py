@@ -29,7 +29,7 @@ from ...errors import MissingKeyError, UnknownOptionError, UnsupportedModelError
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
-from ..engine import SecureEngine
+from ..engine import EncoderEngine
 from ..fss.client import plain_weights
 from .backend import CKKS, Params
 from .bert import BertProgram, Bounds, next_power_of_two
@@ -149,7 +149,7 @@ class HEServer:
         return [self.ctx.serialize(self.ctx.to_level(c, 0)) for c in x], refresher
 
 
-class HEEngine(SecureEngine):
+class HEEngine(EncoderEngine):
     """BERT encoders under CKKS: the client encrypts its embeddings, the server evaluates the
     encoder layers, the client decrypts the final hidden states. :attr:`stats`: bytes each way
     (inputs, refreshes, outputs), rounds (one per query plus one per refresh), seconds."""
@@ -238,15 +238,6 @@ class HEEngine(SecureEngine):
             self.stats.rounds += t.rounds
             self.stats.messages += t.messages
         return out, None
-
-    def logits(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, token_type_ids):
-        raise UnknownOptionError("a BERT encoder has no LM head: use SecureModel")
-
-    def open_session(self) -> str:
-        raise UnknownOptionError("a BERT encoder keeps no KV cache")
-
-    def close_session(self, session_id: str) -> None:
-        raise UnknownOptionError("a BERT encoder keeps no KV cache")
 
     def report(self) -> dict | None:
         return {"params": self.params.as_dict(), "bounds": json.loads(json.dumps(self.bounds.__dict__))}

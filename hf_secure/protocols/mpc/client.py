@@ -26,7 +26,7 @@ from ...accounting import Traffic
 from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError
 from ...families import family
 from ...integrity import checkpoint_files
-from ..engine import SecureEngine
+from ..engine import EncoderEngine, SecureEngine
 from .approximations import Approximations, activation_input_bound, calibrate_norms
 from .run import MPCSession, online_traffic
 
@@ -151,7 +151,7 @@ class MPCEngine(SecureEngine):
         self._finalizer()
 
 
-class MPCBertEngine(MPCEngine):
+class MPCBertEngine(MPCEngine, EncoderEngine):
     """BERT encoders: final hidden states."""
 
     def hidden_states(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
@@ -164,15 +164,6 @@ class MPCBertEngine(MPCEngine):
             if position_ids is None else position_ids,
         }
         return self.run(input_ids, public), None
-
-    def logits(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, token_type_ids):
-        raise UnknownOptionError("a BERT encoder has no LM head: use SecureModel")
-
-    def open_session(self) -> str:
-        raise UnknownOptionError("a BERT encoder keeps no KV cache")
-
-    def close_session(self, session_id: str) -> None:
-        raise UnknownOptionError("a BERT encoder keeps no KV cache")
 
 
 # What the client of a causal model reconstructs per kept position: the logits, or only the most
