@@ -3,8 +3,8 @@
 The operators (:mod:`.operators`) and the refresh (:mod:`.refresh`) use only what this module
 offers, the small interface a bootstrapping backend would also offer: :meth:`CKKS.encode`,
 :meth:`CKKS.encrypt`, :meth:`CKKS.decrypt`, :meth:`CKKS.rotate`, :meth:`CKKS.apply_galois`,
-:meth:`CKKS.multiply`, :meth:`CKKS.multiply_plain`, :meth:`CKKS.rescale` (inside the products),
-:meth:`CKKS.to_level`, and bytes in and out (:meth:`CKKS.serialize`, :meth:`CKKS.deserialize`).
+:meth:`CKKS.multiply`, :meth:`CKKS.multiply_plain` and :meth:`CKKS.dot_plain` (each with its
+rescale), :meth:`CKKS.to_level`, and bytes in and out (:meth:`CKKS.serialize`, :meth:`CKKS.deserialize`).
 
 Parameters (:class:`Params`) are checked by SEAL against the HomomorphicEncryption.org table for
 128-bit classical security with a uniform ternary secret (SEAL's ``TC128``); an insecure set is
@@ -29,22 +29,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import secrets
 import struct
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tenseal import sealapi as seal
 
 from ...errors import CorruptKeyError, KeyMismatchError, MissingKeyError, ProgramError, UnknownOptionError
-from .rns import plaintext_from_coefficients
+from .rns import load_bytes, plaintext_from_coefficients, save_bytes
 
 MAGIC = b"HFSCKKS1"
 _HEADER = struct.Struct("<8s16s16s32sB")  # magic, params fingerprint, key id, sha256(body), kind
 SCALE_SLACK = 2.0**-12
-KINDS = {"ciphertext": 1, "evaluation_keys": 2, "secret_key": 3, "plaintext": 4}
+KINDS = {"ciphertext": 1, "evaluation_keys": 2, "secret_key": 3}
 
 
 @dataclass(frozen=True)
@@ -162,9 +160,6 @@ class Ciphertext:
     __radd__ = __add__
     __rmul__ = __mul__
 
-    def __rsub__(self, other):
-        return self.ctx.add(self.ctx.negate(self), other)
-
 
 @dataclass
 class Costs:
@@ -174,7 +169,6 @@ class Costs:
     plain_multiplications: int = 0
     rotations: int = 0  # rotations and other automorphisms (key switches)
     rescales: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class CKKS:
@@ -218,10 +212,6 @@ class CKKS:
         self._encryptor = seal.Encryptor(self.context, sk)
         self._decryptor = seal.Decryptor(self.context, sk)
 
-    @property
-    def has_secret_key(self) -> bool:
-        return self._secret is not None
-
     def _need_secret(self):
         if self._secret is None:
             raise MissingKeyError("this CKKS context holds no secret key (a server's): it cannot encrypt or decrypt")
@@ -229,7 +219,7 @@ class CKKS:
     def secret_key_bytes(self) -> bytes:
         """The secret key, framed with the parameters and key id (keep it private: 0600 files)."""
         self._need_secret()
-        return self._frame("secret_key", _save(self._secret))
+        return self._frame("secret_key", save_bytes(self._secret))
 
     def _load_secret(self, blob: bytes):
         key_id, body = self._unframe(blob, "secret_key")
@@ -248,8 +238,8 @@ class CKKS:
             if e % 2 == 0 or not 0 < e < 2 * self.params.poly_degree:
                 raise UnknownOptionError(f"{e} is not a Galois element of N={self.params.poly_degree}")
         keygen = seal.KeyGenerator(self.context, self._secret)
-        relin = _save(keygen.create_relin_keys())
-        galois = _save(keygen.create_galois_keys(wanted)) if wanted else b""
+        relin = save_bytes(keygen.create_relin_keys())
+        galois = save_bytes(keygen.create_galois_keys(wanted)) if wanted else b""
         body = struct.pack("<QQ", len(relin), len(galois)) + relin + galois
         return self._frame("evaluation_keys", body)
 
@@ -358,7 +348,7 @@ class CKKS:
         """A fresh seed-compressed symmetric encryption of ``pt``, serialized (half the size of a
         full ciphertext: the second component is a seed)."""
         self._need_secret()
-        blob = _save(self._encryptor.encrypt_symmetric(pt))
+        blob = save_bytes(self._encryptor.encrypt_symmetric(pt))
         return self._frame("ciphertext", blob)
 
     # -- arithmetic -----------------------------------------------------------------------------
@@ -554,7 +544,7 @@ class CKKS:
     # -- bytes --------------------------------------------------------------------------------
     def serialize(self, ct: Ciphertext) -> bytes:
         """``ct`` as framed bytes (SEAL's zstd-compressed form)."""
-        return self._frame("ciphertext", _save(ct.raw))
+        return self._frame("ciphertext", save_bytes(ct.raw))
 
     def deserialize(self, blob: bytes) -> Ciphertext:
         """A ciphertext from :meth:`serialize` or :meth:`encrypt_plaintext`; KeyMismatchError
@@ -573,32 +563,8 @@ def _relin(ctx: CKKS):
     return rk
 
 
-def _tmp_path() -> str:
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    fd, path = tempfile.mkstemp(prefix="hfs-ckks-", dir=folder)
-    os.close(fd)
-    return path
-
-
-def _save(obj) -> bytes:
-    """SEAL objects only save to paths: through a private temporary file."""
-    path = _tmp_path()
-    try:
-        obj.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
-
-
 def _load(obj, context, body: bytes, what: str) -> None:
-    path = _tmp_path()
     try:
-        with open(path, "wb") as f:
-            f.write(body)
-        try:
-            obj.load(context, path)
-        except (ValueError, RuntimeError) as err:
-            raise CorruptKeyError(f"{what}: SEAL cannot load it ({err})") from err
-    finally:
-        os.unlink(path)
+        load_bytes(obj, context, body)
+    except (ValueError, RuntimeError) as err:
+        raise CorruptKeyError(f"{what}: SEAL cannot load it ({err})") from err

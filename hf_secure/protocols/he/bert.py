@@ -81,11 +81,10 @@ class BertProgram:
         self.check(config)
         self.activation = "gelu" if config.hidden_act == "gelu" else "gelu_tanh"
         self.ctx, self.config, self.bounds = ctx, config, bounds
-        self.group = config.hidden_size // config.num_attention_heads
         self.block = next_power_of_two(block)
         slots = ctx.params.slots
         self.layout, self.ff_layout = layouts(slots, config, self.block)
-        tokens = self.layout.tokens
+        self.group, tokens = self.layout.group, self.layout.tokens
         self.eps = config.layer_norm_eps
         self.layers = [self._layer(weights, f"encoder.layer.{i}.") for i in range(config.num_hidden_layers)]
         lay = self.layout
@@ -125,23 +124,22 @@ class BertProgram:
                                         f"/{config.num_attention_heads}")
 
     @staticmethod
-    def keys_needed(ctx: CKKS, config, block: int) -> tuple[list[int], list[int]]:
-        """(rotation steps, Galois elements) the server needs for sequences of ``block``: token
-        shifts by 1 and ``-block``, folds by ``tokens 2^i``, and the products' baby and giant
-        steps."""
+    def steps_needed(ctx: CKKS, config, block: int) -> set[int]:
+        """The rotation steps the server needs for sequences of ``block``: token shifts by 1 and
+        ``-block``, folds by ``tokens 2^i``, and the products' baby and giant steps."""
         block = next_power_of_two(block)
         lay, ff = layouts(ctx.params.slots, config, block)
         steps = {1, -block} | {lay.tokens << i for i in range(int(math.log2(lay.per_ct)))}
-        steps |= set(SlotLinear.steps(lay)) | set(SlotLinear.steps(ff))
-        return sorted(steps), []
+        return steps | set(SlotLinear.steps(lay)) | set(SlotLinear.steps(ff))
 
     # -- one query ------------------------------------------------------------------------------
     def forward(self, x: list[Ciphertext], valid: np.ndarray, refresh, on_layer=None) -> list[Ciphertext]:
         """The final hidden states of the embeddings ``x`` (``layout.count`` ciphertexts);
         ``valid``: ``[tokens]`` 0/1, the real (unpadded) token positions (keys to attend to).
         ``on_layer``: called after each layer (progress)."""
+        keep = self._keys(valid)
         for layer in self.layers:
-            x = self._layer_forward(layer, x, valid, refresh)
+            x = self._layer_forward(layer, x, keep, refresh)
             if on_layer is not None:
                 on_layer()
         return x
@@ -151,11 +149,11 @@ class BertProgram:
         the primes left; refreshing the outputs costs less)."""
         return lin([op.fit(c, 1, refresh) for c in cts])
 
-    def _layer_forward(self, w: dict, x: list[Ciphertext], valid: np.ndarray, refresh) -> list[Ciphertext]:
+    def _layer_forward(self, w: dict, x: list[Ciphertext], keep: list[np.ndarray], refresh) -> list[Ciphertext]:
         ctx, lay = self.ctx, self.layout
         x_low = [op.fit(c, 1, refresh) for c in x]
         q, k, v = w["q"](x_low), w["k"](x_low), w["v"](x_low)
-        context = [self._attention(qc, kc, vc, valid, refresh) for qc, kc, vc in zip(q, k, v)]
+        context = [self._attention(qc, kc, vc, keep, refresh) for qc, kc, vc in zip(q, k, v)]
         attn = self._linear(w["o"], context, refresh)
         h = op.layer_norm(ctx, [a + r for a, r in zip(attn, x)], lay.per_ct, lay.tokens, *w["ln1"], self.eps,
                           *self.bounds.variance, refresh=refresh, size=lay.width)
@@ -178,7 +176,8 @@ class BertProgram:
             part = ctx.multiply_plain(low, mask)
             yield d, part if d == 0 else part + ctx.multiply_plain(high, 1.0 - mask)
 
-    def _attention(self, q: Ciphertext, k: Ciphertext, v: Ciphertext, valid: np.ndarray, refresh) -> Ciphertext:
+    def _attention(self, q: Ciphertext, k: Ciphertext, v: Ciphertext, keep: list[np.ndarray], refresh) -> Ciphertext:
+        """Attention of the heads of one ciphertext; ``keep``: :meth:`_keys`."""
         ctx, lay, g = self.ctx, self.layout, self.group
         stride = lay.heads_per_ct * lay.tokens
         scaling = 1 / math.sqrt(g)
@@ -190,7 +189,6 @@ class BertProgram:
             term = ctx.multiply_plain(op.ensure(prod, 1, refresh), self.select[d % g] * scaling)
             b = d // g
             scores[b] = term if scores[b] is None else scores[b] + term
-        keep = self._keys(valid)
         probs = op.softmax(ctx, scores, g, stride, self.bounds.scores, refresh, keep)
         out = None
         for d, vd in self._shifted(v, refresh):

@@ -16,7 +16,7 @@ Options: ``key`` (path of the client's he key file; None: the key store's, made 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -167,7 +167,7 @@ class HEEngine(EncoderEngine):
         self.client = load_or_create_key(key, self.params)
         weights = plain_weights(folder, "bert")
         plain = BertModel(config, add_pooling_layer=False).eval()
-        missing, _ = plain.load_state_dict({k: v for k, v in weights.items()}, strict=False)
+        missing, _ = plain.load_state_dict(weights, strict=False)
         if missing:
             raise UnsupportedModelError(f"the checkpoint lacks {sorted(missing)[:4]}")
         self.embeddings = plain.embeddings  # the client's part
@@ -188,12 +188,9 @@ class HEEngine(EncoderEngine):
         """Evaluation keys for the program of ``block`` (made by the client, once per block)."""
         if block in self._keys_for:
             return
-        steps, elements = set(), set()
-        for b in self._keys_for | {block}:
-            s, e = BertProgram.keys_needed(self.client, self.config, b)
-            steps, elements = steps | set(s), elements | set(e)
+        steps = set().union(*(BertProgram.steps_needed(self.client, self.config, b) for b in self._keys_for | {block}))
         with progress(1, "he: evaluation keys", "set") as bar:
-            blob = self.client.evaluation_keys(steps=sorted(steps), elements=sorted(elements))
+            blob = self.client.evaluation_keys(steps=sorted(steps))
             bar.update(1)
         self.server.load_keys(blob)
         self.stats.record(len(blob), 0, 0.0)
@@ -240,7 +237,7 @@ class HEEngine(EncoderEngine):
         return out, None
 
     def report(self) -> dict | None:
-        return {"params": self.params.as_dict(), "bounds": json.loads(json.dumps(self.bounds.__dict__))}
+        return {"params": self.params.as_dict(), "bounds": dataclasses.asdict(self.bounds)}
 
     def close(self) -> None:
         self.server.programs.clear()

@@ -100,11 +100,18 @@ def polynomial(ctx: CKKS, x: Ciphertext, coeffs: dict[int, float], refresh: Refr
     if not terms:
         raise ProgramError("a constant polynomial needs no ciphertext")
     x = ensure(x, polynomial_depth(max(terms)), refresh)
-    pw = _powers(ctx, x, terms)
-    level = min(pw[i].level for i in terms) - 1
+    return _combination(ctx, _powers(ctx, x, terms), terms, constant)
+
+
+def _combination(ctx: CKKS, basis: dict[int, Ciphertext], coeffs: dict[int, float], constant: float) -> Ciphertext:
+    """``constant + sum_k coeffs[k] basis[k]``: every term's plaintext product lands on the nominal
+    scale one level below the lowest basis element, so the sum is exact (one level)."""
+    if not coeffs:
+        raise ProgramError("a constant needs no ciphertext")
+    level = min(basis[k].level for k in coeffs) - 1
     out = None
-    for i, c in sorted(terms.items()):
-        term = ctx.multiply_plain(ctx.to_level(pw[i], level + 1), c, scale=ctx.params.scale)
+    for k, c in sorted(coeffs.items()):
+        term = ctx.multiply_plain(ctx.to_level(basis[k], level + 1), c, scale=ctx.params.scale)
         out = term if out is None else out + term
     return out + constant if constant else out
 
@@ -135,15 +142,8 @@ def chebyshev(ctx: CKKS, x: Ciphertext, coeffs, low: float, high: float,
         raise ProgramError("a constant needs no ciphertext")
     x = ensure(x, 2 + math.ceil(math.log2(max(degree, 2))), refresh)
     v = ctx.multiply_plain(x, 2 / (high - low)) + (-(low + high) / (high - low))
-    t = chebyshev_basis(ctx, v, degree)
-    level = min(t[k].level for k in t) - 1
-    out = None
-    for k, c in enumerate(coeffs[1:], start=1):
-        if c == 0.0:
-            continue
-        term = ctx.multiply_plain(ctx.to_level(t[k], level + 1), c, scale=ctx.params.scale)
-        out = term if out is None else out + term
-    return out + coeffs[0] if coeffs[0] else out
+    terms = {k: c for k, c in enumerate(coeffs) if k and c != 0.0}
+    return _combination(ctx, chebyshev_basis(ctx, v, degree), terms, coeffs[0])
 
 
 # 2 f(x) - x for the activations f = x/2 + (x/2) s(x) with s odd: an even, entire function of x.
@@ -440,7 +440,7 @@ def layer_norm(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: 
     size = size or count * len(xs)
     # the folds (2 log2 count rotations) run two levels above the floor, where rotations are
     # cheap; the variance is then refreshed to the depth of the inverse square root
-    xs = [fit(c, 2 if refresh is not None else c.level, refresh) for c in xs]
+    xs = [fit(c, 2, refresh) for c in xs]
     squares = [ctx.square(c) for c in xs]
     mean_square = ctx.multiply_plain(quick_sum(ctx, _sum(squares), count, stride), 1 / size)
     var = mean_square + eps

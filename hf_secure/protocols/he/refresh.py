@@ -84,8 +84,6 @@ class Refresher:
         self.ctx, self.client = ctx, client
         self.level = level
         self.target = ctx.params.levels if target is None else target
-        self.security_bits = security_bits
-        self.value_bound = value_bound
         self.bound, self.range = mask_range(ctx.params, ctx.params.scale * SCALE_RANGE, value_bound, security_bits)
         room = ctx.modulus(level)
         if 2 * (self.range + self.bound) >= room:

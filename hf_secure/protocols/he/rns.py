@@ -24,6 +24,7 @@ same way (deterministic minimal primitive root), so they match the plaintext's t
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -39,24 +40,62 @@ _util = sealapi._sealapi_cpp.util  # SEAL's util namespace; tenseal.sealapi does
 _HEADER = struct.Struct("<HBBBBHQ")  # magic, header_size, major, minor, compr_mode, reserved, size
 _PLAINTEXT_META = struct.Struct("<4QQd")  # parms_id, coeff_count, scale
 _COUNT = struct.Struct("<Q")
-_TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def save_bytes(obj) -> bytes:
+    """A SEAL object's serialization (SEAL saves to paths only: through a private temporary
+    file, in memory under /dev/shm where there is one)."""
+    path = _tmp_path()
+    try:
+        obj.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def load_bytes(obj, context: sealapi.SEALContext, data: bytes) -> None:
+    """Load ``obj`` from its serialization ``data`` (SEAL's own errors propagate)."""
+    path = _tmp_path()
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+        obj.load(context, path)
+    finally:
+        os.unlink(path)
+
+
+def _tmp_path() -> str:
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="hfs-ckks-", dir=folder)
+    os.close(fd)
+    return path
 
 
 class _Level:
-    """The primes, NTT tables and CRT constants of one level (parms_id) of a context."""
+    """The primes, NTT tables and CRT constants of one level: built once per ring degree and
+    primes (:func:`_level`), since refreshes convert plaintexts at the same few levels again and
+    again."""
 
-    def __init__(self, context: sealapi.SEALContext, parms_id: Sequence[int]):
-        context_data = context.get_context_data(list(parms_id))
-        if context_data is None:
-            raise ValueError("parms_id does not belong to this context")
-        parms = context_data.parms()
-        self.n = parms.poly_modulus_degree()
-        moduli = list(parms.coeff_modulus())
-        self.primes = [m.value() for m in moduli]
-        self.tables = [_util.NTTTables(self.n.bit_length() - 1, m) for m in moduli]
-        self.q = math.prod(self.primes)
+    def __init__(self, n: int, primes: tuple[int, ...]):
+        self.n, self.primes = n, list(primes)
+        self.tables = [_util.NTTTables(n.bit_length() - 1, sealapi.Modulus(p)) for p in primes]
+        self.q = math.prod(primes)
         # x = sum_j ((x_j * (q/p_j)^-1) mod p_j) * (q/p_j)  (mod q)
-        self.crt = [(pow(self.q // p, -1, p), self.q // p) for p in self.primes]
+        self.crt = [(pow(self.q // p, -1, p), self.q // p) for p in primes]
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_level(n: int, primes: tuple[int, ...]) -> _Level:
+    return _Level(n, primes)
+
+
+def _level(context: sealapi.SEALContext, parms_id: Sequence[int]) -> _Level:
+    context_data = context.get_context_data(list(parms_id))
+    if context_data is None:
+        raise ValueError("parms_id does not belong to this context")
+    parms = context_data.parms()
+    return _cached_level(parms.poly_modulus_degree(), tuple(m.value() for m in parms.coeff_modulus()))
 
 
 def plaintext_coefficients(context: sealapi.SEALContext, pt: sealapi.Plaintext) -> list[int]:
@@ -76,7 +115,7 @@ def plaintext_coefficients(context: sealapi.SEALContext, pt: sealapi.Plaintext) 
     """
     if not pt.is_ntt_form():
         raise ValueError("plaintext is not in NTT form (not a CKKS plaintext)")
-    level = _Level(context, pt.parms_id())
+    level = _level(context, pt.parms_id())
     n = level.n
     flat = list(map(pt.__getitem__, range(pt.coeff_count())))
     acc = 0
@@ -111,7 +150,7 @@ def plaintext_from_coefficients(context: sealapi.SEALContext, coeffs: Sequence[i
             or a coefficient has |c| >= q/2.
         TypeError: if a coefficient is not an integer.
     """
-    level = _Level(context, parms_id)
+    level = _level(context, parms_id)
     if len(coeffs) != level.n:
         raise ValueError(f"expected {level.n} coefficients, got {len(coeffs)}")
     values = np.array([operator.index(c) for c in coeffs], dtype=object)
@@ -137,8 +176,5 @@ def _load_plaintext(context: sealapi.SEALContext, parms_id: list[int], data: np.
     members = (_PLAINTEXT_META.pack(*parms_id, data.size, scale)
                + header(len(array)) + array)
     pt = sealapi.Plaintext()
-    with tempfile.NamedTemporaryFile(dir=_TMP_DIR, suffix=".seal") as f:
-        f.write(header(len(members)) + members)
-        f.flush()
-        pt.load(context, f.name)
+    load_bytes(pt, context, header(len(members)) + members)
     return pt
