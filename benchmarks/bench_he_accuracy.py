@@ -44,7 +44,7 @@ def main() -> None:
     start = time.perf_counter()
     secure = SecureModel.from_pretrained(src, protocol="he")
     bind = time.perf_counter() - start
-    print(f"bound in {bind:.1f} s; ranges {secure.engine.bounds}", flush=True)
+    print(f"bound in {bind:.1f} s; ranges {secure.engine.report()['bounds']}", flush=True)
     cosines, batches = [], []
     for i in range(0, args.count, args.batch):
         enc = tokenizer(SENTENCES[i:i + args.batch], return_tensors="pt", padding=True)
@@ -65,7 +65,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({
             "model": "sentence-transformers/all-MiniLM-L6-v2", "bind_seconds": bind, "batches": batches,
             "mean_cosine": statistics.mean(cosines), "min_cosine": min(cosines), "sentences": len(cosines),
-            "params": secure.engine.params.as_dict(), "bounds": secure.engine.bounds.__dict__,
+            "params": secure.engine.params.as_dict(), "bounds": secure.engine.report()["bounds"],
             "date": time.strftime("%Y-%m-%d")}, indent=2))
     print(f"{len(cosines)} sentences: mean cosine {statistics.mean(cosines):.5f}, min {min(cosines):.5f}")
 

@@ -2,7 +2,7 @@
 
     hf-secure convert permute SRC --out DIR --key-out KEYFILE [--embeddings client|server]
     hf-secure convert approximate SRC --out DIR [--gelu quad|secformer] [--softmax 2quad|exact]
-    hf-secure serve DIR --port P [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
+    hf-secure serve DIR --port P [--protocol he] [--token-file FILE | --no-auth] [--ssl-certfile CERT --ssl-keyfile KEY]
     hf-secure public DIR --out PUBLIC
     hf-secure party-keys --out DIR
     hf-secure party --role server0|server1|dealer|owner --model DIR --rendezvous tcp://HOST:PORT [--protocol fss]
@@ -67,10 +67,16 @@ def _serve(args) -> None:
     limits = ServeLimits(max_body_bytes=args.max_body_mb << 20, max_concurrent=args.max_concurrent,
                          max_concurrent_per_caller=args.max_concurrent_per_token,
                          max_connections=args.max_connections, head_timeout_s=args.head_timeout)
+    if args.protocol == "he":  # an unmodified BERT checkpoint; sessions hold evaluation keys, not KV caches
+        if args.dtype is not None or args.max_cache_mb is not None:
+            raise UnknownOptionError("--dtype and --max-cache-mb do not apply to --protocol he")
+        model = {"protocol": "he", "max_sessions": args.max_sessions or 2, "session_ttl_s": args.session_ttl}
+    else:
+        model = {"dtype": getattr(torch, args.dtype or "float32"), "max_sessions": args.max_sessions or 64,
+                 "max_cache_bytes": (args.max_cache_mb or 1024) << 20, "session_ttl_s": args.session_ttl}
     serve(folder, host=args.host, port=args.port, access=access, no_auth=args.no_auth,
           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, limits=limits,
-          shutdown_timeout_s=args.shutdown_timeout, dtype=getattr(torch, args.dtype),
-          max_sessions=args.max_sessions, max_cache_bytes=args.max_cache_mb << 20, session_ttl_s=args.session_ttl)
+          shutdown_timeout_s=args.shutdown_timeout, **model)
 
 
 def _party(args) -> None:
@@ -289,19 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     approximate.add_argument("--revision", default=None)
     approximate.set_defaults(func=_approximate)
 
-    serve = command(sub, "serve", help="run the HTTP server for a converted checkpoint")
-    serve.add_argument("model", help="converted folder or Hub id")
+    serve = command(sub, "serve", help="run the HTTP server for a converted checkpoint (or --protocol he)")
+    serve.add_argument("model", help="converted folder or Hub id (--protocol he: an unmodified BERT checkpoint)")
+    serve.add_argument("--protocol", choices=("he",), default=None,
+                       help="he: serve an unmodified BERT checkpoint under CKKS (default: the converted checkpoint's)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default float32")
     serve.add_argument("--token-file", default=None,
                        help="bearer tokens, one NAME:TOKEN per line (also read: HF_SECURE_SERVER_TOKENS)")
     serve.add_argument("--no-auth", action="store_true",
                        help="serve without tokens on a non-loopback address (anyone who reaches the port)")
     serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM)")
     serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
-    serve.add_argument("--max-sessions", type=_positive, default=64, help="open sessions per token")
-    serve.add_argument("--max-cache-mb", type=_positive, default=1024, help="KV cache MiB per token")
+    serve.add_argument("--max-sessions", type=_positive, default=None,
+                       help="open sessions per token (default 64; he: 2, each holds its evaluation keys)")
+    serve.add_argument("--max-cache-mb", type=_positive, default=None, help="KV cache MiB per token (default 1024)")
     serve.add_argument("--session-ttl", type=_seconds, default=900.0, help="seconds an idle session is kept")
     serve.add_argument("--max-body-mb", type=_positive, default=256, help="largest request body, MiB (at most 1024)")
     serve.add_argument("--max-concurrent", type=_positive, default=128, help="requests in flight in all")

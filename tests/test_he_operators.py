@@ -133,6 +133,17 @@ def test_activations_on_their_range(he, name, fn, bound):
     assert np.abs(got - fn(torch.tensor(x)).numpy()).max() < 2e-4
 
 
+@pytest.mark.parametrize("degree", [1, 5, 8, 23, 64])  # 64: giant steps T_8 .. T_64
+def test_chebyshev_series_by_baby_and_giant_steps(he, degree):
+    _, server, refresher = he
+    coeffs = np.random.default_rng(degree).normal(size=degree + 1) / np.arange(1, degree + 2)
+    x = np.linspace(-3.0, 5.0, PARAMS.slots)
+    got = decrypt(he, op.chebyshev(server, encrypt(he, x), coeffs, -3.0, 5.0, refresher))
+    want = np.polynomial.chebyshev.chebval((2 * x - 2.0) / 8.0, coeffs)
+    assert np.abs(got - want).max() < 1e-5
+    assert op.chebyshev_depth(coeffs) <= 2 + (degree).bit_length()
+
+
 def test_gelu_by_nexus_pieces(he):
     _, server, refresher = he
     x = np.linspace(-5, 5, PARAMS.slots)
@@ -194,6 +205,15 @@ def test_softmax_with_max_subtracted_and_a_mask(he):
                                  keep=keep.T.reshape(-1))).reshape(16, rows).T
     want = torch.softmax(torch.tensor(scores).masked_fill(torch.tensor(keep) == 0, -torch.inf), -1).numpy()
     assert np.abs(got - want).max() < 1e-3
+    # keys only in the first 6 positions (a block shorter than the vector): the maximum folds over 8
+    keep[:, 6:] = 0
+    keep[::3, 3:] = 0  # and some rows with padding inside the span
+    got = decrypt(he, op.softmax(server, encrypt(he, scores.T.reshape(-1)), 16, rows, 6.0, refresh=refresher,
+                                 keep=keep.T.reshape(-1), span=6)).reshape(16, rows).T
+    want = torch.softmax(torch.tensor(scores).masked_fill(torch.tensor(keep) == 0, -torch.inf), -1).numpy()
+    assert np.abs(got - want).max() < 1e-3
+    with pytest.raises(ProgramError, match="span"):
+        op.softmax(server, encrypt(he, scores.T.reshape(-1)), 16, rows, 6.0, refresh=refresher, span=17)
 
 
 def test_layer_norm_and_rms_norm(he):

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 
 from ..errors import (
     InvalidRequestError,
@@ -168,13 +169,62 @@ def create_app(server: ModelServer, access: AccessPolicy, limits: ServeLimits = 
                                                   logits_to_keep, owner)
         return Response(wire.encode(outputs, {"length": str(length)}), media_type=wire.CONTENT_TYPE)
 
+    if getattr(server, "protocol", None) == "he":
+        _he_routes(app, server, caller)
     return app
+
+
+def _he_routes(app: FastAPI, service, caller) -> None:
+    """The he protocol's routes (:mod:`hf_secure.protocols.he.service`): evaluation keys, and
+    queries whose refreshes come back to the client as events."""
+    from ..protocols.he.service import event_message, tensor_bytes
+
+    def reply(event) -> Response:
+        return Response(wire.encode(*event_message(*event)), media_type=wire.CONTENT_TYPE)
+
+    def named(tensors: dict, name: str) -> bytes:
+        if name not in tensors:
+            raise InvalidRequestError(f"the message lacks {name!r}")
+        return tensor_bytes(tensors[name], name)
+
+    @app.put("/v1/he/sessions/{session_id}/keys", **_FORWARD)
+    async def keys(request: Request, session_id: str, offset: int, total: int, owner: str = Depends(caller)):
+        tensors, _ = wire.decode(await request.body())
+        done = await run_in_threadpool(service.put_keys, session_id, owner, named(tensors, "data"), offset, total)
+        return Response(wire.encode({}, {k: str(v) for k, v in done.items()}), media_type=wire.CONTENT_TYPE)
+
+    @app.post("/v1/he/sessions/{session_id}/query", **_FORWARD)
+    async def query(request: Request, session_id: str, owner: str = Depends(caller)):
+        tensors, meta = wire.decode(await request.body())
+        count = sum(name.startswith("input.") for name in tensors)
+        if set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} or not meta.get("block", "").isdigit():
+            raise InvalidRequestError("an he query sends input.0 .. input.{n-1}, valid and the block (metadata)")
+        valid = tensors["valid"]
+        if valid.dtype != torch.float64 or valid.dim() != 1:
+            raise InvalidRequestError("valid must be a 1-D float64 tensor")
+        inputs = [named(tensors, f"input.{i}") for i in range(count)]
+        event = await run_in_threadpool(service.start, session_id, owner, int(meta["block"]), inputs,
+                                        valid.numpy().copy())
+        return reply(event)
+
+    @app.post("/v1/he/sessions/{session_id}/answer", **_FORWARD)
+    async def answer(request: Request, session_id: str, owner: str = Depends(caller)):
+        tensors, _ = wire.decode(await request.body())
+        return reply(await run_in_threadpool(service.answer, session_id, owner, named(tensors, "answer")))
+
+    @app.get("/v1/he/sessions/{session_id}/event", responses={**_GUARDED, **_SESSION})
+    async def event(session_id: str, owner: str = Depends(caller)):
+        return reply(await run_in_threadpool(service.poll, session_id, owner))
 
 
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: AccessPolicy, no_auth: bool = False,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, limits: ServeLimits = ServeLimits(),
-          shutdown_timeout_s: float = 30.0, **server_kwargs) -> None:
+          shutdown_timeout_s: float = 30.0, protocol: str | None = None, **server_kwargs) -> None:
     """Load and verify the checkpoint, listen on ``host:port``, then serve until SIGTERM or SIGINT.
+
+    ``protocol``: None serves a converted (permute) checkpoint with :class:`ModelServer`; ``"he"``
+    an unmodified BERT checkpoint with :class:`~hf_secure.protocols.he.service.HEService`
+    (``server_kwargs``: its ``max_sessions``, ``session_ttl_s``).
 
     On shutdown the port stops accepting, in-flight requests get ``shutdown_timeout_s`` to finish,
     then every session is dropped and the port released.
@@ -215,7 +265,15 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
                 raise UnknownOptionError(
                     f"bearer tokens would cross the network to {host} in clear: give --ssl-certfile/--ssl-keyfile, "
                     "or listen on a loopback address behind a TLS proxy")
-        app = create_app(ModelServer(folder, **server_kwargs), access, limits)
+        if protocol == "he":
+            from ..protocols.he.service import HEService
+
+            model = HEService(folder, **server_kwargs)
+        elif protocol is None:
+            model = ModelServer(folder, **server_kwargs)
+        else:
+            raise UnknownOptionError(f"hf-secure serve runs permute checkpoints or protocol 'he', not {protocol!r}")
+        app = create_app(model, access, limits)
         scheme = "https" if ssl_certfile else "http"
         who = "open to anyone who reaches it" if access.open else f"{len(access.callers)} token(s)"
         shown = f"[{host}]" if ":" in host else host

@@ -145,6 +145,21 @@ class HttpBackend:
         self.stats.record(len(body), len(response.content), time.perf_counter() - start)
         return outputs, int(meta.get("length", 0))
 
+    def call(self, method: str, path: str, tensors: dict | None = None, meta: dict | None = None,
+             params: dict | None = None) -> tuple[dict, dict]:
+        """One request whose body (if ``tensors``) and answer are wire messages: the routes a
+        protocol adds of its own (he's ``/v1/he/...``). Counted in :attr:`stats`."""
+        body = wire.encode(tensors, meta) if tensors is not None else None
+        headers = {"content-type": wire.CONTENT_TYPE} if body is not None else {}
+        start = time.perf_counter()
+        response = self._request(method, path, params=params, content=body, headers=headers)
+        try:
+            outputs, answer_meta = wire.decode(response.content)
+        except InvalidRequestError as exc:
+            raise ServerError(f"server {self.url} sent a malformed answer: {exc}") from exc
+        self.stats.record(len(body or b""), len(response.content), time.perf_counter() - start)
+        return outputs, answer_meta
+
     def close(self) -> None:
         self.client.close()
 

@@ -163,11 +163,12 @@ class BertProgram:
         return op.layer_norm(ctx, [a + r for a, r in zip(out, h)], lay.per_ct, lay.tokens, *w["ln2"], self.eps,
                              *self.bounds.variance, refresh=refresh, size=lay.width)
 
-    def _shifted(self, x: Ciphertext, refresh):
-        """``(d, x shifted by d tokens inside each block)`` for ``d = 0 .. block - 1``: running
-        rotations by 1 of ``x`` and of ``x`` rotated by ``-block``, merged by 0/1 masks."""
+    def _shifted(self, x: Ciphertext, need: int, refresh):
+        """``(d, x shifted by d tokens inside each block)`` for ``d = 0 .. block - 1``, each with
+        ``need`` levels to spend: running rotations by 1 of ``x`` and of ``x`` rotated by
+        ``-block``, merged by 0/1 masks (one level), at the lowest level that leaves ``need``."""
         ctx = self.ctx
-        x = op.ensure(x, 1, refresh)
+        x = op.fit(x, need + 1, refresh)
         low, high = x, ctx.rotate(x, -self.block)
         for d in range(self.block):
             if d:
@@ -177,24 +178,28 @@ class BertProgram:
             yield d, part if d == 0 else part + ctx.multiply_plain(high, 1.0 - mask)
 
     def _attention(self, q: Ciphertext, k: Ciphertext, v: Ciphertext, keep: list[np.ndarray], refresh) -> Ciphertext:
-        """Attention of the heads of one ciphertext; ``keep``: :meth:`_keys`."""
+        """Attention of the heads of one ciphertext; ``keep``: :meth:`_keys`. Every input is
+        brought to the lowest level its path needs (rotations there cost a fraction of the top
+        level's): scores ``q k_d`` then a 0/1 mask (2 levels); the context ``p_d v_d`` (2 levels,
+        and one left for the output projection)."""
         ctx, lay, g = self.ctx, self.layout, self.group
         stride = lay.heads_per_ct * lay.tokens
         scaling = 1 / math.sqrt(g)
-        q = op.ensure(q, 2, refresh)
+        q = op.fit(q, 2, refresh)
         count = max(1, self.block // g)
         scores: list[Ciphertext | None] = [None] * count
-        for d, kd in self._shifted(k, refresh):
+        for d, kd in self._shifted(k, 2, refresh):
             prod = op.quick_sum(ctx, ctx.multiply(q, kd), g, stride)
-            term = ctx.multiply_plain(op.ensure(prod, 1, refresh), self.select[d % g] * scaling)
+            term = ctx.multiply_plain(prod, self.select[d % g] * scaling)
             b = d // g
             scores[b] = term if scores[b] is None else scores[b] + term
-        probs = op.softmax(ctx, scores, g, stride, self.bounds.scores, refresh, keep)
+        span = self.block if self.block < g else None  # keys fill only the first positions of the vector
+        probs = op.softmax(ctx, scores, g, stride, self.bounds.scores, refresh, keep, span=span)
+        probs = [op.fit(p, 3, refresh) for p in probs]
         out = None
-        for d, vd in self._shifted(v, refresh):
-            p = probs[d // g]
-            rep = op.quick_sum(ctx, ctx.multiply_plain(op.ensure(p, 1, refresh), self.select[d % g]), g, stride)
-            term = ctx.multiply(op.ensure(rep, 1, refresh), op.ensure(vd, 1, refresh))
+        for d, vd in self._shifted(v, 2, refresh):
+            rep = op.quick_sum(ctx, ctx.multiply_plain(probs[d // g], self.select[d % g]), g, stride)
+            term = ctx.multiply(rep, vd)
             out = term if out is None else out + term
         return out
 
@@ -211,4 +216,3 @@ class BertProgram:
             key = t - t % self.block + (t % self.block + d) % self.block
             out.append(((d < self.block) & (valid[key] > 0)).astype(np.float64))
         return out
-

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from ...accounting import Traffic
-from ...errors import MissingKeyError, UnknownOptionError, UnsupportedModelError
+from ...errors import MissingKeyError, ProgramError, ServerError, UnknownOptionError, UnsupportedModelError
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
 from ..engine import EncoderEngine
 from ..fss.client import plain_weights
 from .backend import CKKS, Params
-from .bert import BertProgram, Bounds, next_power_of_two
+from .bert import BertProgram, Bounds, layouts, next_power_of_two
 from .layout import pad_tokens
 from .refresh import Refresher, answer_refresh
 
@@ -120,14 +120,57 @@ def calibration_ids(folder: str, config) -> torch.Tensor:
     return ids.clamp(max=config.vocab_size - 1)[:, :config.max_position_embeddings]
 
 
+def load_bert(folder: str, config, embeddings_only: bool = False):
+    """The checkpoint's ``BertModel`` in float32 (UnsupportedModelError if weights are missing;
+    ``embeddings_only``: only the embedding tables are needed, the client's part)."""
+    from transformers import BertModel
+
+    plain = BertModel(config, add_pooling_layer=False).eval()
+    missing, _ = plain.load_state_dict(plain_weights(folder, "bert"), strict=False)
+    missing = [k for k in missing if k.startswith("embeddings.") or not embeddings_only]
+    if missing:
+        raise UnsupportedModelError(f"the checkpoint lacks {sorted(missing)[:4]}")
+    return plain
+
+
+def check_model(config, causal: bool) -> None:
+    """UnsupportedModelError for what the he protocol does not run (so far: BERT encoders with
+    GELU and power-of-two heads)."""
+    spec = family_of(config)
+    if spec.name != "bert" or causal:
+        raise UnsupportedModelError(f"protocol 'he' runs BERT encoders (SecureModel) so far, not {spec.name}")
+    BertProgram.check(config)
+
+
 class HEServer:
     """The server's side: the model's encoder layers on ciphertexts, one program per block size.
-    It never holds a secret key: only the evaluation keys the client sends."""
+    It never holds a secret key: only the evaluation keys the client sends (:meth:`with_keys`)."""
 
     def __init__(self, config, weights: dict[str, np.ndarray], params: Params, bounds: Bounds):
         self.config, self.weights, self.params, self.bounds = config, weights, params, bounds
         self.ctx: CKKS | None = None
         self.programs: dict[int, BertProgram] = {}
+
+    @classmethod
+    def from_model(cls, folder: str, plain, params: Params) -> "HEServer":
+        """The server of a plaintext ``BertModel`` (``plain``, from ``folder``), its ranges
+        calibrated on it (:func:`calibrate`); no keys yet."""
+        weights = {k: v.detach().double().numpy() for k, v in plain.state_dict().items()}
+        return cls(plain.config, weights, params, calibrate(plain, calibration_ids(folder, plain.config)))
+
+    def with_keys(self, blob: bytes) -> "HEServer":
+        """A server of the same model holding the evaluation keys ``blob`` (one per client)."""
+        server = HEServer(self.config, self.weights, self.params, self.bounds)
+        server.load_keys(blob)
+        return server
+
+    def load_keys(self, blob: bytes) -> None:
+        """Take the evaluation keys ``blob`` (replacing any; the programs are rebuilt on them)."""
+        self.ctx = CKKS(self.params, evaluation_keys=blob)
+        self.programs = {}
+
+    def bounds_dict(self) -> dict:
+        return dataclasses.asdict(self.bounds)
 
     def program(self, block: int) -> BertProgram:
         if self.ctx is None:
@@ -136,53 +179,81 @@ class HEServer:
             self.programs[block] = BertProgram(self.ctx, self.config, self.weights, block, self.bounds)
         return self.programs[block]
 
-    def load_keys(self, blob: bytes) -> None:
-        self.ctx = CKKS(self.params, evaluation_keys=blob)
-        self.programs = {}
+    def check_query(self, block: int, count: int, valid: np.ndarray) -> None:
+        """ProgramError unless ``count`` ciphertexts and ``valid`` fit the program of ``block``."""
+        if type(block) is not int or block < 1 or block & (block - 1) or block > self.config.max_position_embeddings:
+            raise ProgramError(f"block {block!r} is not a power of two within the model's positions")
+        hidden, _ = layouts(self.params.slots, self.config, block)
+        if count != hidden.count or valid.shape != (hidden.tokens,) or not np.isin(valid, (0.0, 1.0)).all():
+            raise ProgramError(f"a query of block {block} takes {hidden.count} ciphertexts and a 0/1 valid vector "
+                               f"of {hidden.tokens}, not {count} and {valid.shape}")
 
-    def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, client) -> tuple[list[bytes], Refresher]:
+    def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, client) -> tuple[list[bytes], Traffic]:
+        """The final hidden states (serialized at the lowest level) of the encrypted embeddings
+        ``inputs``; ``client(request) -> answer`` answers refreshes. Returns them and the
+        refreshes' traffic."""
+        self.check_query(block, len(inputs), valid)
         program = self.program(block)
         refresher = Refresher(self.ctx, client)
         x = [self.ctx.deserialize(b) for b in inputs]
         with progress(len(program.layers), "he: encoder layers", "layer") as bar:
             x = program.forward(x, valid, refresher, on_layer=lambda: bar.update(1))
-        return [self.ctx.serialize(self.ctx.to_level(c, 0)) for c in x], refresher
+        return [self.ctx.serialize(self.ctx.to_level(c, 0)) for c in x], refresher.traffic
 
 
 class HEEngine(EncoderEngine):
     """BERT encoders under CKKS: the client encrypts its embeddings, the server evaluates the
     encoder layers, the client decrypts the final hidden states. :attr:`stats`: bytes each way
-    (inputs, refreshes, outputs), rounds (one per query plus one per refresh), seconds."""
+    (inputs, refreshes, outputs), rounds (one per query plus one per refresh), seconds.
+
+    Options: ``key`` (the he key file; None: the key store's, made on first use), ``server_url``
+    (``hf-secure serve DIR --protocol he``; None: the server runs in this process),
+    ``server_token`` and ``ca_bundle`` (for ``server_url``)."""
 
     name = "he"
-    options = ("key",)
+    options = ("key", "server_url", "server_token", "ca_bundle")
     creates_keys = True
 
-    def __init__(self, folder: str, config, key=None):
-        from transformers import BertModel
-
+    def __init__(self, folder: str, config, key=None, server=None):
         self.vocab_size = config.vocab_size
         self.config = config
         self.params = MODEL_PARAMS
         self.client = load_or_create_key(key, self.params)
-        weights = plain_weights(folder, "bert")
-        plain = BertModel(config, add_pooling_layer=False).eval()
-        missing, _ = plain.load_state_dict(weights, strict=False)
-        if missing:
-            raise UnsupportedModelError(f"the checkpoint lacks {sorted(missing)[:4]}")
+        plain = load_bert(folder, config, embeddings_only=server is not None)
         self.embeddings = plain.embeddings  # the client's part
-        self.bounds = calibrate(plain, calibration_ids(folder, config))
-        self.server = HEServer(config, {k: v.double().numpy() for k, v in weights.items()}, self.params, self.bounds)
+        # server=False: a remote one, set by connect; None: one in this process
+        self.server = HEServer.from_model(folder, plain, self.params) if server is None else server
         self.stats = Traffic()
         self._keys_for: set[int] = set()
 
     @classmethod
-    def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float, key=None) -> "HEEngine":
-        spec = family_of(config)
-        if spec.name != "bert" or causal:
-            raise UnsupportedModelError(f"protocol 'he' runs BERT encoders (SecureModel) so far, not {spec.name}")
-        BertProgram.check(config)
-        return cls(folder, config, key)
+    def connect(cls, folder: str, config, *, causal: bool, dtype: torch.dtype, timeout: float, key=None,
+                server_url: str | None = None, server_token: str | None = None,
+                ca_bundle: str | None = None) -> "HEEngine":
+        check_model(config, causal)
+        if server_url is None:
+            if server_token is not None or ca_bundle is not None:
+                raise UnknownOptionError("server_token and ca_bundle need a server_url")
+            return cls(folder, config, key)
+        from ...server.backends import HttpBackend
+        from .service import RemoteHEServer, embeddings_digest, shape_of
+
+        backend = HttpBackend(server_url, timeout=timeout, token=server_token, ca_bundle=ca_bundle)
+        info = backend.info()
+        if info.get("protocol") != "he":
+            backend.close()
+            raise ServerError(f"the server at {server_url} runs protocol {info.get('protocol')!r}, not 'he'")
+        engine = cls(folder, config, key, server=False)
+        mismatch = [what for what, mine in (("params_fingerprint", MODEL_PARAMS.fingerprint().hex()),
+                                            ("shape", shape_of(config)),
+                                            ("embeddings", embeddings_digest(engine.embeddings)))
+                    if info.get(what) != mine]
+        if mismatch:
+            backend.close()
+            raise ServerError(f"the server at {server_url} runs another model or parameter set than {folder} "
+                              f"(differs in {', '.join(mismatch)})")
+        engine.server = RemoteHEServer(backend, info)
+        return engine
 
     def _send_keys(self, block: int) -> None:
         """Evaluation keys for the program of ``block`` (made by the client, once per block)."""
@@ -205,8 +276,7 @@ class HEEngine(EncoderEngine):
             emb = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         block = next_power_of_two(s)
         self._send_keys(block)
-        program = self.server.program(block)
-        lay = program.layout
+        lay, _ = layouts(self.params.slots, self.config, block)
         per_query = lay.tokens // block
         out = torch.zeros(b, s, self.config.hidden_size, dtype=torch.float32)
         for start in range(0, b, per_query):
@@ -224,12 +294,10 @@ class HEEngine(EncoderEngine):
             start_time = time.perf_counter()
             inputs = [self.client.encrypt_plaintext(self.client.encode(v, self.params.levels, self.params.scale))
                       for v in lay.pack(x)]
-            outputs, refresher = self.server.forward(block, inputs, valid,
-                                                     lambda request: answer_refresh(self.client, request))
+            outputs, t = self.server.forward(block, inputs, valid, lambda request: answer_refresh(self.client, request))
             hidden = lay.unpack([self.client.decrypt(self.client.deserialize(o)) for o in outputs])
             for slot, r in enumerate(rows):
                 out[r] = torch.from_numpy(hidden[slot * block:slot * block + s]).float()
-            t = refresher.traffic
             self.stats.record(sum(map(len, inputs)) + t.bytes_received, sum(map(len, outputs)) + t.bytes_sent,
                               time.perf_counter() - start_time)
             self.stats.rounds += t.rounds
@@ -237,7 +305,12 @@ class HEEngine(EncoderEngine):
         return out, None
 
     def report(self) -> dict | None:
-        return {"params": self.params.as_dict(), "bounds": dataclasses.asdict(self.bounds)}
+        """The parameters, and the ranges the server's approximations are built for."""
+        return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict()}
 
     def close(self) -> None:
-        self.server.programs.clear()
+        if isinstance(self.server, HEServer):
+            self.server.programs.clear()
+        elif self.server:
+            self.server.close()
+            self.server = None

@@ -29,7 +29,7 @@ import numpy as np
 from ...errors import ProgramError
 from .backend import CKKS, Ciphertext
 
-Refresh = Callable[[Ciphertext], Ciphertext]
+Refresh = Callable[..., Ciphertext]  # (ciphertext, level=None): see refresh.Refresher
 
 # Odd degree-9 polynomials of Cheon, Kim, Kim, Lee and Lee (ASIACRYPT 2020): f4 = sum_i 4^-i C(2i,i)
 # x (1 - x^2)^i, and g4, which pushes small |x| towards +-1 fastest. NEXUS composes g4 twice, then
@@ -57,13 +57,19 @@ def ensure(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
 
 
 def fit(x: Ciphertext, need: int, refresh: Refresh | None) -> Ciphertext:
-    """``x`` with exactly ``need`` levels to spend when refreshes are available (refreshed if it has
-    fewer, moved down if it has more: products and rotations cost about the square of the primes
-    left, so an operator of known depth runs at the lowest level that suffices)."""
-    x = ensure(x, need, refresh)
+    """``x`` with exactly ``need`` levels to spend when refreshes are available (refreshed to that
+    level if it has fewer, a smaller answer than a full one; moved down if it has more: products
+    and rotations cost about the square of the primes left, so an operator of known depth runs at
+    the lowest level that suffices)."""
     if refresh is None:  # levels given away could not be had back
-        return x
-    return x.ctx.to_level(x, need + refresh.level) if x.level > need + refresh.level else x
+        return ensure(x, need, refresh)
+    level = need + refresh.level
+    if level > x.ctx.params.levels:
+        raise ProgramError(f"needs {need} levels, more than a fresh ciphertext has "
+                           f"({x.ctx.params.levels - refresh.level})")
+    if x.level < level:
+        return refresh(x, level)
+    return x.ctx.to_level(x, level) if x.level > level else x
 
 
 def spendable(ctx: CKKS, refresh: Refresh | None) -> int:
@@ -103,24 +109,30 @@ def polynomial(ctx: CKKS, x: Ciphertext, coeffs: dict[int, float], refresh: Refr
     return _combination(ctx, _powers(ctx, x, terms), terms, constant)
 
 
-def _combination(ctx: CKKS, basis: dict[int, Ciphertext], coeffs: dict[int, float], constant: float) -> Ciphertext:
-    """``constant + sum_k coeffs[k] basis[k]``: every term's plaintext product lands on the nominal
-    scale one level below the lowest basis element, so the sum is exact (one level)."""
+def _combination(ctx: CKKS, basis: dict[int, Ciphertext], coeffs: dict[int, float], constant: float,
+                 scale: float | None = None) -> Ciphertext:
+    """``constant + sum_k coeffs[k] basis[k]``: every term's plaintext product lands on ``scale``
+    (default the nominal one) one level below the lowest basis element, so the sum is exact (one
+    level)."""
     if not coeffs:
         raise ProgramError("a constant needs no ciphertext")
     level = min(basis[k].level for k in coeffs) - 1
+    target = ctx.params.scale if scale is None else scale
     out = None
     for k, c in sorted(coeffs.items()):
-        term = ctx.multiply_plain(ctx.to_level(basis[k], level + 1), c, scale=ctx.params.scale)
+        term = ctx.multiply_plain(ctx.to_level(basis[k], level + 1), c, scale=target)
         out = term if out is None else out + term
     return out + constant if constant else out
 
 
-def chebyshev_basis(ctx: CKKS, v: Ciphertext, degree: int) -> dict[int, Ciphertext]:
+def chebyshev_basis(ctx: CKKS, v: Ciphertext, degree: int, t: dict[int, Ciphertext] | None = None) -> dict[int, Ciphertext]:
     """``T_k(v)`` for ``k = 1..degree`` (``v`` in ``[-1, 1]``) at depth ``ceil(log2 k)``:
-    ``T_(m+n) = 2 T_m T_n - T_(m-n)`` with ``m`` the largest power of two below ``k``."""
-    t = {1: v}
+    ``T_(m+n) = 2 T_m T_n - T_(m-n)`` with ``m`` the largest power of two below ``k``. ``t``: the
+    elements already made (extended in place)."""
+    t = {1: v} if t is None else t
     for k in range(2, degree + 1):
+        if k in t:
+            continue
         m = 1 << (k.bit_length() - 1)
         if m == k:
             m = k // 2
@@ -131,19 +143,115 @@ def chebyshev_basis(ctx: CKKS, v: Ciphertext, degree: int) -> dict[int, Cipherte
     return t
 
 
+class _ChebyshevPlan:
+    """Baby-step giant-step evaluation of a Chebyshev series (Han and Ki, CT-RSA 2020; Bossuat et
+    al., EUROCRYPT 2021): babies ``T_1 .. T_(m-1)``, giants ``T_(m 2^j)``, and the series split
+    recursively by Chebyshev division, ``p = q T_g + r`` (``g <= deg p < 2g``: ``q_0 = c_g``,
+    ``q_k = 2 c_(g+k)``, ``r_k = c_k - c_(2g-k)``), down to series of degree below ``m`` (one
+    plaintext-weighted sum of babies each). About ``m + log2(deg / m) + deg / m`` ciphertext
+    products instead of ``deg``; depth ``ceil(log2(deg + 1))`` or one more. Every product lands
+    on an exactly chosen scale, so the result is at the nominal scale exactly."""
+
+    def __init__(self, coeffs: list[float], baby: int):
+        self.coeffs, self.baby = coeffs, baby
+        self.used: set[int] = set()
+        self.depth, self.products = self._walk(coeffs)
+
+    @classmethod
+    def best(cls, coeffs: list[float]) -> "_ChebyshevPlan":
+        degree = len(coeffs) - 1
+        plans = [cls(coeffs, 1 << j) for j in range(1, max(2, degree.bit_length() + 1))]
+        return min(plans, key=lambda p: (p.products + len(p.used), p.depth))
+
+    @staticmethod
+    def split(c: list[float], g: int) -> tuple[list[float], list[float]]:
+        q = [c[g]] + [2 * x for x in c[g + 1:]]
+        r = list(c[:g])
+        for k in range(1, len(c) - g):
+            r[g - k] -= c[g + k]
+        return q, r
+
+    def giant(self, c: list[float]) -> int:
+        g = self.baby
+        while 2 * g <= len(c) - 1:
+            g *= 2
+        return g
+
+    def _walk(self, c: list[float]) -> tuple[int, int]:
+        """``(depth, combination products)`` of the series ``c``; records the basis it uses."""
+        support = [k for k, x in enumerate(c) if k and x != 0.0]
+        if not support:
+            return 0, 0
+        if len(c) <= self.baby:
+            self.used.update(support)
+            return max(_cheb_depth(k) for k in support) + 1, 0
+        g = self.giant(c)
+        q, r = self.split(c, g)
+        self.used.add(g)
+        dq, pq = self._walk(q)
+        dr, pr = self._walk(r)
+        constant_q = not any(q[1:])
+        return max(max(dq, _cheb_depth(g)) + 1, dr), pq + pr + (0 if constant_q else 1)
+
+    def evaluate(self, ctx: CKKS, basis: dict[int, Ciphertext], c: list[float], scale: float):
+        """The series ``c`` at exactly ``scale``: a Ciphertext, or a float for a constant series."""
+        if not any(c[1:]):
+            return c[0]
+        if len(c) <= self.baby:
+            return _combination(ctx, basis, {k: x for k, x in enumerate(c) if k and x != 0.0}, c[0], scale)
+        g = self.giant(c)
+        q, r = self.split(c, g)
+        tg = basis[g]
+        if not any(q[1:]):
+            prod = ctx.multiply_plain(tg, q[0], scale=scale)
+        else:
+            level = min(self._level(basis, q), tg.level)
+            part = self.evaluate(ctx, basis, q, scale * ctx.prime(level) / tg.scale)
+            prod = ctx.multiply(part, tg)
+        rest = self.evaluate(ctx, basis, r, scale)
+        return prod + rest if isinstance(rest, Ciphertext) or rest else prod
+
+    def _level(self, basis: dict[int, Ciphertext], c: list[float]) -> int:
+        """The level :meth:`evaluate` leaves the series ``c`` at."""
+        if len(c) <= self.baby:
+            return min(basis[k].level for k, x in enumerate(c) if k and x != 0.0) - 1
+        g = self.giant(c)
+        q, r = self.split(c, g)
+        low = basis[g].level - 1 if not any(q[1:]) else min(self._level(basis, q), basis[g].level) - 1
+        return min(low, self._level(basis, r)) if any(r[1:]) else low
+
+
+def _cheb_depth(k: int) -> int:
+    return (k - 1).bit_length() if k > 1 else 0
+
+
+def chebyshev_depth(coeffs) -> int:
+    """Levels :func:`chebyshev` takes for the series ``coeffs`` (the affine map included)."""
+    return 1 + _ChebyshevPlan.best([float(c) for c in coeffs]).depth
+
+
 def chebyshev(ctx: CKKS, x: Ciphertext, coeffs, low: float, high: float,
               refresh: Refresh | None = None) -> Ciphertext:
     """``sum_k c_k T_k((2x - low - high) / (high - low))`` for ``x`` in ``[low, high]`` (a
-    Chebyshev series is stable where a power basis of degree > 8 is not). Depth
-    ``1 + ceil(log2 degree) + 1``; ``degree - 1`` products."""
+    Chebyshev series is stable where a power basis of degree > 8 is not), by baby and giant
+    steps (:class:`_ChebyshevPlan`). Depth :func:`chebyshev_depth`."""
     coeffs = [float(c) for c in coeffs]
-    degree = len(coeffs) - 1
-    if degree < 1:
+    if len(coeffs) < 2 or not any(coeffs[1:]):
         raise ProgramError("a constant needs no ciphertext")
-    x = ensure(x, 2 + math.ceil(math.log2(max(degree, 2))), refresh)
+    plan = _ChebyshevPlan.best(coeffs)
+    x = ensure(x, 1 + plan.depth, refresh)
     v = ctx.multiply_plain(x, 2 / (high - low)) + (-(low + high) / (high - low))
-    terms = {k: c for k, c in enumerate(coeffs) if k and c != 0.0}
-    return _combination(ctx, chebyshev_basis(ctx, v, degree), terms, coeffs[0])
+    basis = chebyshev_basis(ctx, v, min(plan.baby - 1, len(coeffs) - 1))
+
+    def giant(g: int) -> Ciphertext:  # T_2k = 2 T_k^2 - 1
+        if g not in basis:
+            square = ctx.square(giant(g // 2) if g // 2 >= plan.baby else chebyshev_basis(ctx, v, g // 2, basis)[g // 2])
+            basis[g] = square + square - 1.0
+        return basis[g]
+
+    for g in sorted(k for k in plan.used if k >= plan.baby):
+        giant(g)
+    return plan.evaluate(ctx, basis, coeffs, ctx.params.scale)
 
 
 # 2 f(x) - x for the activations f = x/2 + (x/2) s(x) with s odd: an even, entire function of x.
@@ -186,7 +294,7 @@ def activation(ctx: CKKS, x: Ciphertext, name: str = "gelu", bound: float = 8.0,
     where BERT's outlier features reach, degree 68). Outside the bound the series diverges.
     Depth ``3 + ceil(log2 degree)``."""
     coeffs = [c / 2 for c in activation_series(name, float(bound), float(tolerance))]
-    x = fit(x, 3 + math.ceil(math.log2(len(coeffs) - 1)), refresh)
+    x = fit(x, 1 + chebyshev_depth(coeffs), refresh)
     half_g = chebyshev(ctx, ctx.square(x), coeffs, 0.0, bound * bound)
     return half_g + ctx.multiply_plain(ctx.to_level(x, half_g.level + 1), 0.5, scale=half_g.scale)
 
@@ -345,19 +453,26 @@ def inverse(ctx: CKKS, x: Ciphertext, low: float, high: float, tolerance: float 
     return _times(ctx, y, 1 / high, refresh)
 
 
+GUESS_DEGREES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
 @functools.lru_cache(maxsize=64)
-def inverse_sqrt_plan(ratio: float, tolerance: float) -> tuple[tuple[float, ...], int]:
+def inverse_sqrt_plan(ratio: float, tolerance: float, levels: int = 64) -> tuple[tuple[float, ...], int]:
     """The initial guess and Newton steps of :func:`inverse_sqrt` on ``a`` in ``[ratio, 1]``:
     Chebyshev coefficients (on ``[ratio, 1]``) of a fit of ``1/sqrt a`` for small relative
-    error, of degree 1..8, and the number of Newton steps after which the float64 iteration is
-    within ``tolerance`` everywhere; the pair of least depth."""
+    error, of a degree in :data:`GUESS_DEGREES` whose evaluation takes at most ``levels``, and the
+    number of Newton steps after which the float64 iteration is within ``tolerance`` everywhere;
+    the pair of least depth (3 per step), then fewest products. A wide range (BERT's variances
+    span 1e-5 of their maximum) takes a high degree: 96 and 5 steps instead of 7 and 11."""
     a = _grid(ratio, 1.0)
     target = 1 / np.sqrt(a)
-    nodes = np.cos(np.pi * (np.arange(64) + 0.5) / 64)
+    nodes = np.cos(np.pi * (np.arange(256) + 0.5) / 256)
     at = ratio + (nodes + 1) * (1 - ratio) / 2
     best = None
-    for degree in range(1, 9):
+    for degree in GUESS_DEGREES:
         coeffs = np.polynomial.chebyshev.chebfit(nodes, 1 / np.sqrt(at), degree, w=np.sqrt(at))
+        if chebyshev_depth(coeffs) > levels:
+            break
         start = np.polynomial.chebyshev.chebval(2 * (a - ratio) / (1 - ratio) - 1, coeffs)
         if np.any(start <= 0) or np.any(start * np.sqrt(a) >= math.sqrt(3)):
             continue  # Newton would not converge from there
@@ -365,9 +480,10 @@ def inverse_sqrt_plan(ratio: float, tolerance: float) -> tuple[tuple[float, ...]
             steps = iterations_for(lambda y: y * (1.5 - 0.5 * a * y * y), start, target, tolerance)
         except ProgramError:
             continue
-        depth = 2 + math.ceil(math.log2(max(degree, 2))) + 3 * steps
-        if best is None or depth < best[0]:
-            best = (depth, tuple(coeffs.tolist()), steps)
+        plan = _ChebyshevPlan.best(coeffs.tolist())
+        cost = (chebyshev_depth(coeffs) + 3 * steps, plan.products + len(plan.used) + 3 * steps)
+        if best is None or cost < best[0]:
+            best = (cost, tuple(coeffs.tolist()), steps)
     if best is None:
         raise ProgramError(f"no inverse square root plan for a range ratio of {ratio:g}")
     return best[1], best[2]
@@ -383,7 +499,7 @@ def inverse_sqrt(ctx: CKKS, x: Ciphertext, low: float, high: float, tolerance: f
     the guess's, plus 3 per step, plus 1."""
     if not 0 < low < high:
         raise ProgramError(f"inverse_sqrt needs 0 < low < high, got [{low}, {high}]")
-    coeffs, steps = inverse_sqrt_plan(low / high, tolerance)
+    coeffs, steps = inverse_sqrt_plan(low / high, tolerance, spendable(ctx, refresh))
     a = _times(ctx, x, 1 / high, refresh)
     y = chebyshev(ctx, a, coeffs, low / high, 1.0, refresh)
     minus_half_a = _times(ctx, a, -0.5, refresh)
@@ -395,14 +511,18 @@ def inverse_sqrt(ctx: CKKS, x: Ciphertext, low: float, high: float, tolerance: f
 
 
 def softmax(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int, bound: float,
-            refresh: Refresh | None = None, keep=None) -> Ciphertext | list[Ciphertext]:
+            refresh: Refresh | None = None, keep=None, span: int | None = None) -> Ciphertext | list[Ciphertext]:
     """Softmax of each vector of scores (``|x| <= bound``): ``count`` values ``stride`` apart in
     each ciphertext of ``x`` (a list: the vector spans them all). The maximum is subtracted
     (elementwise across the ciphertexts, then QuickMax), :func:`exp_negative` on ``[-2 bound,
     0]``, QuickSum, Goldschmidt's inverse on ``[1, count len(x)]`` (the maximum contributes
     ``exp(0) = 1``). ``keep``: 0/1 plaintext vectors over the slots, one per ciphertext (masked
     scores, e.g. causal or padding, get weight 0: set to ``-bound`` before the maximum, so it is
-    taken over the kept ones, and zeroed after exp)."""
+    taken over the kept ones, and zeroed after exp). ``span``: for one ciphertext, only the first
+    ``span`` positions of each vector are ever kept (e.g. keys of a block shorter than the
+    vector): the maximum folds over ``next_power_of_two(span)`` positions and is broadcast from
+    position 0 (a 0/1 product and QuickSum), one :func:`maximum` step less per halving. Slots
+    must interleave the vectors (``count * stride = slots``)."""
     single = isinstance(x, Ciphertext)
     xs = [x] if single else list(x)
     keeps = ([keep] if single else list(keep)) if keep is not None else [None] * len(xs)
@@ -413,7 +533,15 @@ def softmax(ctx: CKKS, x: Ciphertext | list[Ciphertext], count: int, stride: int
     m = xs[0]
     for c in xs[1:]:
         m = maximum(ctx, m, c, bound, refresh)
-    m = quick_max(ctx, m, count, stride, bound, refresh)
+    folds = count
+    if span is not None:
+        if len(xs) != 1 or not 0 < span <= count or count * stride != ctx.params.slots:
+            raise ProgramError(f"softmax span {span} needs one ciphertext of interleaved vectors of {count}")
+        folds = 1 << (span - 1).bit_length()
+    m = quick_max(ctx, m, folds, stride, bound, refresh)
+    if folds < count:  # position 0 holds the maximum of the span: broadcast it to the vector
+        first = ((np.arange(ctx.params.slots) // stride) % count == 0).astype(np.float64)
+        m = quick_sum(ctx, _times(ctx, m, first, refresh), count, stride)
     es = [exp_negative(ctx, c - m, 2 * bound, refresh=refresh) for c in xs]
     es = [e if k is None else _times(ctx, e, k, refresh) for e, k in zip(es, keeps)]
     inv = inverse(ctx, quick_sum(ctx, _sum(es), count, stride), 1.0, float(count * len(es)), refresh=refresh)

@@ -1,0 +1,360 @@
+"""The he server as a separate process (``hf-secure serve DIR --protocol he``) and its client.
+
+HTTP is driven by the client; an he query is not: the server needs the client in the middle of
+it, once per refresh. So each query runs in a worker thread of its session, and the request
+handlers talk to it through two queues. The client's calls, each answered with the worker's next
+*event* (a refresh request, the outputs, or "pending" after ``EVENT_WAIT_S`` of computing):
+
+* ``PUT /v1/he/sessions/{id}/keys?offset=&total=`` -- the evaluation keys (one framed blob,
+  :meth:`.backend.CKKS.evaluation_keys`), in chunks under the body limit; loaded when complete.
+* ``POST /v1/he/sessions/{id}/query`` -- the encrypted inputs (``input.{i}``), the valid token
+  positions (``valid``) and the block (metadata): starts the query.
+* ``POST /v1/he/sessions/{id}/answer`` -- the client's answer to the pending refresh.
+* ``GET /v1/he/sessions/{id}/event`` -- the next event, after "pending".
+
+Sessions are opened and closed with the service's ``/v1/sessions`` routes, belong to the caller
+that opened them, and hold its evaluation keys (hundreds of MB to GB: a few per caller). Faults:
+a client that stops answering leaves its worker waiting; after ``answer_timeout_s`` the query
+ends with an error and the session stays usable; sessions idle for ``session_ttl_s`` are dropped
+with their keys and query. A server that goes away is the client's :class:`~hf_secure.errors.
+ServerError` within its timeout (:class:`~hf_secure.server.backends.HttpBackend`).
+
+Wire: safetensors messages (:mod:`hf_secure.server.wire`); ciphertexts and keys travel as the
+backend's framed bytes in ``uint8`` tensors, so a ciphertext of another key, another parameter
+set or altered on the way is refused by the framing (KeyMismatchError, CorruptKeyError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...accounting import Traffic
+from ...errors import HfSecureError, InvalidRequestError, QuotaExceededError, ServerError, UnknownSessionError
+
+EVENT_WAIT_S = 10.0  # longest a request waits for the worker's next event before "pending"
+MAX_KEY_BYTES = 16 << 30  # evaluation keys a session may upload (MiniLM's: ~1.7 GB)
+CHUNK_BYTES = 64 << 20  # the client's key upload chunks (under the server's default body limit)
+
+
+def as_bytes_tensor(blob: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+
+
+def tensor_bytes(t: torch.Tensor, name: str) -> bytes:
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise InvalidRequestError(f"{name} must be a 1-D uint8 tensor (framed bytes)")
+    return t.numpy().tobytes()
+
+
+def embeddings_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of an embeddings module's tensors (name, dtype, shape, values): client and server
+    must hold the same tables, or the server's layers run on embeddings they were not made for."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Query:
+    """One query in a worker thread; :meth:`next_event` and :meth:`answer` are its handlers' side."""
+
+    def __init__(self, server, block: int, inputs: list[bytes], valid: np.ndarray, answer_timeout_s: float):
+        self.answer_timeout_s = answer_timeout_s
+        self.events: queue.Queue = queue.Queue()
+        self.answers: queue.Queue = queue.Queue()
+        self.waiting = False  # a refresh request is out, its answer not in
+        self.cancelled = False
+        self.finished = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, args=(server, block, inputs, valid), daemon=True,
+                                       name="he-query")
+        self.thread.start()
+
+    def _run(self, server, block, inputs, valid):
+        try:
+            outputs, _ = server.forward(block, inputs, valid, self._refresh)
+            self.events.put(("outputs", outputs))
+        except Exception as exc:  # reported to the client as the query's answer, never lost in the thread
+            self.events.put(("error", exc))
+
+    def _refresh(self, request: bytes) -> bytes:
+        with self._lock:
+            if self.cancelled:
+                raise ServerError("query cancelled")
+            self.waiting = True
+        self.events.put(("refresh", request))
+        try:
+            answer = self.answers.get(timeout=self.answer_timeout_s)
+        except queue.Empty:
+            raise ServerError(f"the client sent no refresh answer within {self.answer_timeout_s:g} s: "
+                              "query abandoned") from None
+        if answer is None:
+            raise ServerError("query cancelled")
+        return answer
+
+    def answer(self, payload: bytes | None) -> None:
+        """The client's answer to the pending refresh; None cancels the query."""
+        with self._lock:
+            if payload is None:
+                self.cancelled = True
+            if not self.waiting:
+                if payload is None:
+                    return
+                raise InvalidRequestError("no refresh of this session is waiting for an answer")
+            self.waiting = False
+        self.answers.put(payload)
+
+    def next_event(self, wait_s: float) -> tuple[str, object]:
+        try:
+            kind, payload = self.events.get(timeout=wait_s)
+        except queue.Empty:
+            return "pending", None
+        if kind in ("outputs", "error"):
+            self.finished = True
+        return kind, payload
+
+
+@dataclass
+class _Session:
+    owner: str
+    keys: bytearray = field(default_factory=bytearray)
+    server: object = None  # an HEServer holding this session's evaluation keys
+    query: _Query | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class HEService:
+    """The he server of ``hf-secure serve --protocol he``: an unmodified BERT checkpoint, the
+    ranges calibrated on it, and one :class:`~.client.HEServer` per session (its keys).
+
+    Args:
+        folder: the checkpoint (plain transformers BERT; it never leaves the server).
+        max_sessions: sessions (key sets) each caller may hold.
+        session_ttl_s: seconds a session may stay idle before it is dropped.
+        answer_timeout_s: seconds a query waits for the client's refresh answer.
+
+    Raises UnsupportedModelError for a model the he protocol does not run.
+    """
+
+    protocol = "he"
+
+    def __init__(self, folder: str, max_sessions: int = 2, session_ttl_s: float = 900.0,
+                 answer_timeout_s: float = 300.0):
+        from transformers import AutoConfig
+
+        from .client import MODEL_PARAMS, HEServer, check_model, load_bert
+
+        config = AutoConfig.from_pretrained(folder)
+        check_model(config, causal=False)
+        plain = load_bert(folder, config)
+        self.model = HEServer.from_model(folder, plain, MODEL_PARAMS)
+        self.config = config
+        from ... import __version__
+
+        self.section = {"protocol": "he", "hf_secure_version": __version__}
+        self._info = {
+            "protocol": "he", "family": "bert", "params": MODEL_PARAMS.as_dict(),
+            "params_fingerprint": MODEL_PARAMS.fingerprint().hex(),
+            "embeddings": embeddings_digest(plain.embeddings),
+            "shape": shape_of(config), "bounds": self.model.bounds_dict(),
+            "outputs": ["hidden"], "sessions": True,
+        }
+        self.max_sessions, self.session_ttl_s, self.answer_timeout_s = max_sessions, session_ttl_s, answer_timeout_s
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    # -- sessions --------------------------------------------------------------------------------
+    def open_session(self, owner: str) -> str:
+        with self._lock:
+            self._expire()
+            held = sum(s.owner == owner for s in self._sessions.values())
+            if held >= self.max_sessions:
+                raise QuotaExceededError(f"{owner!r} holds {held} he sessions (each with its evaluation keys), its "
+                                         "quota: close one (DELETE /v1/sessions/ID) or let idle ones expire "
+                                         f"({self.session_ttl_s:g} s)")
+            sid = secrets.token_hex(16)
+            self._sessions[sid] = _Session(owner)
+            return sid
+
+    def close_session(self, sid: str, owner: str) -> None:
+        with self._lock:
+            session = self._owned(sid, owner)
+            del self._sessions[sid]
+        self._cancel(session)
+
+    def close_all(self) -> int:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            self._cancel(s)
+        return len(sessions)
+
+    def forward(self, *args, **kwargs):
+        raise InvalidRequestError("an he server answers /v1/he/sessions/{id}/query, not /v1/forward")
+
+    def _owned(self, sid: str, owner: str) -> _Session:
+        session = self._sessions.get(sid)
+        if session is None or session.owner != owner:
+            raise UnknownSessionError(f"unknown or expired session {sid!r}")
+        session.last_used = time.monotonic()
+        return session
+
+    def _session(self, sid: str, owner: str) -> _Session:
+        with self._lock:
+            self._expire()
+            return self._owned(sid, owner)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, sess in self._sessions.items() if now - sess.last_used > self.session_ttl_s]:
+            self._cancel(self._sessions.pop(sid))
+
+    @staticmethod
+    def _cancel(session: _Session) -> None:
+        if session.query is not None and not session.query.finished:
+            session.query.answer(None)
+
+    # -- keys and queries ------------------------------------------------------------------------
+    def put_keys(self, sid: str, owner: str, chunk: bytes, offset: int, total: int) -> dict:
+        """Append ``chunk`` at ``offset`` of the ``total``-byte evaluation keys; load them when
+        complete (replacing the session's keys). InvalidRequestError for out-of-order chunks,
+        a size over :data:`MAX_KEY_BYTES`, or keys the backend refuses (wrong parameters, altered)."""
+        session = self._session(sid, owner)
+        if not 0 < total <= MAX_KEY_BYTES:
+            raise InvalidRequestError(f"evaluation keys of {total} bytes: outside 1..{MAX_KEY_BYTES}")
+        if session.query is not None and not session.query.finished:
+            raise InvalidRequestError("a query of this session is running: keys cannot change under it")
+        if offset == 0:
+            session.keys = bytearray()
+        if offset != len(session.keys) or offset + len(chunk) > total:
+            raise InvalidRequestError(f"key chunk at {offset} of {len(chunk)} bytes: the session holds "
+                                      f"{len(session.keys)} of {total} bytes")
+        session.keys += chunk
+        if len(session.keys) < total:
+            return {"received": len(session.keys), "loaded": False}
+        blob, session.keys = bytes(session.keys), bytearray()
+        try:
+            session.server = self.model.with_keys(blob)
+        except HfSecureError as exc:
+            raise InvalidRequestError(f"evaluation keys refused: {exc}") from exc
+        return {"received": total, "loaded": True}
+
+    def start(self, sid: str, owner: str, block: int, inputs: list[bytes], valid: np.ndarray) -> tuple[str, object]:
+        session = self._session(sid, owner)
+        if session.server is None:
+            raise InvalidRequestError("this session has no evaluation keys yet: upload them first")
+        if session.query is not None and not session.query.finished:
+            raise InvalidRequestError("a query of this session is still running (one at a time)")
+        try:
+            session.server.check_query(block, len(inputs), valid)
+        except HfSecureError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        session.query = _Query(session.server, block, inputs, valid, self.answer_timeout_s)
+        return self._event(session)
+
+    def answer(self, sid: str, owner: str, payload: bytes) -> tuple[str, object]:
+        session = self._session(sid, owner)
+        if session.query is None or session.query.finished:
+            raise InvalidRequestError("this session runs no query")
+        session.query.answer(payload)
+        return self._event(session)
+
+    def poll(self, sid: str, owner: str) -> tuple[str, object]:
+        session = self._session(sid, owner)
+        if session.query is None or session.query.finished:
+            raise InvalidRequestError("this session runs no query")
+        return self._event(session)
+
+    @staticmethod
+    def _event(session: _Session) -> tuple[str, object]:
+        kind, payload = session.query.next_event(EVENT_WAIT_S)
+        if kind == "error":
+            if isinstance(payload, HfSecureError):
+                raise InvalidRequestError(f"the query failed: {type(payload).__name__}: {payload}") from payload
+            raise payload
+        return kind, payload
+
+
+def shape_of(config) -> dict:
+    """The dimensions client and server must agree on."""
+    return {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "intermediate_size", "hidden_act", "layer_norm_eps")}
+
+
+class RemoteHEServer:
+    """The client's handle on an he server behind ``hf-secure serve`` (through an
+    :class:`~hf_secure.server.backends.HttpBackend`): the same calls as the in-process
+    :class:`~.client.HEServer` (``load_keys``, ``forward``), over one session."""
+
+    def __init__(self, backend, info: dict):
+        self.backend, self.info = backend, info
+        self.session = backend.open_session()
+
+    def bounds_dict(self) -> dict:
+        return dict(self.info["bounds"])
+
+    def load_keys(self, blob: bytes) -> None:
+        path = f"/v1/he/sessions/{self.session}/keys"
+        for offset in range(0, len(blob), CHUNK_BYTES):
+            self.backend.call("PUT", path, {"data": as_bytes_tensor(blob[offset:offset + CHUNK_BYTES])},
+                              params={"offset": offset, "total": len(blob)})
+
+    def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, answer) -> tuple[list[bytes], Traffic]:
+        """Run the query; ``answer(request) -> bytes`` answers each refresh. Returns the outputs
+        and the refreshes' traffic (the server's side: ``bytes_sent`` are the requests)."""
+        base = f"/v1/he/sessions/{self.session}"
+        tensors = {f"input.{i}": as_bytes_tensor(b) for i, b in enumerate(inputs)}
+        tensors["valid"] = torch.from_numpy(np.asarray(valid, dtype=np.float64))
+        reply = self.backend.call("POST", f"{base}/query", tensors, meta={"block": str(block)})
+        traffic = Traffic()
+        while True:
+            tensors, meta = reply
+            event = meta.get("event")
+            if event == "outputs":
+                count = int(meta.get("count", -1))
+                try:
+                    return [tensor_bytes(tensors[f"output.{i}"], "output") for i in range(count)], traffic
+                except (KeyError, InvalidRequestError) as exc:
+                    raise ServerError(f"the he server sent malformed outputs: {exc}") from exc
+            if event == "refresh":
+                start = time.perf_counter()
+                if "request" not in tensors:
+                    raise ServerError("the he server sent a refresh event without its request")
+                request = tensor_bytes(tensors["request"], "refresh request")
+                response = answer(request)
+                reply = self.backend.call("POST", f"{base}/answer", {"answer": as_bytes_tensor(response)})
+                traffic.record(len(request), len(response), time.perf_counter() - start)
+            elif event == "pending":
+                reply = self.backend.call("GET", f"{base}/event")
+            else:
+                raise ServerError(f"the he server sent an unknown event {event!r}")
+
+    def close(self) -> None:
+        try:
+            self.backend.close_session(self.session)
+        except ServerError:
+            pass  # the server is gone: its session goes with it
+        self.backend.close()
+
+
+def event_message(kind: str, payload) -> tuple[dict, dict]:
+    """The wire message of an event (see the module docstring)."""
+    if kind == "refresh":
+        return {"request": as_bytes_tensor(payload)}, {"event": "refresh"}
+    if kind == "outputs":
+        return ({f"output.{i}": as_bytes_tensor(b) for i, b in enumerate(payload)},
+                {"event": "outputs", "count": str(len(payload))})
+    return {}, {"event": "pending"}
