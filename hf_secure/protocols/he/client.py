@@ -224,6 +224,8 @@ class HEEngine(EncoderEngine):
         # server=False: a remote one, set by connect; None: one in this process
         self.server = HEServer.from_model(folder, plain, self.params) if server is None else server
         self.stats = Traffic()
+        self.client_seconds = 0.0
+        self.key_bytes = 0  # evaluation keys sent (in stats.bytes_sent too)
         self._keys_for: set[int] = set()
 
     @classmethod
@@ -265,6 +267,7 @@ class HEEngine(EncoderEngine):
             bar.update(1)
         self.server.load_keys(blob)
         self.stats.record(len(blob), 0, 0.0)
+        self.key_bytes += len(blob)
         self._keys_for.add(block)
 
     def hidden_states(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
@@ -294,8 +297,11 @@ class HEEngine(EncoderEngine):
             start_time = time.perf_counter()
             inputs = [self.client.encrypt_plaintext(self.client.encode(v, self.params.levels, self.params.scale))
                       for v in lay.pack(x)]
-            outputs, t = self.server.forward(block, inputs, valid, lambda request: answer_refresh(self.client, request))
+            client_time = time.perf_counter() - start_time
+            outputs, t = self.server.forward(block, inputs, valid, self._answer)
+            decrypt_start = time.perf_counter()
             hidden = lay.unpack([self.client.decrypt(self.client.deserialize(o)) for o in outputs])
+            self.client_seconds += client_time + time.perf_counter() - decrypt_start
             for slot, r in enumerate(rows):
                 out[r] = torch.from_numpy(hidden[slot * block:slot * block + s]).float()
             self.stats.record(sum(map(len, inputs)) + t.bytes_received, sum(map(len, outputs)) + t.bytes_sent,
@@ -304,9 +310,20 @@ class HEEngine(EncoderEngine):
             self.stats.messages += t.messages
         return out, None
 
+    def _answer(self, request: bytes) -> bytes:
+        """The client's answer to one refresh (its compute time counted in :attr:`client_seconds`)."""
+        start = time.perf_counter()
+        try:
+            return answer_refresh(self.client, request)
+        finally:
+            self.client_seconds += time.perf_counter() - start
+
     def report(self) -> dict | None:
-        """The parameters, and the ranges the server's approximations are built for."""
-        return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict()}
+        """The parameters, the ranges the server's approximations are built for, and the
+        client's compute seconds and the evaluation-key bytes sent since binding (the client's
+        seconds: encryption, refresh answers, decryption)."""
+        return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict(),
+                "client_seconds": self.client_seconds, "evaluation_key_bytes": self.key_bytes}
 
     def close(self) -> None:
         if isinstance(self.server, HEServer):
