@@ -226,6 +226,7 @@ class HEEngine(EncoderEngine):
         self.stats = Traffic()
         self.client_seconds = 0.0
         self.key_bytes = 0  # evaluation keys sent (in stats.bytes_sent too)
+        self.refreshes = 0
         self._keys_for: set[int] = set()
 
     @classmethod
@@ -308,6 +309,7 @@ class HEEngine(EncoderEngine):
                               time.perf_counter() - start_time)
             self.stats.rounds += t.rounds
             self.stats.messages += t.messages
+            self.refreshes += t.rounds
         return out, None
 
     def _answer(self, request: bytes) -> bytes:
@@ -320,10 +322,11 @@ class HEEngine(EncoderEngine):
 
     def report(self) -> dict | None:
         """The parameters, the ranges the server's approximations are built for, and the
-        client's compute seconds and the evaluation-key bytes sent since binding (the client's
-        seconds: encryption, refresh answers, decryption)."""
+        client's compute seconds, the evaluation-key bytes sent and the refreshes since binding
+        (the client's seconds: encryption, refresh answers, decryption)."""
         return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict(),
-                "client_seconds": self.client_seconds, "evaluation_key_bytes": self.key_bytes}
+                "client_seconds": self.client_seconds, "evaluation_key_bytes": self.key_bytes,
+                "refreshes": self.refreshes}
 
     def close(self) -> None:
         if isinstance(self.server, HEServer):

@@ -463,7 +463,7 @@ def inverse_sqrt_plan(ratio: float, tolerance: float, levels: int = 64) -> tuple
     error, of a degree in :data:`GUESS_DEGREES` whose evaluation takes at most ``levels``, and the
     number of Newton steps after which the float64 iteration is within ``tolerance`` everywhere;
     the pair of least depth (3 per step), then fewest products. A wide range (BERT's variances
-    span 1e-5 of their maximum) takes a high degree: 96 and 5 steps instead of 7 and 11."""
+    span 1e-5 of their maximum) takes a high degree: 128 and 4 steps instead of 7 and 11."""
     a = _grid(ratio, 1.0)
     target = 1 / np.sqrt(a)
     nodes = np.cos(np.pi * (np.arange(256) + 0.5) / 256)
