@@ -62,18 +62,21 @@ def _serve(args) -> None:
     from .server.access import AccessPolicy
     from .server.app import ServeLimits, serve
 
-    access = AccessPolicy.load(args.token_file)  # bad tokens fail before the checkpoint is fetched
-    folder = resolve_folder(args.model, revision=args.revision)
+    access = AccessPolicy.load(args.token_file)  # bad tokens and options fail before the checkpoint is fetched
     limits = ServeLimits(max_body_bytes=args.max_body_mb << 20, max_concurrent=args.max_concurrent,
                          max_concurrent_per_caller=args.max_concurrent_per_token,
                          max_connections=args.max_connections, head_timeout_s=args.head_timeout)
     if args.protocol == "he":  # an unmodified BERT checkpoint; sessions hold evaluation keys, not KV caches
         if args.dtype is not None or args.max_cache_mb is not None:
             raise UnknownOptionError("--dtype and --max-cache-mb do not apply to --protocol he")
-        model = {"protocol": "he", "max_sessions": args.max_sessions or 2, "session_ttl_s": args.session_ttl}
+        model = {"protocol": "he", "max_sessions": args.max_sessions or 2, "session_ttl_s": args.session_ttl,
+                 "answer_timeout_s": args.answer_timeout or 300.0}
     else:
+        if args.answer_timeout is not None:
+            raise UnknownOptionError("--answer-timeout applies to --protocol he only")
         model = {"dtype": getattr(torch, args.dtype or "float32"), "max_sessions": args.max_sessions or 64,
                  "max_cache_bytes": (args.max_cache_mb or 1024) << 20, "session_ttl_s": args.session_ttl}
+    folder = resolve_folder(args.model, revision=args.revision)
     serve(folder, host=args.host, port=args.port, access=access, no_auth=args.no_auth,
           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, limits=limits,
           shutdown_timeout_s=args.shutdown_timeout, **model)
@@ -312,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open sessions per token (default 64; he: 2, each holds its evaluation keys)")
     serve.add_argument("--max-cache-mb", type=_positive, default=None, help="KV cache MiB per token (default 1024)")
     serve.add_argument("--session-ttl", type=_seconds, default=900.0, help="seconds an idle session is kept")
+    serve.add_argument("--answer-timeout", type=_seconds, default=None,
+                       help="--protocol he: seconds a query waits for the client's refresh answer (default 300)")
     serve.add_argument("--max-body-mb", type=_positive, default=256, help="largest request body, MiB (at most 1024)")
     serve.add_argument("--max-concurrent", type=_positive, default=128, help="requests in flight in all")
     serve.add_argument("--max-concurrent-per-token", type=_positive, default=8, help="requests in flight per token")

@@ -120,9 +120,23 @@ def test_service_refuses_bad_clients_and_survives_them(he_bert):
     while kind == "pending":
         kind, _ = service.poll(sid, "alice")
     assert kind == "refresh"
+    assert service.poll(sid, "alice")[0] == "refresh"  # the current event again: a lost answer is had again
+    with pytest.raises(InvalidRequestError, match="still running"):  # one query at a time
+        service.start(sid, "alice", block, inputs, valid)
+    with pytest.raises(InvalidRequestError, match="running"):
+        service.put_keys(sid, "alice", blob, 0, len(blob))
     time.sleep(1.5)
     with pytest.raises(InvalidRequestError, match="no refresh answer"):
         service.poll(sid, "alice")
+    with pytest.raises(InvalidRequestError, match="waiting for an answer"):
+        service.answer(sid, "alice", b"late")
+    # a cancelled query (the client's call on any error) leaves the session usable
+    service.start(sid, "alice", block, inputs, valid)
+    service.cancel(sid, "alice")
+    deadline = time.monotonic() + 120
+    with pytest.raises(InvalidRequestError, match="cancelled"):
+        while time.monotonic() < deadline:  # the worker stops at its next refresh
+            service.poll(sid, "alice", wait_s=0.5)
     kind, request = service.start(sid, "alice", block, inputs, valid)
     assert kind in ("refresh", "pending")
     if kind == "refresh":
@@ -131,3 +145,7 @@ def test_service_refuses_bad_clients_and_survives_them(he_bert):
     with pytest.raises(UnknownSessionError):
         service.poll(sid, "alice")
     assert service.close_all() == 0
+    sid = service.open_session("alice")  # the quota counts open sessions only
+    service.put_keys(sid, "alice", blob[:10], 0, len(blob))
+    with pytest.raises(InvalidRequestError, match="key chunk"):  # the total is fixed by the first chunk
+        service.put_keys(sid, "alice", blob[10:20], 10, len(blob) + 1)

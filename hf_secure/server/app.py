@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ def create_app(server: ModelServer, access: AccessPolicy, limits: ServeLimits = 
 def _he_routes(app: FastAPI, service, caller) -> None:
     """The he protocol's routes (:mod:`hf_secure.protocols.he.service`): evaluation keys, and
     queries whose refreshes come back to the client as events."""
-    from ..protocols.he.service import event_message, tensor_bytes
+    from ..protocols.he.service import EVENT_WAIT_S, event_message, tensor_bytes
 
     def reply(event) -> Response:
         return Response(wire.encode(*event_message(*event)), media_type=wire.CONTENT_TYPE)
@@ -194,27 +195,33 @@ def _he_routes(app: FastAPI, service, caller) -> None:
         return Response(wire.encode({}, {k: str(v) for k, v in done.items()}), media_type=wire.CONTENT_TYPE)
 
     @app.post("/v1/he/sessions/{session_id}/query", **_FORWARD)
-    async def query(request: Request, session_id: str, owner: str = Depends(caller)):
+    async def query(request: Request, session_id: str, wait: float = EVENT_WAIT_S, owner: str = Depends(caller)):
         tensors, meta = wire.decode(await request.body())
         count = sum(name.startswith("input.") for name in tensors)
-        if set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} or not meta.get("block", "").isdigit():
+        block = meta.get("block", "")
+        if set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} or not re.fullmatch(r"[0-9]{1,6}", block):
             raise InvalidRequestError("an he query sends input.0 .. input.{n-1}, valid and the block (metadata)")
         valid = tensors["valid"]
         if valid.dtype != torch.float64 or valid.dim() != 1:
             raise InvalidRequestError("valid must be a 1-D float64 tensor")
         inputs = [named(tensors, f"input.{i}") for i in range(count)]
-        event = await run_in_threadpool(service.start, session_id, owner, int(meta["block"]), inputs,
-                                        valid.numpy().copy())
+        event = await run_in_threadpool(service.start, session_id, owner, int(block), inputs, valid.numpy().copy(),
+                                        wait)
         return reply(event)
 
     @app.post("/v1/he/sessions/{session_id}/answer", **_FORWARD)
-    async def answer(request: Request, session_id: str, owner: str = Depends(caller)):
+    async def answer(request: Request, session_id: str, wait: float = EVENT_WAIT_S, owner: str = Depends(caller)):
         tensors, _ = wire.decode(await request.body())
-        return reply(await run_in_threadpool(service.answer, session_id, owner, named(tensors, "answer")))
+        return reply(await run_in_threadpool(service.answer, session_id, owner, named(tensors, "answer"), wait))
 
     @app.get("/v1/he/sessions/{session_id}/event", responses={**_GUARDED, **_SESSION})
-    async def event(session_id: str, owner: str = Depends(caller)):
-        return reply(await run_in_threadpool(service.poll, session_id, owner))
+    async def event(session_id: str, wait: float = EVENT_WAIT_S, owner: str = Depends(caller)):
+        return reply(await run_in_threadpool(service.poll, session_id, owner, wait))
+
+    @app.delete("/v1/he/sessions/{session_id}/query", responses={**_GUARDED, **_SESSION})
+    async def cancel(session_id: str, owner: str = Depends(caller)):
+        await run_in_threadpool(service.cancel, session_id, owner)
+        return Response(wire.encode({}, {"cancelled": "true"}), media_type=wire.CONTENT_TYPE)
 
 
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: AccessPolicy, no_auth: bool = False,

@@ -242,20 +242,22 @@ class HEEngine(EncoderEngine):
         from .service import RemoteHEServer, embeddings_digest, shape_of
 
         backend = HttpBackend(server_url, timeout=timeout, token=server_token, ca_bundle=ca_bundle)
-        info = backend.info()
-        if info.get("protocol") != "he":
+        try:
+            info = backend.info()
+            if info.get("protocol") != "he":
+                raise ServerError(f"the server at {server_url} runs protocol {info.get('protocol')!r}, not 'he'")
+            engine = cls(folder, config, key, server=False)
+            mismatch = [what for what, mine in (("params_fingerprint", MODEL_PARAMS.fingerprint().hex()),
+                                                ("shape", shape_of(config)),
+                                                ("embeddings", embeddings_digest(engine.embeddings)))
+                        if info.get(what) != mine]
+            if mismatch:
+                raise ServerError(f"the server at {server_url} runs another model or parameter set than {folder} "
+                                  f"(differs in {', '.join(mismatch)})")
+            engine.server = RemoteHEServer(backend, info)
+        except BaseException:
             backend.close()
-            raise ServerError(f"the server at {server_url} runs protocol {info.get('protocol')!r}, not 'he'")
-        engine = cls(folder, config, key, server=False)
-        mismatch = [what for what, mine in (("params_fingerprint", MODEL_PARAMS.fingerprint().hex()),
-                                            ("shape", shape_of(config)),
-                                            ("embeddings", embeddings_digest(engine.embeddings)))
-                    if info.get(what) != mine]
-        if mismatch:
-            backend.close()
-            raise ServerError(f"the server at {server_url} runs another model or parameter set than {folder} "
-                              f"(differs in {', '.join(mismatch)})")
-        engine.server = RemoteHEServer(backend, info)
+            raise
         return engine
 
     def _send_keys(self, block: int) -> None:

@@ -2,22 +2,26 @@
 
 HTTP is driven by the client; an he query is not: the server needs the client in the middle of
 it, once per refresh. So each query runs in a worker thread of its session, and the request
-handlers talk to it through two queues. The client's calls, each answered with the worker's next
-*event* (a refresh request, the outputs, or "pending" after ``EVENT_WAIT_S`` of computing):
+handlers talk to it through two queues. The client's calls, each answered with the query's
+current *event* (a refresh request, the outputs, or "pending" after ``wait`` seconds, at most
+``EVENT_WAIT_S``, of computing):
 
 * ``PUT /v1/he/sessions/{id}/keys?offset=&total=`` -- the evaluation keys (one framed blob,
   :meth:`.backend.CKKS.evaluation_keys`), in chunks under the body limit; loaded when complete.
-* ``POST /v1/he/sessions/{id}/query`` -- the encrypted inputs (``input.{i}``), the valid token
-  positions (``valid``) and the block (metadata): starts the query.
-* ``POST /v1/he/sessions/{id}/answer`` -- the client's answer to the pending refresh.
-* ``GET /v1/he/sessions/{id}/event`` -- the next event, after "pending".
+* ``POST /v1/he/sessions/{id}/query?wait=`` -- the encrypted inputs (``input.{i}``), the valid
+  token positions (``valid``) and the block (metadata): starts the query (one at a time).
+* ``POST /v1/he/sessions/{id}/answer?wait=`` -- the client's answer to the current refresh.
+* ``GET /v1/he/sessions/{id}/event?wait=`` -- the current event again, or the next after
+  "pending": an answer lost on the way is had again by asking.
+* ``DELETE /v1/he/sessions/{id}/query`` -- cancel the running query (the client does on any error).
 
 Sessions are opened and closed with the service's ``/v1/sessions`` routes, belong to the caller
 that opened them, and hold its evaluation keys (hundreds of MB to GB: a few per caller). Faults:
 a client that stops answering leaves its worker waiting; after ``answer_timeout_s`` the query
-ends with an error and the session stays usable; sessions idle for ``session_ttl_s`` are dropped
-with their keys and query. A server that goes away is the client's :class:`~hf_secure.errors.
-ServerError` within its timeout (:class:`~hf_secure.server.backends.HttpBackend`).
+ends with an error; a query that fails or is cancelled leaves the session and its keys usable;
+sessions idle for ``session_ttl_s`` are dropped with their keys and query. A server that goes
+away is the client's :class:`~hf_secure.errors.ServerError` within its timeout
+(:class:`~hf_secure.server.backends.HttpBackend`).
 
 Wire: safetensors messages (:mod:`hf_secure.server.wire`); ciphertexts and keys travel as the
 backend's framed bytes in ``uint8`` tensors, so a ciphertext of another key, another parameter
@@ -40,7 +44,7 @@ from ...accounting import Traffic
 from ...errors import HfSecureError, InvalidRequestError, QuotaExceededError, ServerError, UnknownSessionError
 
 EVENT_WAIT_S = 10.0  # longest a request waits for the worker's next event before "pending"
-MAX_KEY_BYTES = 16 << 30  # evaluation keys a session may upload (MiniLM's: ~1.7 GB)
+MAX_KEY_BYTES = 4 << 30  # evaluation keys a session may upload (all-MiniLM-L6-v2's: ~0.7 GB)
 CHUNK_BYTES = 64 << 20  # the client's key upload chunks (under the server's default body limit)
 
 
@@ -66,13 +70,15 @@ def embeddings_digest(module: torch.nn.Module) -> str:
 
 
 class _Query:
-    """One query in a worker thread; :meth:`next_event` and :meth:`answer` are its handlers' side."""
+    """One query in a worker thread. Its handlers' side: :meth:`event` (the current event, until
+    the client acts on it: a response lost on the way is had again by asking again), :meth:`answer`
+    and :meth:`cancel`. :attr:`finished` is set by the worker when it ends, however it ends."""
 
     def __init__(self, server, block: int, inputs: list[bytes], valid: np.ndarray, answer_timeout_s: float):
         self.answer_timeout_s = answer_timeout_s
         self.events: queue.Queue = queue.Queue()
         self.answers: queue.Queue = queue.Queue()
-        self.waiting = False  # a refresh request is out, its answer not in
+        self.current: tuple[str, object] | None = None  # the event the client has not acted on
         self.cancelled = False
         self.finished = False
         self._lock = threading.Lock()
@@ -85,13 +91,15 @@ class _Query:
             outputs, _ = server.forward(block, inputs, valid, self._refresh)
             self.events.put(("outputs", outputs))
         except Exception as exc:  # reported to the client as the query's answer, never lost in the thread
-            self.events.put(("error", exc))
+            # the message only: the exception's traceback would keep the query's ciphertexts alive
+            message = f"{type(exc).__name__}: {exc}"
+            self.events.put(("error", (isinstance(exc, HfSecureError), message)))
+        finally:
+            self.finished = True
 
     def _refresh(self, request: bytes) -> bytes:
-        with self._lock:
-            if self.cancelled:
-                raise ServerError("query cancelled")
-            self.waiting = True
+        if self.cancelled:
+            raise ServerError("query cancelled")
         self.events.put(("refresh", request))
         try:
             answer = self.answers.get(timeout=self.answer_timeout_s)
@@ -102,35 +110,44 @@ class _Query:
             raise ServerError("query cancelled")
         return answer
 
-    def answer(self, payload: bytes | None) -> None:
-        """The client's answer to the pending refresh; None cancels the query."""
+    def event(self, wait_s: float) -> tuple[str, object]:
+        """The current event, waiting up to ``wait_s`` for the worker's next one ("pending")."""
         with self._lock:
-            if payload is None:
-                self.cancelled = True
-            if not self.waiting:
-                if payload is None:
-                    return
-                raise InvalidRequestError("no refresh of this session is waiting for an answer")
-            self.waiting = False
-        self.answers.put(payload)
+            if self.current is not None and self.current[0] == "refresh" and self.finished:
+                self.current = None  # the worker gave up waiting for its answer (timeout, cancel)
+            if self.current is None:
+                try:
+                    self.current = self.events.get(timeout=wait_s)
+                except queue.Empty:
+                    return "pending", None
+            return self.current
 
-    def next_event(self, wait_s: float) -> tuple[str, object]:
-        try:
-            kind, payload = self.events.get(timeout=wait_s)
-        except queue.Empty:
-            return "pending", None
-        if kind in ("outputs", "error"):
-            self.finished = True
-        return kind, payload
+    def answer(self, payload: bytes) -> None:
+        """The client's answer to the current refresh request."""
+        with self._lock:
+            if self.current is None or self.current[0] != "refresh" or self.finished:
+                raise InvalidRequestError("no refresh of this session is waiting for an answer")
+            self.current = None
+            self.answers.put(payload)
+
+    def cancel(self) -> None:
+        """Stop the query at its next refresh (or now, if it waits for one)."""
+        self.cancelled = True
+        self.answers.put(None)
 
 
 @dataclass
 class _Session:
     owner: str
     keys: bytearray = field(default_factory=bytearray)
+    keys_total: int = 0
     server: object = None  # an HEServer holding this session's evaluation keys
     query: _Query | None = None
     last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request of the session at a time
+
+    def running(self) -> bool:
+        return self.query is not None and not self.query.finished
 
 
 class HEService:
@@ -224,67 +241,80 @@ class HEService:
 
     @staticmethod
     def _cancel(session: _Session) -> None:
-        if session.query is not None and not session.query.finished:
-            session.query.answer(None)
+        if session.running():
+            session.query.cancel()
 
     # -- keys and queries ------------------------------------------------------------------------
     def put_keys(self, sid: str, owner: str, chunk: bytes, offset: int, total: int) -> dict:
-        """Append ``chunk`` at ``offset`` of the ``total``-byte evaluation keys; load them when
-        complete (replacing the session's keys). InvalidRequestError for out-of-order chunks,
-        a size over :data:`MAX_KEY_BYTES`, or keys the backend refuses (wrong parameters, altered)."""
+        """Append ``chunk`` at ``offset`` of the ``total``-byte evaluation keys (``total`` fixed by
+        the first chunk); load them when complete (replacing the session's keys).
+        InvalidRequestError for out-of-order chunks, a size over :data:`MAX_KEY_BYTES`, a running
+        query, or keys the backend refuses (wrong parameters, altered)."""
         session = self._session(sid, owner)
         if not 0 < total <= MAX_KEY_BYTES:
             raise InvalidRequestError(f"evaluation keys of {total} bytes: outside 1..{MAX_KEY_BYTES}")
-        if session.query is not None and not session.query.finished:
-            raise InvalidRequestError("a query of this session is running: keys cannot change under it")
-        if offset == 0:
-            session.keys = bytearray()
-        if offset != len(session.keys) or offset + len(chunk) > total:
-            raise InvalidRequestError(f"key chunk at {offset} of {len(chunk)} bytes: the session holds "
-                                      f"{len(session.keys)} of {total} bytes")
-        session.keys += chunk
-        if len(session.keys) < total:
-            return {"received": len(session.keys), "loaded": False}
-        blob, session.keys = bytes(session.keys), bytearray()
-        try:
-            session.server = self.model.with_keys(blob)
-        except HfSecureError as exc:
-            raise InvalidRequestError(f"evaluation keys refused: {exc}") from exc
-        return {"received": total, "loaded": True}
+        with session.lock:
+            if session.running():
+                raise InvalidRequestError("a query of this session is running: keys cannot change under it")
+            if offset == 0:
+                session.keys, session.keys_total = bytearray(), total
+            if offset != len(session.keys) or total != session.keys_total or offset + len(chunk) > total:
+                raise InvalidRequestError(f"key chunk at {offset} of {len(chunk)} bytes of {total}: the session "
+                                          f"holds {len(session.keys)} of {session.keys_total} bytes")
+            session.keys += chunk
+            if len(session.keys) < total:
+                return {"received": len(session.keys), "loaded": False}
+            blob, session.keys = bytes(session.keys), bytearray()
+            try:
+                session.server = self.model.with_keys(blob)
+            except HfSecureError as exc:
+                raise InvalidRequestError(f"evaluation keys refused: {exc}") from exc
+            return {"received": total, "loaded": True}
 
-    def start(self, sid: str, owner: str, block: int, inputs: list[bytes], valid: np.ndarray) -> tuple[str, object]:
+    def start(self, sid: str, owner: str, block: int, inputs: list[bytes], valid: np.ndarray,
+              wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
+        """Start a query (one at a time per session) and return its first event."""
         session = self._session(sid, owner)
-        if session.server is None:
-            raise InvalidRequestError("this session has no evaluation keys yet: upload them first")
-        if session.query is not None and not session.query.finished:
-            raise InvalidRequestError("a query of this session is still running (one at a time)")
-        try:
-            session.server.check_query(block, len(inputs), valid)
-        except HfSecureError as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        session.query = _Query(session.server, block, inputs, valid, self.answer_timeout_s)
-        return self._event(session)
+        with session.lock:
+            if session.server is None:
+                raise InvalidRequestError("this session has no evaluation keys yet: upload them first")
+            if session.running():
+                raise InvalidRequestError("a query of this session is still running (one at a time; "
+                                          "DELETE /v1/he/sessions/ID/query cancels it)")
+            try:
+                session.server.check_query(block, len(inputs), valid)
+            except HfSecureError as exc:
+                raise InvalidRequestError(str(exc)) from exc
+            session.query = _Query(session.server, block, inputs, valid, self.answer_timeout_s)
+        return self._event(session, wait_s)
 
-    def answer(self, sid: str, owner: str, payload: bytes) -> tuple[str, object]:
+    def answer(self, sid: str, owner: str, payload: bytes, wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
+        """Answer the current refresh request and return the next event."""
         session = self._session(sid, owner)
-        if session.query is None or session.query.finished:
-            raise InvalidRequestError("this session runs no query")
-        session.query.answer(payload)
-        return self._event(session)
+        self._query(session).answer(payload)
+        return self._event(session, wait_s)
 
-    def poll(self, sid: str, owner: str) -> tuple[str, object]:
-        session = self._session(sid, owner)
-        if session.query is None or session.query.finished:
-            raise InvalidRequestError("this session runs no query")
-        return self._event(session)
+    def poll(self, sid: str, owner: str, wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
+        """The current event of the session's query (the same again until the client acts on it)."""
+        return self._event(self._session(sid, owner), wait_s)
+
+    def cancel(self, sid: str, owner: str) -> None:
+        """Stop the session's query, if one runs (the session and its keys stay)."""
+        self._cancel(self._session(sid, owner))
 
     @staticmethod
-    def _event(session: _Session) -> tuple[str, object]:
-        kind, payload = session.query.next_event(EVENT_WAIT_S)
+    def _query(session: _Session) -> _Query:
+        if session.query is None:
+            raise InvalidRequestError("this session has run no query")
+        return session.query
+
+    def _event(self, session: _Session, wait_s: float) -> tuple[str, object]:
+        kind, payload = self._query(session).event(min(max(wait_s, 0.0), EVENT_WAIT_S))
         if kind == "error":
-            if isinstance(payload, HfSecureError):
-                raise InvalidRequestError(f"the query failed: {type(payload).__name__}: {payload}") from payload
-            raise payload
+            known, message = payload
+            if known:
+                raise InvalidRequestError(f"the query failed: {message}")
+            raise RuntimeError(f"the he query failed: {message}")  # a server bug: 500, logged
         return kind, payload
 
 
@@ -314,33 +344,47 @@ class RemoteHEServer:
 
     def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, answer) -> tuple[list[bytes], Traffic]:
         """Run the query; ``answer(request) -> bytes`` answers each refresh. Returns the outputs
-        and the refreshes' traffic (the server's side: ``bytes_sent`` are the requests)."""
+        and the refreshes' traffic (the server's side: ``bytes_sent`` are the requests). On any
+        error (the client's or the server's) the server's query is cancelled, the session kept."""
         base = f"/v1/he/sessions/{self.session}"
+        # each request waits at most a third of the client's timeout for the next event
+        wait = {"wait": min(EVENT_WAIT_S, self.backend.timeout / 3)}
         tensors = {f"input.{i}": as_bytes_tensor(b) for i, b in enumerate(inputs)}
         tensors["valid"] = torch.from_numpy(np.asarray(valid, dtype=np.float64))
-        reply = self.backend.call("POST", f"{base}/query", tensors, meta={"block": str(block)})
         traffic = Traffic()
-        while True:
-            tensors, meta = reply
-            event = meta.get("event")
-            if event == "outputs":
-                count = int(meta.get("count", -1))
-                try:
-                    return [tensor_bytes(tensors[f"output.{i}"], "output") for i in range(count)], traffic
-                except (KeyError, InvalidRequestError) as exc:
-                    raise ServerError(f"the he server sent malformed outputs: {exc}") from exc
-            if event == "refresh":
-                start = time.perf_counter()
-                if "request" not in tensors:
-                    raise ServerError("the he server sent a refresh event without its request")
-                request = tensor_bytes(tensors["request"], "refresh request")
-                response = answer(request)
-                reply = self.backend.call("POST", f"{base}/answer", {"answer": as_bytes_tensor(response)})
-                traffic.record(len(request), len(response), time.perf_counter() - start)
-            elif event == "pending":
-                reply = self.backend.call("GET", f"{base}/event")
-            else:
-                raise ServerError(f"the he server sent an unknown event {event!r}")
+        try:
+            reply = self.backend.call("POST", f"{base}/query", tensors, meta={"block": str(block)}, params=wait)
+            while True:
+                tensors, meta = reply
+                event = meta.get("event")
+                if event == "outputs":
+                    count = int(meta.get("count", -1))
+                    try:
+                        return [tensor_bytes(tensors[f"output.{i}"], "output") for i in range(count)], traffic
+                    except (KeyError, InvalidRequestError) as exc:
+                        raise ServerError(f"the he server sent malformed outputs: {exc}") from exc
+                if event == "refresh":
+                    start = time.perf_counter()
+                    if "request" not in tensors:
+                        raise ServerError("the he server sent a refresh event without its request")
+                    request = tensor_bytes(tensors["request"], "refresh request")
+                    response = answer(request)
+                    reply = self.backend.call("POST", f"{base}/answer", {"answer": as_bytes_tensor(response)},
+                                              params=wait)
+                    traffic.record(len(request), len(response), time.perf_counter() - start)
+                elif event == "pending":
+                    reply = self.backend.call("GET", f"{base}/event", params=wait)
+                else:
+                    raise ServerError(f"the he server sent an unknown event {event!r}")
+        except BaseException:
+            self._cancel()
+            raise
+
+    def _cancel(self) -> None:
+        try:
+            self.backend.call("DELETE", f"/v1/he/sessions/{self.session}/query")
+        except ServerError:
+            pass  # the server is gone, or the query ended: nothing runs
 
     def close(self) -> None:
         try:
