@@ -231,7 +231,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
 
     ``protocol``: None serves a converted (permute) checkpoint with :class:`ModelServer`; ``"he"``
     an unmodified BERT checkpoint with :class:`~hf_secure.protocols.he.service.HEService`
-    (``server_kwargs``: its ``max_sessions``, ``session_ttl_s``).
+    (``server_kwargs``: its ``max_sessions``, ``session_ttl_s``, ``answer_timeout_s``).
 
     On shutdown the port stops accepting, in-flight requests get ``shutdown_timeout_s`` to finish,
     then every session is dropped and the port released.

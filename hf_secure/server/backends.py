@@ -134,15 +134,7 @@ class HttpBackend:
         params = {"past_length": past_length, "output": output, "logits_to_keep": logits_to_keep}
         if session_id is not None:
             params["session_id"] = session_id
-        body = wire.encode(inputs)
-        start = time.perf_counter()
-        response = self._request("POST", "/v1/forward", params=params, content=body,
-                                 headers={"content-type": wire.CONTENT_TYPE})
-        try:
-            outputs, meta = wire.decode(response.content)
-        except InvalidRequestError as exc:
-            raise ServerError(f"server {self.url} sent a malformed answer: {exc}") from exc
-        self.stats.record(len(body), len(response.content), time.perf_counter() - start)
+        outputs, meta = self.call("POST", "/v1/forward", inputs, params=params)
         return outputs, int(meta.get("length", 0))
 
     def call(self, method: str, path: str, tensors: dict | None = None, meta: dict | None = None,

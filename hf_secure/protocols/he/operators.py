@@ -125,14 +125,11 @@ def _combination(ctx: CKKS, basis: dict[int, Ciphertext], coeffs: dict[int, floa
     return out + constant if constant else out
 
 
-def chebyshev_basis(ctx: CKKS, v: Ciphertext, degree: int, t: dict[int, Ciphertext] | None = None) -> dict[int, Ciphertext]:
+def chebyshev_basis(ctx: CKKS, v: Ciphertext, degree: int) -> dict[int, Ciphertext]:
     """``T_k(v)`` for ``k = 1..degree`` (``v`` in ``[-1, 1]``) at depth ``ceil(log2 k)``:
-    ``T_(m+n) = 2 T_m T_n - T_(m-n)`` with ``m`` the largest power of two below ``k``. ``t``: the
-    elements already made (extended in place)."""
-    t = {1: v} if t is None else t
+    ``T_(m+n) = 2 T_m T_n - T_(m-n)`` with ``m`` the largest power of two below ``k``."""
+    t = {1: v}
     for k in range(2, degree + 1):
-        if k in t:
-            continue
         m = 1 << (k.bit_length() - 1)
         if m == k:
             m = k // 2
@@ -153,7 +150,7 @@ class _ChebyshevPlan:
     on an exactly chosen scale, so the result is at the nominal scale exactly."""
 
     def __init__(self, coeffs: list[float], baby: int):
-        self.coeffs, self.baby = coeffs, baby
+        self.baby = baby
         self.used: set[int] = set()
         self.depth, self.products = self._walk(coeffs)
 
@@ -243,9 +240,9 @@ def chebyshev(ctx: CKKS, x: Ciphertext, coeffs, low: float, high: float,
     v = ctx.multiply_plain(x, 2 / (high - low)) + (-(low + high) / (high - low))
     basis = chebyshev_basis(ctx, v, min(plan.baby - 1, len(coeffs) - 1))
 
-    def giant(g: int) -> Ciphertext:  # T_2k = 2 T_k^2 - 1
+    def giant(g: int) -> Ciphertext:  # T_2k = 2 T_k^2 - 1, from the babies up (T_(m/2) is one)
         if g not in basis:
-            square = ctx.square(giant(g // 2) if g // 2 >= plan.baby else chebyshev_basis(ctx, v, g // 2, basis)[g // 2])
+            square = ctx.square(giant(g // 2))
             basis[g] = square + square - 1.0
         return basis[g]
 
@@ -292,7 +289,7 @@ def activation(ctx: CKKS, x: Ciphertext, name: str = "gelu", bound: float = 8.0,
     sqrt 2)`` for GELU, ``x tanh(x/2)`` for SiLU) is even and entire, so a low-degree Chebyshev
     series in ``x^2`` reaches ``tolerance`` (GELU on [-8, 8]: degree 16 for 1e-4; on [-37, 37],
     where BERT's outlier features reach, degree 68). Outside the bound the series diverges.
-    Depth ``3 + ceil(log2 degree)``."""
+    Depth ``1 +`` :func:`chebyshev_depth` of the series (the square, then the series)."""
     coeffs = [c / 2 for c in activation_series(name, float(bound), float(tolerance))]
     x = fit(x, 1 + chebyshev_depth(coeffs), refresh)
     half_g = chebyshev(ctx, ctx.square(x), coeffs, 0.0, bound * bound)

@@ -169,6 +169,7 @@ class HEService:
                  answer_timeout_s: float = 300.0):
         from transformers import AutoConfig
 
+        from ... import __version__
         from .client import MODEL_PARAMS, HEServer, check_model, load_bert
 
         config = AutoConfig.from_pretrained(folder)
@@ -176,8 +177,6 @@ class HEService:
         plain = load_bert(folder, config)
         self.model = HEServer.from_model(folder, plain, MODEL_PARAMS)
         self.config = config
-        from ... import __version__
-
         self.section = {"protocol": "he", "hf_secure_version": __version__}
         self._info = {
             "protocol": "he", "family": "bert", "params": MODEL_PARAMS.as_dict(),
