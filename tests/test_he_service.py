@@ -15,7 +15,8 @@ from hf_secure import SecureModel
 from hf_secure.errors import InvalidRequestError, ServerError, UnknownSessionError
 from hf_secure.protocols.he import client as he_client
 from hf_secure.protocols.he.backend import CKKS
-from hf_secure.protocols.he.bert import BertProgram, layouts
+from hf_secure.protocols.he.bert import BertProgram
+from hf_secure.protocols.he.layers import layouts
 from hf_secure.protocols.he.client import MODEL_PARAMS
 from hf_secure.protocols.he.refresh import answer_refresh
 from hf_secure.protocols.he.service import HEService

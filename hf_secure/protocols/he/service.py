@@ -58,14 +58,16 @@ def tensor_bytes(t: torch.Tensor, name: str) -> bytes:
     return t.numpy().tobytes()
 
 
-def embeddings_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of an embeddings module's tensors (name, dtype, shape, values): client and server
-    must hold the same tables, or the server's layers run on embeddings they were not made for."""
+def client_digest(modules: list[torch.nn.Module]) -> str:
+    """SHA-256 of the tensors (name, dtype, shape, values) of the modules the client holds (the
+    embedding tables, a decoder's LM head): client and server must hold the same, or the server's
+    layers run on embeddings they were not made for."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
+    for module in modules:
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -170,18 +172,18 @@ class HEService:
         from transformers import AutoConfig
 
         from ... import __version__
-        from .client import MODEL_PARAMS, HEServer, check_model, load_bert
+        from .client import MODEL_PARAMS, HEServer, check_model, client_modules, load_plain
 
         config = AutoConfig.from_pretrained(folder)
         check_model(config, causal=False)
-        plain = load_bert(folder, config)
+        plain = load_plain(folder, config)
         self.model = HEServer.from_model(folder, plain, MODEL_PARAMS)
         self.config = config
         self.section = {"protocol": "he", "hf_secure_version": __version__}
         self._info = {
             "protocol": "he", "family": "bert", "params": MODEL_PARAMS.as_dict(),
             "params_fingerprint": MODEL_PARAMS.fingerprint().hex(),
-            "embeddings": embeddings_digest(plain.embeddings),
+            "embeddings": client_digest(client_modules(plain)),
             "shape": shape_of(config), "bounds": self.model.bounds_dict(),
             "outputs": ["hidden"], "sessions": True,
         }
