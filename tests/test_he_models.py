@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, pipeline
 
-from hf_secure import SecureModel, SecureModelForCausalLM
+from hf_secure import SecureModel
 from hf_secure.errors import CorruptKeyError, KeyMismatchError, MissingKeyError, UnknownOptionError, UnsupportedModelError
 from hf_secure.keys import key_store_dir
 from hf_secure.protocols.he.backend import CKKS, Params
 from hf_secure.protocols.he.client import MODEL_PARAMS
 
-from .conftest import make_he_bert, make_tiny
+from .conftest import make_he_bert
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,5 @@ def test_unsupported_and_unknown_options(one_layer, tmp_path):
             SecureModel.from_pretrained(tmp_path / name, protocol="he")
     with pytest.raises(UnknownOptionError, match="need a server_url"):
         SecureModel.from_pretrained(folder, protocol="he", server_token="t0k3n")
-    make_tiny("gpt2", tmp_path / "gpt2")
-    with pytest.raises(UnsupportedModelError, match="he"):
-        SecureModelForCausalLM.from_pretrained(tmp_path / "gpt2", protocol="he")
     with pytest.raises(UnknownOptionError):
         SecureModel.from_pretrained(folder, protocol="he", colour="blue")

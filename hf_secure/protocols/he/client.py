@@ -279,7 +279,7 @@ class HEEngine(SecureEngine):
         self.refreshes = 0
         self._keys_for: set[int] = set()
         self._ids = itertools.count(1)
-        self._sessions: set[str] = set()  # open KV-cache handles (decoders)
+        self._sessions: dict[str, int] = {}  # open KV-cache handles (decoders): tokens held
         self._caches: set[str] = set()  # the server's caches: "{session}/{row}"
 
     @classmethod
@@ -397,12 +397,11 @@ class HEEngine(SecureEngine):
         if self.family == "bert":
             raise UnknownOptionError("a BERT encoder keeps no KV cache")
         sid = str(next(self._ids))
-        self._sessions.add(sid)
+        self._sessions[sid] = 0
         return sid
 
     def close_session(self, session_id: str) -> None:
-        if session_id in self._sessions and self.server:
-            self._sessions.discard(session_id)
+        if self._sessions.pop(session_id, None) is not None and self.server:
             self._drop(session_id)
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
@@ -436,8 +435,11 @@ class HEEngine(SecureEngine):
         if past + new > top:
             raise InvalidInputError(f"protocol 'he' holds at most {top} tokens per sequence for this model "
                                     f"(cached and new), not {past + new}")
-        if session is not None and session.session_id not in self._sessions:
-            raise InvalidInputError(f"cache {session.session_id} is closed or of another model")
+        if session is not None and past not in (0, self._sessions.get(session.session_id, -1)):
+            held = self._sessions.get(session.session_id)
+            raise InvalidInputError(f"cache {session.session_id} is closed or of another model" if held is None else
+                                    f"cache {session.session_id} holds {held} tokens, cannot continue from {past} "
+                                    "(he caches cannot be cropped)")
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + new, dtype=torch.long)
         if attention_mask.shape != (batch, past + new):
@@ -453,6 +455,7 @@ class HEEngine(SecureEngine):
         hidden = torch.zeros(batch, kept, self.config.hidden_size)
         one_off = session is None
         sid = f"q{next(self._ids)}" if one_off else session.session_id
+        done = False
         try:
             for r in range(batch):
                 cache = f"{sid}/{r}"
@@ -462,11 +465,14 @@ class HEEngine(SecureEngine):
                 out = self._query(lay, x, block, attention_mask[r].double().numpy(), cache=cache, past=past,
                                   positions=position_ids[r].long().numpy().copy())
                 hidden[r] = torch.from_numpy(out[past + new - kept:past + new]).float()
+            done = True
         finally:
-            if one_off:
+            if one_off or not done:  # a failed query leaves the rows' caches apart: the session starts over
                 self._drop(sid)
+                if not one_off:
+                    self._sessions[sid] = 0
         if session is not None:
-            session.length = past + new
+            session.length = self._sessions[session.session_id] = past + new
         with torch.no_grad():
             return self.lm_head(hidden).float()
 
@@ -494,6 +500,7 @@ class HEEngine(SecureEngine):
     def close(self) -> None:
         if isinstance(self.server, HEServer):
             self.server.programs.clear()
+            self.server.caches.clear()
         elif self.server:
             self.server.close()
             self.server = None
