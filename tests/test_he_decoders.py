@@ -8,13 +8,17 @@ these one-layer models takes tens of seconds at N = 2^15, so the tests are few a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, pipeline
 
 from hf_secure import SecureModel, SecureModelForCausalLM
 from hf_secure.demo import DEMO_MODEL
-from hf_secure.errors import InvalidInputError, UnsupportedModelError
+from hf_secure.errors import InvalidInputError, ProgramError, UnsupportedModelError
+from hf_secure.protocols.he.client import MODEL_PARAMS, HEServer, load_plain
+from hf_secure.server.process import served
 
 from .conftest import randomize_norms
 
@@ -104,3 +108,40 @@ def test_unsupported_decoders(tmp_path):
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
         with pytest.raises(UnsupportedModelError, match="he"):  # at loading, before any key is made
             SecureModelForCausalLM.from_pretrained(tmp_path / name, protocol="he")
+
+
+def test_gpt2_through_a_separate_server(gpt2, tmp_path):
+    model, folder, tokenizer = gpt2
+    ids = tokenizer("the server holds the cache", return_tensors="pt")["input_ids"]
+    with served(str(folder), args=("--protocol", "he")) as (_, url):
+        # the client holds the config, the tokenizer and the token and position tables only (the
+        # LM head is the token table)
+        client_dir = tmp_path / "client"
+        model.config.save_pretrained(client_dir)
+        tokenizer.save_pretrained(client_dir)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("transformer.wte.",
+                                                                                              "transformer.wpe."))},
+                  client_dir / "model.safetensors")
+        secure = SecureModelForCausalLM.from_pretrained(client_dir, protocol="he", server_url=url, timeout=60)
+        got = secure.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert torch.equal(got, want)
+        assert secure.engine.report()["refreshes"] > 0
+        secure.engine.close()
+
+
+def test_decoder_queries_that_do_not_fit(gpt2):
+    _, folder, _ = gpt2
+    plain = load_plain(str(folder), AutoModelForCausalLM.from_pretrained(folder).config)
+    server = HEServer.from_model(str(folder), plain, MODEL_PARAMS)
+    ones = np.ones
+
+    def check(block, count=1, valid=ones(5), cache="1/0", past=0, positions=np.arange(5)):
+        server.check_query(block, count, valid, cache, past, positions)
+
+    check(8)  # fits
+    for bad in (dict(block=16), dict(count=2), dict(valid=ones(4)), dict(cache=None), dict(past=3),
+                dict(positions=np.arange(5) + 30), dict(block=64, valid=ones(40), positions=np.arange(40))):
+        with pytest.raises(ProgramError):
+            check(**{"block": 8, **bad})

@@ -199,14 +199,25 @@ def _he_routes(app: FastAPI, service, caller) -> None:
         tensors, meta = wire.decode(await request.body())
         count = sum(name.startswith("input.") for name in tensors)
         block = meta.get("block", "")
-        if set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} or not re.fullmatch(r"[0-9]{1,6}", block):
-            raise InvalidRequestError("an he query sends input.0 .. input.{n-1}, valid and the block (metadata)")
+        cache, past = meta.get("cache"), meta.get("past", "0")  # decoders: the KV cache continued
+        extra = {"positions"} if cache is not None else set()
+        if (set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} | extra
+                or not re.fullmatch(r"[0-9]{1,6}", block) or not re.fullmatch(r"[0-9]{1,6}", past)
+                or (cache is not None and not re.fullmatch(r"[A-Za-z0-9/_-]{1,64}", cache))):
+            raise InvalidRequestError("an he query sends input.0 .. input.{n-1}, valid and the block (metadata); "
+                                      "a decoder's also its cache id, past (metadata) and positions")
         valid = tensors["valid"]
         if valid.dtype != torch.float64 or valid.dim() != 1:
             raise InvalidRequestError("valid must be a 1-D float64 tensor")
+        decoder = {}
+        if cache is not None:
+            positions = tensors["positions"]
+            if positions.dtype != torch.int64 or positions.dim() != 1:
+                raise InvalidRequestError("positions must be a 1-D int64 tensor")
+            decoder = {"cache": cache, "past": int(past), "positions": positions.numpy().copy()}
         inputs = [named(tensors, f"input.{i}") for i in range(count)]
         event = await run_in_threadpool(service.start, session_id, owner, int(block), inputs, valid.numpy().copy(),
-                                        wait)
+                                        wait, **decoder)
         return reply(event)
 
     @app.post("/v1/he/sessions/{session_id}/answer", **_FORWARD)
@@ -217,6 +228,11 @@ def _he_routes(app: FastAPI, service, caller) -> None:
     @app.get("/v1/he/sessions/{session_id}/event", responses={**_GUARDED, **_SESSION})
     async def event(session_id: str, wait: float = EVENT_WAIT_S, owner: str = Depends(caller)):
         return reply(await run_in_threadpool(service.poll, session_id, owner, wait))
+
+    @app.delete("/v1/he/sessions/{session_id}/caches/{cache:path}", responses={**_GUARDED, **_SESSION})
+    async def drop(session_id: str, cache: str, owner: str = Depends(caller)):
+        await run_in_threadpool(service.drop_cache, session_id, owner, cache)
+        return Response(wire.encode({}, {"dropped": "true"}), media_type=wire.CONTENT_TYPE)
 
     @app.delete("/v1/he/sessions/{session_id}/query", responses={**_GUARDED, **_SESSION})
     async def cancel(session_id: str, owner: str = Depends(caller)):
@@ -230,7 +246,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, *, access: Acc
     """Load and verify the checkpoint, listen on ``host:port``, then serve until SIGTERM or SIGINT.
 
     ``protocol``: None serves a converted (permute) checkpoint with :class:`ModelServer`; ``"he"``
-    an unmodified BERT checkpoint with :class:`~hf_secure.protocols.he.service.HEService`
+    an unmodified BERT, GPT-2 or Llama-like checkpoint with :class:`~hf_secure.protocols.he.service.HEService`
     (``server_kwargs``: its ``max_sessions``, ``session_ttl_s``, ``answer_timeout_s``).
 
     On shutdown the port stops accepting, in-flight requests get ``shutdown_timeout_s`` to finish,

@@ -42,6 +42,8 @@ import torch
 
 from ...accounting import Traffic
 from ...errors import HfSecureError, InvalidRequestError, QuotaExceededError, ServerError, UnknownSessionError
+from ...families import family_of
+from .layers import ffn_width
 
 EVENT_WAIT_S = 10.0  # longest a request waits for the worker's next event before "pending"
 MAX_KEY_BYTES = 4 << 30  # evaluation keys a session may upload (all-MiniLM-L6-v2's: ~0.7 GB)
@@ -76,7 +78,8 @@ class _Query:
     the client acts on it: a response lost on the way is had again by asking again), :meth:`answer`
     and :meth:`cancel`. :attr:`finished` is set by the worker when it ends, however it ends."""
 
-    def __init__(self, server, block: int, inputs: list[bytes], valid: np.ndarray, answer_timeout_s: float):
+    def __init__(self, server, block: int, inputs: list[bytes], valid: np.ndarray, answer_timeout_s: float,
+                 decoder: dict):
         self.answer_timeout_s = answer_timeout_s
         self.events: queue.Queue = queue.Queue()
         self.answers: queue.Queue = queue.Queue()
@@ -84,13 +87,13 @@ class _Query:
         self.cancelled = False
         self.finished = False
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, args=(server, block, inputs, valid), daemon=True,
+        self.thread = threading.Thread(target=self._run, args=(server, block, inputs, valid, decoder), daemon=True,
                                        name="he-query")
         self.thread.start()
 
-    def _run(self, server, block, inputs, valid):
+    def _run(self, server, block, inputs, valid, decoder):
         try:
-            outputs, _ = server.forward(block, inputs, valid, self._refresh)
+            outputs, _ = server.forward(block, inputs, valid, self._refresh, **decoder)
             self.events.put(("outputs", outputs))
         except Exception as exc:  # reported to the client as the query's answer, never lost in the thread
             # the message only: the exception's traceback would keep the query's ciphertexts alive
@@ -175,13 +178,14 @@ class HEService:
         from .client import MODEL_PARAMS, HEServer, check_model, client_modules, load_plain
 
         config = AutoConfig.from_pretrained(folder)
-        check_model(config, causal=False)
+        family = family_of(config)
+        check_model(config, causal=family.causal)
         plain = load_plain(folder, config)
         self.model = HEServer.from_model(folder, plain, MODEL_PARAMS)
         self.config = config
         self.section = {"protocol": "he", "hf_secure_version": __version__}
         self._info = {
-            "protocol": "he", "family": "bert", "params": MODEL_PARAMS.as_dict(),
+            "protocol": "he", "family": family.name, "params": MODEL_PARAMS.as_dict(),
             "params_fingerprint": MODEL_PARAMS.fingerprint().hex(),
             "embeddings": client_digest(client_modules(plain)),
             "shape": shape_of(config), "bounds": self.model.bounds_dict(),
@@ -273,8 +277,9 @@ class HEService:
             return {"received": total, "loaded": True}
 
     def start(self, sid: str, owner: str, block: int, inputs: list[bytes], valid: np.ndarray,
-              wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
-        """Start a query (one at a time per session) and return its first event."""
+              wait_s: float = EVENT_WAIT_S, **decoder) -> tuple[str, object]:
+        """Start a query (one at a time per session) and return its first event. ``decoder``:
+        a decoder's ``cache`` (id), ``past`` and ``positions`` (:meth:`.client.HEServer.forward`)."""
         session = self._session(sid, owner)
         with session.lock:
             if session.server is None:
@@ -283,10 +288,10 @@ class HEService:
                 raise InvalidRequestError("a query of this session is still running (one at a time; "
                                           "DELETE /v1/he/sessions/ID/query cancels it)")
             try:
-                session.server.check_query(block, len(inputs), valid)
+                session.server.check_query(block, len(inputs), valid, **decoder)
             except HfSecureError as exc:
                 raise InvalidRequestError(str(exc)) from exc
-            session.query = _Query(session.server, block, inputs, valid, self.answer_timeout_s)
+            session.query = _Query(session.server, block, inputs, valid, self.answer_timeout_s, decoder)
         return self._event(session, wait_s)
 
     def answer(self, sid: str, owner: str, payload: bytes, wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
@@ -298,6 +303,15 @@ class HEService:
     def poll(self, sid: str, owner: str, wait_s: float = EVENT_WAIT_S) -> tuple[str, object]:
         """The current event of the session's query (the same again until the client acts on it)."""
         return self._event(self._session(sid, owner), wait_s)
+
+    def drop_cache(self, sid: str, owner: str, cache: str) -> None:
+        """Forget one of the session's KV caches (decoders; unknown ids are ignored)."""
+        session = self._session(sid, owner)
+        with session.lock:
+            if session.running():
+                raise InvalidRequestError("a query of this session is still running: its caches stay until it ends")
+            if session.server is not None:
+                session.server.drop(cache)
 
     def cancel(self, sid: str, owner: str) -> None:
         """Stop the session's query, if one runs (the session and its keys stay)."""
@@ -321,8 +335,9 @@ class HEService:
 
 def shape_of(config) -> dict:
     """The dimensions client and server must agree on."""
-    return {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                            "intermediate_size", "hidden_act", "layer_norm_eps")}
+    return {"model_type": config.model_type, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "ffn": ffn_width(config), "vocab_size": config.vocab_size}
 
 
 class RemoteHEServer:
@@ -343,18 +358,24 @@ class RemoteHEServer:
             self.backend.call("PUT", path, {"data": as_bytes_tensor(blob[offset:offset + CHUNK_BYTES])},
                               params={"offset": offset, "total": len(blob)})
 
-    def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, answer) -> tuple[list[bytes], Traffic]:
-        """Run the query; ``answer(request) -> bytes`` answers each refresh. Returns the outputs
-        and the refreshes' traffic (the server's side: ``bytes_sent`` are the requests). On any
-        error (the client's or the server's) the server's query is cancelled, the session kept."""
+    def forward(self, block: int, inputs: list[bytes], valid: np.ndarray, answer, cache: str | None = None,
+                past: int = 0, positions: np.ndarray | None = None) -> tuple[list[bytes], Traffic]:
+        """Run the query; ``answer(request) -> bytes`` answers each refresh; a decoder's ``cache``,
+        ``past`` and ``positions`` as :meth:`.client.HEServer.forward`. Returns the outputs and
+        the refreshes' traffic (the server's side: ``bytes_sent`` are the requests). On any error
+        (the client's or the server's) the server's query is cancelled, the session kept."""
         base = f"/v1/he/sessions/{self.session}"
         # each request waits at most a third of the client's timeout for the next event
         wait = {"wait": min(EVENT_WAIT_S, self.backend.timeout / 3)}
         tensors = {f"input.{i}": as_bytes_tensor(b) for i, b in enumerate(inputs)}
         tensors["valid"] = torch.from_numpy(np.asarray(valid, dtype=np.float64))
+        meta = {"block": str(block)}
+        if cache is not None:
+            tensors["positions"] = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+            meta.update(cache=cache, past=str(past))
         traffic = Traffic()
         try:
-            reply = self.backend.call("POST", f"{base}/query", tensors, meta={"block": str(block)}, params=wait)
+            reply = self.backend.call("POST", f"{base}/query", tensors, meta=meta, params=wait)
             while True:
                 tensors, meta = reply
                 event = meta.get("event")
@@ -380,6 +401,13 @@ class RemoteHEServer:
         except BaseException:
             self._cancel()
             raise
+
+    def drop(self, cache: str) -> None:
+        """Forget a KV cache on the server (a server gone takes its caches with it)."""
+        try:
+            self.backend.call("DELETE", f"/v1/he/sessions/{self.session}/caches/{cache}")
+        except ServerError:
+            pass
 
     def _cancel(self) -> None:
         try:
