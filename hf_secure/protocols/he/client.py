@@ -142,6 +142,9 @@ def check_model(config, causal: bool) -> None:
         check_decoder(config, spec.name)
 
 
+MAX_CACHES = 16  # KV caches one key set may hold open (GPT-2-size: ~0.4 GB each at 128 tokens)
+
+
 class HEServer:
     """The server's side: the model's layers on ciphertexts, one program per block size, and the
     decoders' KV caches (ciphertexts, by cache id). It never holds a secret key: only the
@@ -204,6 +207,9 @@ class HEServer:
             if cache is None or positions is None or positions.ndim != 1 or type(past) is not int:
                 raise ProgramError("a decoder query names its cache, the tokens it holds and the new positions")
             new = len(positions)
+            if cache not in self.caches and len(self.caches) >= MAX_CACHES:
+                raise ProgramError(f"{MAX_CACHES} KV caches are open on this server (each holds a sequence's "
+                                   "keys and values per layer): close a session first")
             held = self.caches.get(cache, (0, None))[0]
             if past not in (0, held):
                 raise ProgramError(f"cache {cache!r} holds {held} tokens, not {past} (he caches cannot be cropped)")

@@ -44,7 +44,13 @@ def capacity(slots: int, config) -> int:
 
 
 def max_positions(config) -> int:
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
+    """The positions the model attends over in full: its position table's or RoPE's limit, and a
+    sliding window's (Mistral: within the window, sliding-window attention is full attention)."""
+    top = getattr(config, "n_positions", None) or config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        top = min(top, window)
+    return top
 
 
 def check_decoder(config, family: str) -> None:
@@ -59,9 +65,6 @@ def check_decoder(config, family: str) -> None:
     elif family in ("llama", "mistral", "qwen2"):
         if config.hidden_act != "silu":
             raise UnsupportedModelError(f"protocol 'he' runs {family} with SiLU, not {config.hidden_act!r}")
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) and window < max_positions(config):
-            raise UnsupportedModelError(f"protocol 'he' runs full attention, not a sliding window of {window}")
     else:
         raise UnsupportedModelError(f"protocol 'he' runs GPT-2 and Llama-like decoders, not {family}")
 
