@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...errors import InvalidInputError, ProgramError, UnsupportedModelError
+from ...errors import ProgramError, UnsupportedModelError
 from . import operators as op
 from .backend import CKKS, Ciphertext
 from .layers import Bounds, LayerProgram, check_heads, layouts
@@ -234,12 +234,3 @@ class DecoderProgram(LayerProgram):
                      for a, u in zip(gate, self._linear(w["up"], h, refresh))]
         return [a + r for a, r in zip(self._linear(w["down"], inner, refresh), x)]
 
-
-def check_query(program_tokens: int, past: int, new: int, valid, positions) -> None:
-    """InvalidInputError for a decoder query that cannot run: nothing new, or more tokens than
-    the layout holds."""
-    if new < 1:
-        raise InvalidInputError("a decoder query needs at least one new token")
-    if past + new > program_tokens:
-        raise InvalidInputError(f"protocol 'he' holds at most {program_tokens} tokens per sequence "
-                                f"(cached and new) for this model, not {past + new}")
