@@ -66,7 +66,7 @@ def _serve(args) -> None:
     limits = ServeLimits(max_body_bytes=args.max_body_mb << 20, max_concurrent=args.max_concurrent,
                          max_concurrent_per_caller=args.max_concurrent_per_token,
                          max_connections=args.max_connections, head_timeout_s=args.head_timeout)
-    if args.protocol == "he":  # an unmodified BERT checkpoint; sessions hold evaluation keys, not KV caches
+    if args.protocol == "he":  # an unmodified checkpoint; sessions hold evaluation keys (and encrypted KV caches)
         if args.dtype is not None or args.max_cache_mb is not None:
             raise UnknownOptionError("--dtype and --max-cache-mb do not apply to --protocol he")
         model = {"protocol": "he", "max_sessions": args.max_sessions or 2, "session_ttl_s": args.session_ttl,
@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     approximate.set_defaults(func=_approximate)
 
     serve = command(sub, "serve", help="run the HTTP server for a converted checkpoint (or --protocol he)")
-    serve.add_argument("model", help="converted folder or Hub id (--protocol he: an unmodified BERT checkpoint)")
+    serve.add_argument("model", help="converted folder or Hub id (--protocol he: an unmodified BERT, GPT-2 or Llama-like checkpoint)")
     serve.add_argument("--protocol", choices=("he",), default=None,
-                       help="he: serve an unmodified BERT checkpoint under CKKS (default: the converted checkpoint's)")
+                       help="he: serve an unmodified BERT, GPT-2 or Llama-like checkpoint under CKKS (default: the converted checkpoint's)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default float32")

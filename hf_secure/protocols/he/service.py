@@ -156,11 +156,12 @@ class _Session:
 
 
 class HEService:
-    """The he server of ``hf-secure serve --protocol he``: an unmodified BERT checkpoint, the
-    ranges calibrated on it, and one :class:`~.client.HEServer` per session (its keys).
+    """The he server of ``hf-secure serve --protocol he``: an unmodified BERT, GPT-2 or Llama-like
+    checkpoint, the ranges calibrated on it, and one :class:`~.client.HEServer` per session (its
+    keys, and a decoder's encrypted KV caches).
 
     Args:
-        folder: the checkpoint (plain transformers BERT; it never leaves the server).
+        folder: the checkpoint (plain transformers; it never leaves the server).
         max_sessions: sessions (key sets) each caller may hold.
         session_ttl_s: seconds a session may stay idle before it is dropped.
         answer_timeout_s: seconds a query waits for the client's refresh answer.
