@@ -2,7 +2,7 @@
 # Set everything up on a fresh machine and run the tests (the README's test command; .ci/run runs it).
 #
 # 1. The default suite on what a fresh install resolves today (the newest releases we admit).
-# 2. The generation, pipeline, server, audit, he model and he server tests again on the lowest transformers, fastapi, uvicorn
+# 2. The generation, pipeline, server, audit, he model, he server and he decoder (Llama) tests again on the lowest transformers, fastapi, uvicorn
 #    and httpx that pyproject.toml declares, in a virtual environment of their own (.venv-lowest),
 #    so that a renamed argument at either end of the range fails here, not on a user's machine. HF_SECURE_SKIP_LOWEST=1 skips
 #    it; it is skipped too when pytest arguments are given (e.g. `-m slow`).
@@ -28,4 +28,4 @@ python -m venv .venv-lowest
 print(*(f'{m.__name__} {m.__version__}' for m in (transformers, fastapi, uvicorn, httpx)))"
 .venv-lowest/bin/python -m pytest -q tests/test_arguments.py tests/test_permute.py tests/test_demo.py \
     tests/test_http.py tests/test_serve_access.py tests/test_mpc_decoder.py tests/test_audit.py \
-    tests/test_he_models.py tests/test_he_service.py
+    tests/test_he_models.py tests/test_he_service.py tests/test_he_decoders.py::test_llama_left_padded_batch_and_cache
