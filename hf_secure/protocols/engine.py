@@ -18,7 +18,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..errors import UnknownOptionError
+from ..errors import InvalidInputError, UnknownOptionError
 
 # What a non-client party sees, as the engine records it: (party, what, tensor), e.g.
 # ("server", "inputs_embeds", tensor); the leakage audit (issue 12) is to feed it to its attacks.
@@ -52,8 +52,8 @@ class SecureEngine(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]]  # the options connect() takes beyond folder/config/causal/dtype/timeout
     vocab_size: int
-    reveal: str = "logits"
-    creates_keys: bool = False  # the client makes its own key on first use (he); else the owner issues it  # what logits() hands back: "logits", or "token" (a point mass at the token)
+    reveal: str = "logits"  # what logits() hands back: "logits", or "token" (a point mass at the token)
+    creates_keys: bool = False  # the client makes its own key on first use (he); else the owner issues it
 
     @classmethod
     def check_options(cls, options: dict) -> None:
@@ -104,6 +104,21 @@ class SecureEngine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything the engine holds; safe to call twice."""
+
+
+def causal_inputs(batch: int, past: int, new: int, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal query's attention mask (``[batch, past + new]``, default all ones) and position
+    ids (``[batch, new]``, default ``past .. past + new - 1`` in every row, padded or not, as the
+    plain transformers model numbers them). InvalidInputError for a mask of another shape."""
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, past + new, dtype=torch.long)
+    if attention_mask.shape != (batch, past + new):
+        raise InvalidInputError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
+                                f"got {tuple(attention_mask.shape)}")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + new)[None].expand(batch, -1)
+    return attention_mask, position_ids
 
 
 class EncoderEngine(SecureEngine):

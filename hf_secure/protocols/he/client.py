@@ -30,7 +30,7 @@ from ...errors import InvalidInputError, MissingKeyError, ProgramError, ServerEr
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
-from ..engine import SecureEngine
+from ..engine import SecureEngine, causal_inputs
 from ..fss.client import plain_weights
 from .backend import CKKS, Params
 from .bert import BertProgram
@@ -446,13 +446,7 @@ class HEEngine(SecureEngine):
             raise InvalidInputError(f"cache {session.session_id} is closed or of another model" if held is None else
                                     f"cache {session.session_id} holds {held} tokens, cannot continue from {past} "
                                     "(he caches cannot be cropped)")
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + new, dtype=torch.long)
-        if attention_mask.shape != (batch, past + new):
-            raise InvalidInputError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
-                                    f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + new)[None].expand(batch, -1)
+        attention_mask, position_ids = causal_inputs(batch, past, new, attention_mask, position_ids)
         emb = self._embed(input_ids, position_ids, token_type_ids)
         block = next_power_of_two(past + new)
         self._send_keys(block)

@@ -26,7 +26,7 @@ from ...accounting import Traffic
 from ...errors import InvalidInputError, PartyFailedError, UnknownOptionError
 from ...families import family
 from ...integrity import checkpoint_files
-from ..engine import EncoderEngine, SecureEngine
+from ..engine import EncoderEngine, SecureEngine, causal_inputs
 from .approximations import Approximations, activation_input_bound, calibrate_norms
 from .run import MPCSession, online_traffic
 
@@ -219,13 +219,7 @@ class MPCCausalEngine(MPCEngine):
                                      f"cannot continue from {past}")
         batch, new = input_ids.shape
         self.program.check_length(past + new)  # refused here, before anything is sent
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + new, dtype=torch.long)
-        if attention_mask.shape != (batch, past + new):
-            raise InvalidInputError(f"attention_mask must cover past and new tokens: shape {(batch, past + new)}, "
-                                     f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + new)[None].expand(batch, -1)
+        attention_mask, position_ids = causal_inputs(batch, past, new, attention_mask, position_ids)
         public = {"attention_mask": attention_mask.long(), "position_ids": position_ids.long(),
                   "cache": torch.tensor([cache_id]), "past_length": torch.tensor([past]),
                   "logits_to_keep": torch.tensor([logits_to_keep]), "drop": torch.tensor(self._drop, dtype=torch.long),
