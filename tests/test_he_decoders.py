@@ -8,6 +8,8 @@ these one-layer models takes tens of seconds at N = 2^15, so the tests are few a
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 from hf_secure import SecureModel, SecureModelForCausalLM
 from hf_secure.demo import DEMO_MODEL
-from hf_secure.errors import InvalidInputError, ProgramError, UnsupportedModelError
+from hf_secure.errors import InvalidInputError, ProgramError, ServerError, TamperedCheckpointError, UnsupportedModelError
+from hf_secure.modeling.session_cache import RemoteSessionCache
 from hf_secure.protocols.he.client import MODEL_PARAMS, HEServer, load_plain
 from hf_secure.server.process import served
 
@@ -98,16 +101,32 @@ def test_llama_left_padded_batch_and_cache(llama):
         secure(torch.ones(1, 40, dtype=torch.long))
     with pytest.raises(InvalidInputError, match="input_ids"):
         secure(inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(InvalidInputError, match="position ids"):  # RoPE past the model's positions
+        secure(nxt[:1], position_ids=torch.tensor([[40]]))
+    closed = RemoteSessionCache(secure.engine, secure.engine.open_session())
+    closed.close()
+    with pytest.raises(InvalidInputError, match="closed"):  # an empty cache too, once closed
+        secure(nxt[:1], past_key_values=closed)
     secure.engine.close()
+    with pytest.raises(ServerError, match="closed"):
+        secure(nxt[:1])
 
 
-def test_unsupported_decoders(tmp_path):
+def test_unsupported_decoders_and_damaged_checkpoints(tmp_path, gpt2):
     for name, config in {"relu": GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=20, activation_function="relu"),
+                         "unscaled": GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=20, scale_attn_weights=False),
                          "heads": LlamaConfig(num_hidden_layers=1, hidden_size=48, num_attention_heads=4,
                                               intermediate_size=32, vocab_size=20)}.items():
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
         with pytest.raises(UnsupportedModelError, match="he"):  # at loading, before any key is made
             SecureModelForCausalLM.from_pretrained(tmp_path / name, protocol="he")
+    _, folder, _ = gpt2
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(TamperedCheckpointError):
+        SecureModelForCausalLM.from_pretrained(cut, protocol="he")
 
 
 def test_gpt2_through_a_separate_server(gpt2, tmp_path):

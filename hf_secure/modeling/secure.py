@@ -470,6 +470,9 @@ class SecureModelForCausalLM(SecurePreTrainedModel, GenerationMixin):
         """
         if self.engine is not None and self.engine.reveal == "token":
             _check_greedy_only(self.generation_config, generation_config, logits_processor, kwargs)
+        beams = kwargs.get("num_beams", getattr(generation_config or self.generation_config, "num_beams", 1))
+        if beams not in (None, 1):  # refused here, before a query; the cache would refuse it at the first reorder
+            raise UnknownOptionError("beam search is not supported with a server-side KV cache; use greedy or sampling")
         return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
                                 **kwargs)
 

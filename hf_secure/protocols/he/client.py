@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ...accounting import Traffic
-from ...errors import InvalidInputError, MissingKeyError, ProgramError, ServerError, UnknownOptionError, UnsupportedModelError
+from ...errors import InvalidInputError, MissingKeyError, TamperedCheckpointError, ProgramError, ServerError, UnknownOptionError, UnsupportedModelError
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
@@ -103,7 +104,10 @@ def load_plain(folder: str, config, embeddings_only: bool = False):
     spec = family_of(config)
     plain = (spec.model_class(config, add_pooling_layer=False) if spec.name == "bert" else spec.model_class(config))
     plain = plain.eval()
-    missing, _ = plain.load_state_dict(plain_weights(folder, spec.name), strict=False)
+    try:
+        missing, _ = plain.load_state_dict(plain_weights(folder, spec.name), strict=False)
+    except (RuntimeError, OSError, SafetensorError) as err:  # shapes that do not match the config, a cut file
+        raise TamperedCheckpointError(f"the checkpoint in {folder} does not load: {err}") from err
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -136,6 +140,7 @@ def check_model(config, causal: bool) -> None:
     if causal != spec.causal:
         wanted = "SecureModelForCausalLM" if spec.causal else "SecureModel"
         raise UnsupportedModelError(f"this {spec.name} checkpoint runs as {wanted} with protocol='he'")
+    spec.refuse(config)  # the variants no protocol computes (e.g. GPT-2 without the 1/sqrt(d) scaling)
     if spec.name == "bert":
         BertProgram.check(config)
     else:
@@ -340,7 +345,7 @@ class HEEngine(SecureEngine):
         with progress(1, "he: evaluation keys", "set") as bar:
             blob = self.client.evaluation_keys(steps=sorted(steps))
             bar.update(1)
-        self.server.load_keys(blob)
+        self._live().load_keys(blob)
         self.stats.record(len(blob), 0, 0.0)
         self.key_bytes += len(blob)
         self._keys_for = blocks
@@ -356,7 +361,7 @@ class HEEngine(SecureEngine):
         hidden states decrypted (``[tokens, hidden]``); accounted in :attr:`stats`."""
         start = time.perf_counter()
         inputs, client_time = self._encrypt(x, lay)
-        outputs, t = self.server.forward(block, inputs, valid, self._answer, **decoder)
+        outputs, t = self._live().forward(block, inputs, valid, self._answer, **decoder)
         decrypt_start = time.perf_counter()
         hidden = lay.unpack([self.client.decrypt(self.client.deserialize(o)) for o in outputs])
         self.client_seconds += client_time + time.perf_counter() - decrypt_start
@@ -441,12 +446,16 @@ class HEEngine(SecureEngine):
         if past + new > top:
             raise InvalidInputError(f"protocol 'he' holds at most {top} tokens per sequence for this model "
                                     f"(cached and new), not {past + new}")
-        if session is not None and past not in (0, self._sessions.get(session.session_id, -1)):
+        if session is not None:
             held = self._sessions.get(session.session_id)
-            raise InvalidInputError(f"cache {session.session_id} is closed or of another model" if held is None else
-                                    f"cache {session.session_id} holds {held} tokens, cannot continue from {past} "
-                                    "(he caches cannot be cropped)")
+            if held is None:
+                raise InvalidInputError(f"cache {session.session_id} is closed or of another model")
+            if past not in (0, held):
+                raise InvalidInputError(f"cache {session.session_id} holds {held} tokens, cannot continue from "
+                                        f"{past} (he caches cannot be cropped)")
         attention_mask, position_ids = causal_inputs(batch, past, new, attention_mask, position_ids)
+        if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= max_positions(self.config)):
+            raise InvalidInputError(f"position ids must lie in [0, {max_positions(self.config)}) for this model")
         emb = self._embed(input_ids, position_ids, token_type_ids)
         block = next_power_of_two(past + new)
         self._send_keys(block)
@@ -478,8 +487,9 @@ class HEEngine(SecureEngine):
 
     def _drop(self, sid: str) -> None:
         for cache in [c for c in self._caches if c.split("/")[0] == sid]:
-            self.server.drop(cache)
             self._caches.discard(cache)
+            if self.server:
+                self.server.drop(cache)
 
     def _answer(self, request: bytes) -> bytes:
         """The client's answer to one refresh (its compute time counted in :attr:`client_seconds`)."""
@@ -493,7 +503,7 @@ class HEEngine(SecureEngine):
         """The parameters, the ranges the server's approximations are built for, and the
         client's compute seconds, the evaluation-key bytes sent and the refreshes since binding
         (the client's seconds: encryption, refresh answers, decryption)."""
-        return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict(),
+        return {"params": self.params.as_dict(), "bounds": self.server.bounds_dict() if self.server else None,
                 "client_seconds": self.client_seconds, "evaluation_key_bytes": self.key_bytes,
                 "refreshes": self.refreshes}
 
@@ -503,4 +513,10 @@ class HEEngine(SecureEngine):
             self.server.caches.clear()
         elif self.server:
             self.server.close()
-            self.server = None
+        self.server = None
+
+    def _live(self):
+        """The server, or ServerError once the engine is closed."""
+        if not self.server:
+            raise ServerError("this model's he engine is closed: load the model again")
+        return self.server
