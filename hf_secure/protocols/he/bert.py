@@ -26,16 +26,20 @@ class BertProgram(LayerProgram):
 
     ``weights``: float arrays by transformers' state-dict keys of ``BertModel`` (``encoder.layer.
     {i}.…``). ``block``: the sequence block (padded length, a power of two); several sequences
-    share a ciphertext when they fit. Raises UnsupportedModelError for what it does not implement
-    (non-GELU activations, heads that are not of a power-of-two size).
+    share a ciphertext when they fit. ``layers``: those of a program of another block on the same
+    layout, shared instead of built again (their products depend on the layout, not the block).
+    Raises UnsupportedModelError for what it does not implement (non-GELU activations, heads that
+    are not of a power-of-two size).
     """
 
-    def __init__(self, ctx: CKKS, config, weights: dict[str, np.ndarray], block: int, bounds: Bounds = Bounds()):
+    def __init__(self, ctx: CKKS, config, weights: dict[str, np.ndarray], block: int, bounds: Bounds = Bounds(),
+                 layers: list | None = None):
         self.check(config)
         super().__init__(ctx, config, block, bounds)
         self.activation = "gelu" if config.hidden_act == "gelu" else "gelu_tanh"
         self.eps = config.layer_norm_eps
-        self.layers = [self._layer(weights, f"encoder.layer.{i}.") for i in range(config.num_hidden_layers)]
+        self.layers = layers if layers is not None else [self._layer(weights, f"encoder.layer.{i}.")
+                                                         for i in range(config.num_hidden_layers)]
 
     def _layer(self, w: dict[str, np.ndarray], p: str) -> dict:
         lay = self.layout

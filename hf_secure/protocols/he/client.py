@@ -27,7 +27,15 @@ import torch
 from safetensors import SafetensorError
 
 from ...accounting import Traffic
-from ...errors import InvalidInputError, MissingKeyError, TamperedCheckpointError, ProgramError, ServerError, UnknownOptionError, UnsupportedModelError
+from ...errors import (
+    InvalidInputError,
+    MissingKeyError,
+    ProgramError,
+    ServerError,
+    TamperedCheckpointError,
+    UnknownOptionError,
+    UnsupportedModelError,
+)
 from ...families import family_of
 from ...keys import key_store_dir
 from ...progress import progress
@@ -128,11 +136,6 @@ def client_parts(plain) -> tuple:
             plain.get_output_embeddings())
 
 
-def client_modules(plain) -> list[torch.nn.Module]:
-    """:func:`client_parts` that exist."""
-    return [m for m in client_parts(plain) if m is not None]
-
-
 def check_model(config, causal: bool) -> None:
     """UnsupportedModelError for what the he protocol does not run: BERT encoders with GELU,
     GPT-2 and Llama-like decoders (:func:`.decoder.check_decoder`), heads of a power-of-two size."""
@@ -192,11 +195,13 @@ class HEServer:
         if self.ctx is None:
             raise UnknownOptionError("the he server has no evaluation keys yet")
         if block not in self.programs:
+            layout = layouts(self.params.slots, self.config, block)[0]
+            twin = next((p.layers for p in self.programs.values() if p.layout == layout), None)  # share its layers
             if self.family == "bert":
-                self.programs[block] = BertProgram(self.ctx, self.config, self.weights, block, self.bounds)
+                self.programs[block] = BertProgram(self.ctx, self.config, self.weights, block, self.bounds, twin)
             else:
                 self.programs[block] = DecoderProgram(self.ctx, self.config, self.family, self.weights, block,
-                                                      self.bounds, self.rotary)
+                                                      self.bounds, self.rotary, twin)
         return self.programs[block]
 
     def check_query(self, block: int, count: int, valid: np.ndarray, cache: str | None = None, past: int = 0,
@@ -281,7 +286,8 @@ class HEEngine(SecureEngine):
         self.params = MODEL_PARAMS
         self.client = load_or_create_key(key, self.params)
         plain = load_plain(folder, config, embeddings_only=server is not None)
-        self.embeddings, self.positions, self.lm_head = client_parts(plain)  # the client's part
+        self.client_parts = client_parts(plain)  # the client's part
+        self.embeddings, self.positions, self.lm_head = self.client_parts
         # server=False: a remote one, set by connect; None: one in this process
         self.server = HEServer.from_model(folder, plain, self.params) if server is None else server
         self.stats = Traffic()
@@ -313,7 +319,7 @@ class HEEngine(SecureEngine):
             engine = cls(folder, config, key, server=False)
             mismatch = [what for what, mine in (("params_fingerprint", MODEL_PARAMS.fingerprint().hex()),
                                                 ("shape", shape_of(config)),
-                                                ("embeddings", client_digest(engine.client_modules())))
+                                                ("embeddings", client_digest(engine.client_parts)))
                         if info.get(what) != mine]
             if mismatch:
                 raise ServerError(f"the server at {server_url} runs another model or parameter set than {folder} "
@@ -324,16 +330,13 @@ class HEEngine(SecureEngine):
             raise
         return engine
 
-    def client_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.embeddings, self.positions, self.lm_head) if m is not None]
-
     def _blocks(self, block: int) -> set[int]:
         """The blocks one key set serves: a decoder's sequence grows through every power of two
         up to its capacity (one upload for a whole generation), an encoder's ``block``."""
         if self.family == "bert":
             return {block}
         top = capacity(self.params.slots, self.config)
-        return {1 << i for i in range(top.bit_length()) if 1 << i <= top}
+        return {1 << i for i in range(top.bit_length())}
 
     def _send_keys(self, block: int) -> None:
         """Evaluation keys for the programs of ``block`` (made by the client, once per block)."""
@@ -468,8 +471,7 @@ class HEEngine(SecureEngine):
         try:
             for r in range(batch):
                 cache = f"{sid}/{r}"
-                x = np.zeros((lay.tokens, lay.width))
-                x[:] = pad_tokens(emb[r].numpy(), new)[(np.arange(lay.tokens) - past) % new]  # new rows at past..
+                x = pad_tokens(emb[r].numpy(), new)[(np.arange(lay.tokens) - past) % new]  # new rows at past..
                 self._caches.add(cache)
                 out = self._query(lay, x, block, attention_mask[r].double().numpy(), cache=cache, past=past,
                                   positions=position_ids[r].long().numpy().copy())

@@ -76,11 +76,13 @@ class DecoderProgram(LayerProgram):
     ``weights``: float arrays by transformers' state-dict keys of ``GPT2LMHeadModel`` /
     ``LlamaForCausalLM`` (the embeddings and LM head are not used: the client's).
     ``rotary``: the model's rotary embedding module (Llama-like; ``rotary(x, position_ids) ->
-    (cos, sin)``), None for GPT-2. Raises UnsupportedModelError (:func:`check_decoder`).
+    (cos, sin)``), None for GPT-2. ``layers``: those of a program of another block (every block
+    has the same layout), shared instead of built again. Raises UnsupportedModelError
+    (:func:`check_decoder`).
     """
 
     def __init__(self, ctx: CKKS, config, family: str, weights: dict[str, np.ndarray], block: int,
-                 bounds: Bounds = Bounds(), rotary=None):
+                 bounds: Bounds = Bounds(), rotary=None, layers: list | None = None):
         check_decoder(config, family)
         super().__init__(ctx, config, block, bounds)
         if self.block > self.layout.tokens:
@@ -89,17 +91,16 @@ class DecoderProgram(LayerProgram):
         if family == "gpt2":
             self.activation, self.eps, self.center = GPT2_ACTIVATIONS[config.activation_function], \
                 config.layer_norm_epsilon, True
-            self.layers = [self._gpt2_layer(weights, f"transformer.h.{i}.") for i in range(config.num_hidden_layers)]
-            self.final = self._norm_weights(weights, "transformer.ln_f")
+            build, prefix, final = self._gpt2_layer, "transformer.h.", "transformer.ln_f"
         else:
             if rotary is None:
                 raise ProgramError(f"a {family} program needs the model's rotary embedding")
             self.activation, self.eps, self.center = "silu", config.rms_norm_eps, False
-            self.layers = [self._llama_layer(weights, f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
-            self.final = self._norm_weights(weights, "model.norm")
-        lay = self.layout
-        feature = (np.arange(ctx.params.slots) // (lay.heads_per_ct * lay.tokens)) % self.group
-        self.half_sign = np.where(feature < self.group // 2, -1.0, 1.0)  # rotate_half's signs
+            build, prefix, final = self._llama_layer, "model.layers.", "model.norm"
+        self.layers = layers if layers is not None else [build(weights, f"{prefix}{i}.")
+                                                         for i in range(config.num_hidden_layers)]
+        self.final = self._norm_weights(weights, final)
+        self.half_sign = np.where(self.feature < self.group // 2, -1.0, 1.0)  # rotate_half's signs
 
     # -- weights ---------------------------------------------------------------------------------
     def _norm_weights(self, w: dict[str, np.ndarray], name: str) -> tuple:
@@ -179,15 +180,14 @@ class DecoderProgram(LayerProgram):
     def _rope_tables(self, past: int, positions: np.ndarray, new_mask: np.ndarray):
         """Slot vectors ``(cos, sin)`` for the queries and ``(cos, sin)`` masked to the new
         positions for the keys (``sin`` with rotate_half's signs), from the rotary module."""
-        lay, g = self.layout, self.group
+        lay = self.layout
         pos = np.arange(lay.tokens)
         pos[past:past + len(positions)] = positions
         with torch.no_grad():
             cos, sin = self.rotary(torch.zeros(1, dtype=torch.float64), torch.from_numpy(pos)[None])
         cos, sin = cos[0].double().numpy(), sin[0].double().numpy()  # [tokens, head size]
-        slots = np.arange(self.ctx.params.slots)
-        t, i = slots % lay.tokens, (slots // (lay.heads_per_ct * lay.tokens)) % g
-        cos_s, sin_s = cos[t, i], sin[t, i] * self.half_sign
+        t = np.arange(self.ctx.params.slots) % lay.tokens  # each slot's token
+        cos_s, sin_s = cos[t, self.feature], sin[t, self.feature] * self.half_sign
         return (cos_s, sin_s), (cos_s * new_mask, sin_s * new_mask)
 
     def _rotate(self, x: Ciphertext, tables, refresh) -> Ciphertext:

@@ -22,6 +22,7 @@ the model; a value outside them gives a wrong result (CKKS cannot check ranges o
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,9 @@ class LayerProgram:
         self.group, tokens = self.layout.group, self.layout.tokens
         t = np.arange(slots) % tokens  # the token of each slot
         self.shift_masks = [((t % self.block) + s < self.block).astype(np.float64) for s in range(self.block)]
-        feature = (np.arange(slots) // (self.layout.heads_per_ct * tokens)) % self.group  # feature index in its head
-        self.select = [(feature == i).astype(np.float64) for i in range(self.group)]
+        # each slot's feature index in its head
+        self.feature = (np.arange(slots) // (self.layout.heads_per_ct * tokens)) % self.group
+        self.select = [(self.feature == i).astype(np.float64) for i in range(self.group)]
 
     def linear(self, weight: np.ndarray, bias: np.ndarray | None, wide_in: bool = False,
                wide_out: bool = False) -> SlotLinear:
@@ -179,16 +181,17 @@ class LayerProgram:
 
 
 CALIBRATE_ATTENTION = "hf_secure_he_calibrate"
+_RECORD: ContextVar[dict | None] = ContextVar("he_calibration_record", default=None)  # set by calibrate()
 
 
 def _recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention that records the largest ``|score|`` (after scaling, before the mask) in
-    ``module._he_seen``; ``attention_mask``: the additive eager mask."""
+    the running calibration's record (:data:`_RECORD`); ``attention_mask``: the additive eager mask."""
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]  # grouped-query attention
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    seen = getattr(module, "_he_seen", None)
+    seen = _RECORD.get()
     if seen is not None:
         seen["scores"] = max(seen["scores"], float(scores.abs().max()))
     if attention_mask is not None:
@@ -227,26 +230,23 @@ def calibrate(model, spec, input_ids: torch.Tensor, margin: float = 1.5, floor: 
         if isinstance(module, torch.nn.LayerNorm):
             var = x.var(-1, unbiased=False) + module.eps
         else:  # RMSNorm
-            var = x.pow(2).mean(-1) + getattr(module, "variance_epsilon", getattr(module, "eps", 0.0))
+            var = x.pow(2).mean(-1) + module.variance_epsilon
         seen["var"] = [min(seen["var"][0], float(var.min())), max(seen["var"][1], float(var.max()))]
 
     hooks = [modules[prefix + name].register_forward_hook(ffn) for _, name in spec.activation_sites(layers)]
     hooks += [modules[prefix + name].register_forward_hook(norm)
               for name, site in spec.norm_sites(layers).items() if site != "embeddings"]  # the client embeds
-    attentions = [m for m in modules.values() if hasattr(m, "layer_idx") or type(m).__name__.endswith("SelfAttention")]
     previous = model.config._attn_implementation
-    for m in attentions:
-        m._he_seen = seen
     model.config._attn_implementation = CALIBRATE_ATTENTION
+    token = _RECORD.set(seen)
     try:
         with torch.no_grad():
             model(input_ids)
     finally:
+        _RECORD.reset(token)
         model.config._attn_implementation = previous
         for h in hooks:
             h.remove()
-        for m in attentions:
-            del m._he_seen
     if seen["scores"] == 0.0:
         raise UnsupportedModelError("calibration saw no attention scores: the model does not use transformers' "
                                     "attention interface")

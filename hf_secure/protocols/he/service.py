@@ -60,12 +60,12 @@ def tensor_bytes(t: torch.Tensor, name: str) -> bytes:
     return t.numpy().tobytes()
 
 
-def client_digest(modules: list[torch.nn.Module]) -> str:
+def client_digest(modules) -> str:
     """SHA-256 of the tensors (name, dtype, shape, values) of the modules the client holds (the
-    embedding tables, a decoder's LM head): client and server must hold the same, or the server's
-    layers run on embeddings they were not made for."""
+    embedding tables, a decoder's LM head; None where the family has none): client and server
+    must hold the same, or the server's layers run on embeddings they were not made for."""
     h = hashlib.sha256()
-    for module in modules:
+    for module in (m for m in modules if m is not None):
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().contiguous().cpu()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -176,7 +176,7 @@ class HEService:
         from transformers import AutoConfig
 
         from ... import __version__
-        from .client import MODEL_PARAMS, HEServer, check_model, client_modules, load_plain
+        from .client import MODEL_PARAMS, HEServer, check_model, client_parts, load_plain
 
         config = AutoConfig.from_pretrained(folder)
         family = family_of(config)
@@ -188,7 +188,7 @@ class HEService:
         self._info = {
             "protocol": "he", "family": family.name, "params": MODEL_PARAMS.as_dict(),
             "params_fingerprint": MODEL_PARAMS.fingerprint().hex(),
-            "embeddings": client_digest(client_modules(plain)),
+            "embeddings": client_digest(client_parts(plain)),
             "shape": shape_of(config), "bounds": self.model.bounds_dict(),
             "outputs": ["hidden"], "sessions": True,
         }
