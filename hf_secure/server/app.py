@@ -203,6 +203,7 @@ def _he_routes(app: FastAPI, service, caller) -> None:
         extra = {"positions"} if cache is not None else set()
         if (set(tensors) != {f"input.{i}" for i in range(count)} | {"valid"} | extra
                 or not re.fullmatch(r"[0-9]{1,6}", block) or not re.fullmatch(r"[0-9]{1,6}", past)
+                or (cache is None and "past" in meta)
                 or (cache is not None and not re.fullmatch(r"[A-Za-z0-9/_-]{1,64}", cache))):
             raise InvalidRequestError("an he query sends input.0 .. input.{n-1}, valid and the block (metadata); "
                                       "a decoder's also its cache id, past (metadata) and positions")
