@@ -26,15 +26,13 @@ from hf_secure import SecureModel, SecureModelForCausalLM
 from hf_secure.convert import convert_approximate, convert_permute
 from hf_secure.demo import DEMO_MODEL
 from hf_secure.engines import PROTOCOLS
-from hf_secure.errors import InvalidInputError, MissingKeyError, UnknownOptionError, UnsupportedModelError
+from hf_secure.errors import InvalidInputError, MissingKeyError, UnknownOptionError
 from hf_secure.families import FAMILIES
 
 from .conftest import TOL, make_tiny
 
 # mpc against the approximated plaintext model: fixed-point error only, on outputs of size ~1
 TOLERANCE = {"permute": TOL, "mpc": 0.05, "fss": 0.05, "he": 0.01}
-# (protocol, family) pairs a protocol refuses so far, with UnsupportedModelError at loading
-NOT_YET: set[tuple[str, str]] = set()
 # pairs in the slow suite only: he's decoders take a query per generated token, a minute each for
 # these two-layer models (tests/test_he_decoders.py runs GPT-2 and Llama in the default suite)
 SLOW = {("he", name) for name in FAMILIES if FAMILIES[name].causal}
@@ -64,10 +62,6 @@ def test_protocol_and_family_agree_with_plaintext_and_refuse_bad_input(tmp_path,
     tokenizer.save_pretrained(tmp_path / "plain")
     folder, reference, options = _convert(protocol, tmp_path / "plain", tmp_path / "converted")
     secure_class, plain_class = (SecureModelForCausalLM, AutoModelForCausalLM) if spec.causal else (SecureModel, AutoModel)
-    if (protocol, name) in NOT_YET:
-        with pytest.raises(UnsupportedModelError, match=protocol):
-            secure_class.from_pretrained(folder, **options)
-        return
     plain = plain_class.from_pretrained(reference).eval()
     ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
